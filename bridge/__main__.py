@@ -1,0 +1,84 @@
+"""Command line: ``patchwork-bridge <command>``; each command lives in the module that does the job."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import sys
+from collections.abc import Sequence
+
+from bridge import __version__
+
+# command -> "module:function"; the function takes the parsed args and returns an exit code.
+HANDLERS = {
+    "producer": "bridge.runtime:cli_run",
+    "webhook": "bridge.runtime:cli_run",
+    "run": "bridge.runtime:cli_run",
+    "demo": "bridge.demo:cli",
+    "dlq": "bridge.dlq:cli",
+    "subscriptions": "bridge.subscriptions_cli:cli",
+    "bind": "bridge.bind:cli",
+    "check-config": "bridge.runtime:cli_check_config",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patchwork-bridge",
+        description="Poll Patchwork's events once; publish them to RabbitMQ and deliver webhooks.",
+        epilog="Settings come from BRIDGE_* environment variables (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("producer", help="poll Patchwork and publish every event to the exchange")
+    sub.add_parser("webhook", help="deliver events to the subscriptions' webhooks")
+    sub.add_parser("run", help="producer and webhook in one process (small sites)")
+
+    demo = sub.add_parser("demo", help="replay recorded events through the whole path, locally")
+    demo.add_argument("--events", type=int, default=40, help="events to replay (default 40)")
+
+    dlq = sub.add_parser("dlq", help="list, replay or purge a subscription's dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="show dead letters without removing them")
+    dlq_list.add_argument("name", help="subscription name")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_replay = dlq_sub.add_parser("replay", help="send dead letters back for delivery")
+    dlq_replay.add_argument("name", help="subscription name")
+    dlq_replay.add_argument("--limit", type=int, default=None, help="at most N (default all)")
+    dlq_purge = dlq_sub.add_parser("purge", help="delete all dead letters")
+    dlq_purge.add_argument("name", help="subscription name")
+
+    subs = sub.add_parser("subscriptions", help="list subscriptions; enable or disable one")
+    subs_sub = subs.add_subparsers(dest="subscriptions_command", metavar="ACTION", required=True)
+    subs_sub.add_parser("list", help="each subscription, its patterns and whether it is enabled")
+    for action in ("enable", "disable"):
+        p = subs_sub.add_parser(action, help=f"{action} a subscription's deliveries")
+        p.add_argument("name", help="subscription name")
+
+    bind = sub.add_parser("bind", help="declare a durable queue bound to the exchange")
+    bind.add_argument("queue", help="queue name")
+    bind.add_argument("patterns", nargs="+", metavar="PATTERN", help="topic patterns, e.g. dpdk.*")
+
+    sub.add_parser("check-config", help="validate settings and the subscriptions file, then exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module_name, func_name = HANDLERS[args.command].split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    result = handler(args)
+    if inspect.iscoroutine(result):
+        result = asyncio.run(result)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""RabbitMQ connection and the topology every role declares (exchange and queue arguments).
+
+Connections are aio-pika robust connections: they reconnect by themselves and
+re-declare what was declared on them. Code that must know about a lost
+connection (the producer's in-flight publishes) sees the publish fail and
+retries from its cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QueueType = Literal["classic", "quorum"]
+CONNECT_TIMEOUT_S = 10.0
+
+
+async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
+    """A robust connection named after the role, so operators can see it in RabbitMQ."""
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url.get_secret_value(),
+        timeout=CONNECT_TIMEOUT_S,
+        client_properties={"connection_name": f"patchwork-bridge {role}"},
+        reconnect_interval=1.0,
+        fail_fast=True,
+    )
+    log.info("connected to RabbitMQ at %s as %s", settings.amqp_url_redacted, role)
+    return connection
+
+
+async def connect_with_retry(
+    settings: Settings, role: str, stop: asyncio.Event | None = None
+) -> AbstractRobustConnection:
+    """Keep trying until the broker answers, so a process may start before RabbitMQ does."""
+    delay_s = 1.0
+    while True:
+        try:
+            return await connect(settings, role)
+        except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            log.warning(
+                "cannot reach RabbitMQ at %s (%s); retrying in %.0fs",
+                settings.amqp_url_redacted,
+                type(exc).__name__,
+                delay_s,
+            )
+        if stop is not None and stop.is_set():
+            raise asyncio.CancelledError
+        await asyncio.sleep(delay_s)
+        delay_s = min(delay_s * 2, 30.0)
+
+
+async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
+    """The durable topic exchange events are published to; keys are ``<project>.<category>``."""
+    return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+def queue_arguments(
+    queue_type: QueueType,
+    *,
+    dead_letter_exchange: str | None = None,
+    dead_letter_routing_key: str | None = None,
+    message_ttl_ms: int | None = None,
+) -> dict[str, Any]:
+    """Arguments for a durable queue of the given type.
+
+    Quorum queues dead-letter at-least-once only with ``reject-publish`` overflow,
+    so a message moved between our queues is never dropped on the way.
+    """
+    args: dict[str, Any] = {"x-queue-type": queue_type}
+    if dead_letter_exchange is not None:
+        args["x-dead-letter-exchange"] = dead_letter_exchange
+    if dead_letter_routing_key is not None:
+        args["x-dead-letter-routing-key"] = dead_letter_routing_key
+    if message_ttl_ms is not None:
+        args["x-message-ttl"] = message_ttl_ms
+    if queue_type == "quorum" and dead_letter_exchange is not None:
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    return args
+
+
+async def declare_queue(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    return await channel.declare_queue(name, durable=True, arguments=arguments)

@@ -1,0 +1,46 @@
+"""The operator's HTTP endpoints of every role: /metrics, /healthz, /readyz."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from bridge.metrics import Metrics
+
+# Returns (ready, reason); reason says what is missing when not ready.
+ReadinessCheck = Callable[[], tuple[bool, str]]
+
+
+def build_app(metrics: Metrics, checks: list[ReadinessCheck]) -> web.Application:
+    async def metrics_handler(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        # Alive means the event loop answers; readiness says whether work gets done.
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        failing = [reason for ok, reason in (check() for check in checks) if not ok]
+        if failing:
+            return web.Response(status=503, text="not ready: " + "; ".join(failing) + "\n")
+        return web.Response(text="ready\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_server(
+    metrics: Metrics, checks: list[ReadinessCheck], host: str, port: int
+) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (the caller cleans it up) and the bound port."""
+    runner = web.AppRunner(build_app(metrics, checks), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
+    return runner, bound

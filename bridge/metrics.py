@@ -1,0 +1,140 @@
+"""Every Prometheus metric of the bridge, on a registry the caller owns.
+
+Labels are bounded sets only (project, category, subscription, outcome, reason,
+queue): never a URL, an event id or an error text. Tests build their own
+``Metrics()`` so counters never leak between them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "patchwork_bridge"
+
+# Poll errors: the reason a poll of Patchwork failed.
+POLL_ERROR_REASONS = ("timeout", "connect", "http_4xx", "http_5xx", "bad_json", "bad_page")
+# Publish failures: what the broker did with a publish that was not confirmed.
+PUBLISH_FAILURE_REASONS = ("nack", "returned", "timeout", "connection")
+# Delivery outcomes, one per ack/retry/dead decision of the consumer.
+DELIVERY_OUTCOMES = ("delivered", "retried", "dead_lettered", "refused", "disabled")
+# Delivery failure reasons.
+DELIVERY_FAILURE_REASONS = (
+    "timeout",
+    "connect",
+    "http_3xx",
+    "http_4xx",
+    "http_5xx",
+    "http_429",
+    "http_410",
+    "ssrf",
+    "invalid",
+    "sink_error",
+)
+
+
+class Metrics:
+    """All metric families of one process (producer, consumer or both)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        p = PREFIX
+
+        # Producer
+        self.events_published = Counter(
+            f"{p}_events_published",
+            "Events confirmed by the broker, by project and category.",
+            ["project", "category"],
+            registry=r,
+        )
+        self.polls = Counter(f"{p}_polls", "Polls of Patchwork's events API.", registry=r)
+        self.poll_errors = Counter(
+            f"{p}_poll_errors", "Failed polls of Patchwork, by reason.", ["reason"], registry=r
+        )
+        self.bad_events = Counter(
+            f"{p}_bad_events",
+            "Items in a Patchwork page that are not usable events (missing id, date or project).",
+            ["reason"],
+            registry=r,
+        )
+        self.schema_violations = Counter(
+            f"{p}_schema_violations",
+            "Events published despite breaking their category's JSON Schema.",
+            ["category"],
+            registry=r,
+        )
+        self.publish_failures = Counter(
+            f"{p}_publish_failures",
+            "Publishes the broker did not confirm, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.poll_duration = Histogram(
+            f"{p}_poll_duration_seconds",
+            "Time to fetch, publish and confirm one poll's events.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.cursor_lag = Gauge(
+            f"{p}_cursor_lag_seconds",
+            "Now minus the time of the newest event the cursor has passed.",
+            registry=r,
+        )
+        self.last_poll_success = Gauge(
+            f"{p}_last_successful_poll_timestamp_seconds",
+            "Unix time of the last poll that fetched and published without error.",
+            registry=r,
+        )
+
+        # Consumer
+        self.deliveries = Counter(
+            f"{p}_webhook_deliveries",
+            "Delivery attempts by subscription and outcome.",
+            ["subscription", "outcome"],
+            registry=r,
+        )
+        self.delivery_failures = Counter(
+            f"{p}_webhook_failures",
+            "Failed delivery attempts by subscription and reason.",
+            ["subscription", "reason"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            f"{p}_webhook_delivery_duration_seconds",
+            "Duration of one delivery attempt, by subscription.",
+            ["subscription"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{p}_webhook_in_flight",
+            "Deliveries in progress, by subscription.",
+            ["subscription"],
+            registry=r,
+        )
+        self.subscription_enabled = Gauge(
+            f"{p}_subscription_enabled",
+            "1 while a subscription delivers, 0 once disabled (410 Gone or by an operator).",
+            ["subscription"],
+            registry=r,
+        )
+
+        # Queues
+        self.queue_messages = Gauge(
+            f"{p}_queue_messages_ready",
+            "Ready messages in each of the bridge's queues.",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_consumers = Gauge(
+            f"{p}_queue_consumers",
+            "Consumers attached to each of the bridge's queues.",
+            ["queue"],
+            registry=r,
+        )
+        self.broker_connected = Gauge(
+            f"{p}_broker_connected", "1 while connected to RabbitMQ.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

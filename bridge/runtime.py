@@ -1,0 +1,118 @@
+"""Wiring: build the roles a command asks for, serve HTTP, stop cleanly on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Protocol
+
+from bridge.http import start_server
+from bridge.logs import setup_logging
+from bridge.metrics import Metrics
+from bridge.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger(__name__)
+
+
+class Role(Protocol):
+    """A long-running part of the bridge (producer, webhook consumer)."""
+
+    name: str
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set, then finish in-flight work and return."""
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not) for /readyz."""
+
+
+def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role]:
+    """Raises SettingsError for configuration a role cannot start with."""
+    roles: list[Role] = []
+    if command in ("producer", "run"):
+        from bridge.producer import Producer
+
+        roles.append(Producer(settings, metrics))
+    if command in ("webhook", "run"):
+        from bridge.consumer import build_consumer
+
+        roles.append(build_consumer(settings, metrics))
+    return roles
+
+
+async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
+    """Run roles until a signal; the HTTP server lives exactly as long as they do."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner, port = await start_server(
+        metrics, [role.readiness for role in roles], settings.http_host, settings.http_port
+    )
+    log.info(
+        "serving /metrics, /healthz and /readyz on %s:%d for %s",
+        settings.http_host,
+        port,
+        "+".join(r.name for r in roles),
+    )
+    try:
+        async with asyncio.TaskGroup() as group:
+            for role in roles:
+                group.create_task(_run_role(role, stop), name=role.name)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+async def _run_role(role: Role, stop: asyncio.Event) -> None:
+    try:
+        await role.run(stop)
+    except BaseException:
+        # One role failing stops the others, so the process exits and is restarted.
+        stop.set()
+        raise
+
+
+def _settings_or_exit() -> Settings | None:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"patchwork-bridge: {exc}", file=sys.stderr)
+        return None
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    if settings is None:
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    metrics = Metrics()
+    try:
+        roles = build_roles(args.command, settings, metrics)
+    except SettingsError as exc:
+        print(f"patchwork-bridge: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(roles, settings, metrics))
+
+
+def cli_check_config(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    if settings is None:
+        return 2
+    metrics = Metrics()
+    try:
+        if settings.patchwork_url is not None:
+            build_roles("producer", settings, metrics)
+        if settings.subscriptions is not None:
+            build_roles("webhook", settings, metrics)
+    except SettingsError as exc:
+        print(f"patchwork-bridge: {exc}", file=sys.stderr)
+        return 2
+    print("configuration ok")
+    return 0

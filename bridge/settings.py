@@ -1,0 +1,143 @@
+"""Settings from BRIDGE_* environment variables, checked once at start-up.
+
+A bad setting stops the process with one line naming it; secret values never
+appear in that line, in ``repr`` or in logs (they are ``SecretStr``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "BRIDGE_"
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names it and never its value."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    exchange: str = Field("patchwork", min_length=1)
+    queue_type: Literal["classic", "quorum"] = "classic"
+
+    patchwork_url: str | None = None
+    patchwork_api_version: str = Field("1.3", pattern=r"^\d+\.\d+$")
+    patchwork_token: SecretStr | None = None
+    patchwork_timezone: str = "UTC"
+    patchwork_projects: Annotated[list[str], NoDecode] = []
+    patchwork_timeout: float = Field(30.0, gt=0)
+
+    poll_interval: float = Field(10.0, gt=0)
+    poll_overlap: float = Field(300.0, ge=0)
+    start: str = "now"
+    state_dir: Path = Path("bridge-state")
+    publish_in_flight: int = Field(2000, ge=1)
+
+    subscriptions: Path | None = None
+
+    http_host: str = "0.0.0.0"  # noqa: S104 - a container's health check must reach it
+    http_port: int = Field(9464, ge=0, le=65535)
+    queue_depth_interval: float = Field(15.0, gt=0)
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("patchwork_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL of the Patchwork site root")
+        return value.rstrip("/")
+
+    @field_validator("patchwork_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name such as Australia/Canberra") from None
+        return value
+
+    @field_validator("patchwork_projects", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("start")
+    @classmethod
+    def _start(cls, value: str) -> str:
+        if value in ("now", "beginning"):
+            return value
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be 'now', 'beginning' or an ISO 8601 date") from None
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.patchwork_timezone)
+
+    @property
+    def api_base(self) -> str:
+        """The events API's base URL, also the CloudEvents ``source`` of every event."""
+        if self.patchwork_url is None:
+            raise SettingsError("BRIDGE_PATCHWORK_URL: required for the producer")
+        return f"{self.patchwork_url}/api/{self.patchwork_api_version}"
+
+    @property
+    def amqp_url_redacted(self) -> str:
+        return redact_url(self.amqp_url.get_secret_value())
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, rejecting misspelled BRIDGE_* names that pydantic would ignore.
+
+    ``overrides`` take precedence over the environment (tests and the demo use them).
+    """
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    unknown = sorted(
+        k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+    )
+    if unknown:
+        raise SettingsError(f"{unknown[0]}: unknown setting (see README, Configuration)")
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = f"{ENV_PREFIX}{first['loc'][0]}".upper() if first["loc"] else ENV_PREFIX
+        # The message only, never first["input"]: it may be a token.
+        raise SettingsError(f"{name}: {first['msg']}") from None

@@ -1,0 +1,73 @@
+"""The sink interface: an event in, an outcome out. The consumer turns outcomes into ack/retry/dead.
+
+Outcomes are values, not exceptions: a 500 from a receiver is data. A sink
+raises only for its own bugs; the consumer counts that as ``sink_error`` and
+retries on the subscription's schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One attempt to hand one event to one subscription."""
+
+    body: bytes
+    """The event exactly as Patchwork sent it (UTF-8 JSON)."""
+    message_id: str
+    """Stable for the event across republishes and retries (webhook-id, ce-id)."""
+    routing_key: str
+    headers: dict[str, str] = field(default_factory=dict)
+    """The bus headers of the event: ce-* and x-patchwork-*."""
+    attempt: int = 1
+    """1 for the first attempt, 2 for the first retry, ..."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """Try again later: after ``delay_s`` if the receiver asked (Retry-After), else on schedule."""
+
+    reason: str
+    """A bounded metric label, e.g. ``http_5xx``, ``timeout``, ``connect``."""
+    detail: str = ""
+    """One line for the log and the dead-letter headers; never a secret."""
+    delay_s: float | None = None
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Never retry this event here: it goes straight to the dead-letter queue."""
+
+    reason: str
+    detail: str = ""
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Disable:
+    """The receiver is gone for good (410): stop the whole subscription until an operator acts."""
+
+    reason: str
+    detail: str = ""
+    status: int | None = None
+
+
+Outcome = Delivered | RetryLater | GiveUp | Disable
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Built per subscription at start-up; owns its resources (sessions, processes) until close()."""
+
+    async def deliver(self, delivery: Delivery) -> Outcome: ...
+
+    async def close(self) -> None: ...
