@@ -1,4 +1,4 @@
-"""Command line: ``patchwork-bridge <command>``; each command lives in the module that does the job."""
+"""Command line: `patchwork-bridge <command>`; each command lives in the module doing the job."""
 
 from __future__ import annotations
 

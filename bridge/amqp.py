@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from typing import Any, Literal
 
 import aio_pika
@@ -28,12 +30,17 @@ async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
     connection = await aio_pika.connect_robust(
         settings.amqp_url.get_secret_value(),
         timeout=CONNECT_TIMEOUT_S,
-        client_properties={"connection_name": f"patchwork-bridge {role}"},
+        client_properties={"connection_name": connection_name(role)},
         reconnect_interval=1.0,
         fail_fast=True,
     )
     log.info("connected to RabbitMQ at %s as %s", settings.amqp_url_redacted, role)
     return connection
+
+
+def connection_name(role: str) -> str:
+    """``patchwork-bridge <role> <host>:<pid>``: which process holds a connection, at a glance."""
+    return f"patchwork-bridge {role} {socket.gethostname()}:{os.getpid()}"
 
 
 async def connect_with_retry(
@@ -44,7 +51,7 @@ async def connect_with_retry(
     while True:
         try:
             return await connect(settings, role)
-        except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             log.warning(
                 "cannot reach RabbitMQ at %s (%s); retrying in %.0fs",
                 settings.amqp_url_redacted,

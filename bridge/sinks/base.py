@@ -66,7 +66,7 @@ Outcome = Delivered | RetryLater | GiveUp | Disable
 
 @runtime_checkable
 class Sink(Protocol):
-    """Built per subscription at start-up; owns its resources (sessions, processes) until close()."""
+    """Built per subscription at start-up; owns its resources (sessions, processes) till close()."""
 
     async def deliver(self, delivery: Delivery) -> Outcome: ...
 

@@ -1,0 +1,96 @@
+"""The producer's durable cursor: where polling resumes, and which recent ids are already out.
+
+Written atomically (temp file, fsync, rename) so a crash leaves either the old
+or the new cursor, never half of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+FORMAT_VERSION = 1
+
+
+class CursorError(Exception):
+    """The cursor file exists but cannot be read; we refuse to guess where to resume."""
+
+
+@dataclass
+class Cursor:
+    high_water: str | None = None
+    """Newest ``date`` (verbatim, naive server-local) of the confirmed events."""
+    floor: str | None = None
+    """Never ask for events before this date (BRIDGE_START=<date>)."""
+    seen: dict[int, str] = field(default_factory=dict)
+    """Confirmed event ids inside the overlap window, with their dates."""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": FORMAT_VERSION,
+                "high_water": self.high_water,
+                "floor": self.floor,
+                "seen": [[event_id, date] for event_id, date in self.seen.items()],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Cursor:
+        data = json.loads(text)
+        if data.get("version") != FORMAT_VERSION:
+            raise CursorError(f"unknown cursor format {data.get('version')!r}")
+        for key in ("high_water", "floor"):
+            if data[key] is not None:
+                datetime.fromisoformat(data[key])
+        return cls(data["high_water"], data["floor"], {int(i): str(d) for i, d in data["seen"]})
+
+
+class CursorStore:
+    """One JSON file in BRIDGE_STATE_DIR; blocking file I/O runs in a thread."""
+
+    def __init__(self, state_dir: Path, name: str = "cursor.json") -> None:
+        self.path = state_dir / name
+
+    async def load(self) -> Cursor | None:
+        return await asyncio.to_thread(self._load)
+
+    async def save(self, cursor: Cursor) -> None:
+        # Serialise on the loop: the cursor may change while the thread writes.
+        await asyncio.to_thread(self._write, cursor.to_json())
+
+    def _load(self) -> Cursor | None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            return Cursor.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CursorError(
+                f"{self.path}: unreadable cursor ({exc}); move it away to restart"
+            ) from None
+
+    def _write(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cursor-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

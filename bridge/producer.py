@@ -1,0 +1,276 @@
+"""The producer role: poll Patchwork, publish each new event once, cursor moves after confirms."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from aio_pika.abc import AbstractRobustConnection
+
+from bridge.amqp import connect_with_retry, declare_exchange
+from bridge.cursor import Cursor, CursorStore
+from bridge.events import BadEvent, Event, parse_event
+from bridge.metrics import Metrics
+from bridge.patchwork import Page, PatchworkClient, PatchworkError
+from bridge.publisher import Publisher
+from bridge.settings import Settings
+from bridge.window import Window
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+BACKOFF_MAX_S = 60.0
+# Bad items are logged once each; remember that many so memory stays bounded.
+WARNED_MAX = 10_000
+
+# Called with (category, item) for every event before it is published; see bridge.schema.
+EventCheck = Callable[[str, Any], None]
+
+
+class PublishFailed(Exception):
+    def __init__(self, failed: list[tuple[Event, str]]) -> None:
+        reasons = sorted({reason for _, reason in failed})
+        super().__init__(f"{len(failed)} publishes not confirmed ({', '.join(reasons)})")
+        self.reason = reasons[0]
+
+
+class Stopped(Exception):
+    """Raised inside a poll when stop was requested while waiting on Patchwork."""
+
+
+class Producer:
+    name = "producer"
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, *, check_event: EventCheck | None = None
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._source = settings.api_base  # raises SettingsError early if the URL is missing
+        self._tz = settings.tz
+        self._projects = frozenset(settings.patchwork_projects)
+        self._check_event = check_event
+        self._store = CursorStore(settings.state_dir)
+        self._connection: AbstractRobustConnection | None = None
+        self._window: Window | None = None
+        self._last_success: float | None = None
+        self._warned: dict[tuple[str, str], None] = {}
+
+    # -- Role ---------------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._connection is None or self._connection.is_closed:
+            return False, "producer not connected to RabbitMQ"
+        stale_s = max(3 * self._settings.poll_interval, 60.0)
+        if self._last_success is None or time.monotonic() - self._last_success > stale_s:
+            return False, "producer has no recent successful poll"
+        return True, ""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._connection = await connect_with_retry(self._settings, "producer", stop)
+        try:
+            channel = await self._connection.channel(publisher_confirms=True)
+            exchange = await declare_exchange(channel, self._settings.exchange)
+            publisher = Publisher(
+                exchange, self._source, self._tz, self._metrics, self._settings.publish_in_flight
+            )
+            async with PatchworkClient(self._settings) as client:
+                await self._poll_loop(client, publisher, stop)
+        finally:
+            await self._connection.close()
+
+    # -- polling ------------------------------------------------------------------------------
+
+    async def _poll_loop(
+        self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
+    ) -> None:
+        backoff_s = 0.0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                if self._window is None:
+                    self._window = Window(
+                        await self._initial_cursor(client, stop), self._settings.poll_overlap
+                    )
+                published = await self._poll_once(client, publisher, stop)
+            except Stopped:
+                break
+            except (PatchworkError, PublishFailed) as exc:
+                if isinstance(exc, PatchworkError):
+                    # Publish failures were counted per message by the publisher.
+                    self._metrics.poll_errors.labels(exc.reason).inc()
+                backoff_s = min(max(1.0, backoff_s * 2), BACKOFF_MAX_S)
+                log.warning("poll failed (%s): %s; retrying in %.0fs", exc.reason, exc, backoff_s)
+                await _sleep_unless(stop, backoff_s)
+                continue
+            finally:
+                await self._save()
+            backoff_s = 0.0
+            self._last_success = time.monotonic()
+            self._metrics.polls.inc()
+            self._metrics.last_poll_success.set_to_current_time()
+            self._metrics.poll_duration.observe(time.monotonic() - started)
+            if published:
+                log.info("published %d events; cursor at %s", published, self._window.high_water)
+            await _sleep_unless(stop, self._settings.poll_interval - (time.monotonic() - started))
+
+    async def _poll_once(
+        self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
+    ) -> int:
+        """Fetch the window page by page; publish page N while fetching page N+1."""
+        assert self._window is not None
+        taken: set[int] = set()
+        published = 0
+        confirming: asyncio.Task[int] | None = None
+        pages = client.pages(self._window.since())
+        try:
+            while True:
+                page = await _until_stopped(anext(pages, None), stop)
+                if confirming is not None:
+                    published += await confirming
+                    confirming = None
+                if page is None:
+                    break
+                events, fresh = self._sort_page(page, taken)
+                confirming = asyncio.create_task(self._publish_page(publisher, events, fresh))
+                if stop.is_set():
+                    break
+        finally:
+            if confirming is not None:
+                # Let publishes already sent finish, even on stop or error, so the cursor
+                # records them and a restart does not send them again.
+                published += await asyncio.shield(confirming)
+            await pages.aclose()
+        self._window.prune()
+        self._update_lag()
+        return published
+
+    def _sort_page(self, page: Page, taken: set[int]) -> tuple[list[Event], list[Event]]:
+        """(every usable event of the page, the ones to publish now)."""
+        assert self._window is not None
+        events: list[Event] = []
+        fresh: list[Event] = []
+        for item, raw in page.items:
+            try:
+                event = parse_event(item, raw)
+            except BadEvent as exc:
+                self._metrics.bad_events.labels(exc.reason).inc()
+                self._warn_once(exc.reason, str(exc))
+                continue
+            events.append(event)
+            if event.id in taken or not self._window.is_new(event):
+                continue  # seen in an earlier poll, or twice in this one as pages shifted
+            taken.add(event.id)
+            if self._projects and event.project not in self._projects:
+                continue
+            if self._check_event is not None:
+                self._check_event(event.category, item)
+            fresh.append(event)
+        return events, fresh
+
+    async def _publish_page(
+        self, publisher: Publisher, events: list[Event], fresh: list[Event]
+    ) -> int:
+        assert self._window is not None
+        result = await publisher.publish(fresh)
+        if result.failed:
+            self._window.confirm(result.confirmed, advance=False)
+            raise PublishFailed(result.failed)
+        self._window.confirm(events)
+        await self._save()
+        return len(fresh)
+
+    async def _initial_cursor(self, client: PatchworkClient, stop: asyncio.Event) -> Cursor:
+        saved = await self._store.load()
+        if saved is not None:
+            log.info("resuming from cursor %s (%d recent ids)", saved.high_water, len(saved.seen))
+            return saved
+        start = self._settings.start
+        if start == "beginning":
+            log.info("no cursor: publishing every event from the beginning")
+            return Cursor()
+        if start != "now":
+            floor = _server_local(start, self._settings)
+            log.info("no cursor: publishing events from %s (server time)", floor)
+            return Cursor(floor=floor)
+        # "now": everything already visible counts as seen; only what appears later is published.
+        newest = await _until_stopped(client.newest(), stop)
+        if newest is None:
+            log.info("no cursor and no events yet: publishing every event from now on")
+            return Cursor()
+        newest_event = parse_event(*newest)
+        window = Window(Cursor(high_water=newest_event.date), self._settings.poll_overlap)
+        pages = client.pages(window.since())
+        try:
+            while (page := await _until_stopped(anext(pages, None), stop)) is not None:
+                window.confirm(_usable_events(page), advance=False)
+        finally:
+            await pages.aclose()
+        log.info("no cursor: starting after %s, the newest event now", newest_event.date)
+        return window.cursor()
+
+    async def _save(self) -> None:
+        if self._window is not None:
+            await self._store.save(self._window.cursor())
+
+    def _update_lag(self) -> None:
+        assert self._window is not None
+        newest = self._window.high_water_dt
+        if newest is not None:
+            lag = datetime.now(self._tz) - newest.replace(tzinfo=self._tz)
+            self._metrics.cursor_lag.set(max(0.0, lag.total_seconds()))
+
+    def _warn_once(self, reason: str, detail: str) -> None:
+        key = (reason, detail)
+        if key in self._warned:
+            return
+        if len(self._warned) >= WARNED_MAX:
+            self._warned.pop(next(iter(self._warned)))
+        self._warned[key] = None
+        log.warning("skipping unusable item from Patchwork (%s)", detail)
+
+
+def _usable_events(page: Page) -> list[Event]:
+    events = []
+    for item, raw in page.items:
+        try:
+            events.append(parse_event(item, raw))
+        except BadEvent:
+            continue  # reported when the normal poll meets it
+    return events
+
+
+def _server_local(start: str, settings: Settings) -> str:
+    """BRIDGE_START as Patchwork's naive server-local time; a zone in it is converted."""
+    when = datetime.fromisoformat(start)
+    if when.tzinfo is not None:
+        when = when.astimezone(settings.tz).replace(tzinfo=None)
+    return when.isoformat()
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    if seconds <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
+    """Await ``aw`` unless stop is set first; then cancel it and raise Stopped."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise Stopped

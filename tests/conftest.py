@@ -1,0 +1,50 @@
+"""Fixtures shared by the suite: unique broker names per test, cleaned up afterwards."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+RECORDED_EVENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def exchange_name(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[str]:
+    """A fresh exchange name; the exchange is deleted after the test whoever declared it."""
+    name = f"test-{unique}"
+    yield name
+    channel = await amqp.channel()
+    await channel.exchange_delete(name)
+    await channel.close()
+
+
+@pytest.fixture
+async def bound_queue(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, unique: str
+) -> AsyncIterator[str]:
+    """A durable queue bound with ``#`` to the test's exchange, as a CI system would bind one."""
+    channel = await amqp.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(f"test-{unique}-all", durable=True)
+    await queue.bind(exchange, "#")
+    yield queue.name
+    await channel.queue_delete(queue.name)
+    await channel.close()
