@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bridge.amqp import connect_with_retry, declare_exchange
 from bridge.cursor import Cursor, CursorStore
@@ -47,14 +47,22 @@ class Producer:
     name = "producer"
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, *, check_event: EventCheck | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        check_event: EventCheck | None = None,
+        prepare: Callable[[AbstractChannel], Awaitable[None]] | None = None,
     ) -> None:
+        """``prepare`` runs once on the publishing channel before the first poll (queues
+        that must exist before anything is published)."""
         self._settings = settings
         self._metrics = metrics
         self._source = settings.api_base  # raises SettingsError early if the URL is missing
         self._tz = settings.tz
         self._projects = frozenset(settings.patchwork_projects)
         self._check_event = check_event
+        self._prepare = prepare
         self._store = CursorStore(settings.state_dir)
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
@@ -76,6 +84,8 @@ class Producer:
         try:
             channel = await self._connection.channel(publisher_confirms=True)
             exchange = await declare_exchange(channel, self._settings.exchange)
+            if self._prepare is not None:
+                await self._prepare(channel)
             publisher = Publisher(
                 exchange, self._source, self._tz, self._metrics, self._settings.publish_in_flight
             )
@@ -182,6 +192,7 @@ class Producer:
             self._window.confirm(result.confirmed, advance=False)
             raise PublishFailed(result.failed)
         self._window.confirm(events)
+        self._window.prune()
         await self._save()
         return len(fresh)
 

@@ -7,12 +7,18 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from aio_pika.abc import AbstractChannel
 
 from bridge.http import start_server
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
 from bridge.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from bridge.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +36,56 @@ class Role(Protocol):
 
 
 def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role]:
-    """Raises SettingsError for configuration a role cannot start with."""
+    """Raises SettingsError for configuration a role cannot start with.
+
+    ``run`` without BRIDGE_SUBSCRIPTIONS is a producer alone: a site that only
+    feeds CI systems binding their own queues.
+    """
     roles: list[Role] = []
+    subscriptions = _subscriptions(settings) if settings.subscriptions is not None else []
     if command in ("producer", "run"):
         from bridge.producer import Producer
+        from bridge.schema import SchemaWatch
 
-        roles.append(Producer(settings, metrics))
-    if command in ("webhook", "run"):
+        roles.append(
+            Producer(
+                settings,
+                metrics,
+                check_event=SchemaWatch(metrics).observe,
+                prepare=_declare_queues_of(subscriptions, settings) if subscriptions else None,
+            )
+        )
+    if command == "webhook" or (command == "run" and subscriptions):
         from bridge.consumer import build_consumer
 
         roles.append(build_consumer(settings, metrics))
+    elif command == "run":
+        log.info("no BRIDGE_SUBSCRIPTIONS: running the producer only")
     return roles
+
+
+def _subscriptions(settings: Settings) -> list[Subscription]:
+    from bridge.subscriptions import load_subscriptions
+
+    assert settings.subscriptions is not None
+    return load_subscriptions(settings.subscriptions)
+
+
+def _declare_queues_of(
+    subscriptions: list[Subscription], settings: Settings
+) -> Callable[[AbstractChannel], Awaitable[None]]:
+    """The producer declares the subscriptions' queues before its first publish, so the
+    events of a first start are queued even if the webhook role is not up yet."""
+
+    async def declare(channel: AbstractChannel) -> None:
+        from bridge.topology import declare_subscription
+
+        for subscription in subscriptions:
+            await declare_subscription(
+                channel, settings.exchange, subscription, settings.queue_type
+            )
+
+    return declare
 
 
 async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:

@@ -1,17 +1,34 @@
 """Subscriptions: who wants which events, read from the TOML file of BRIDGE_SUBSCRIPTIONS.
 
-CONTRACT (field names are shared by the consumer and the sinks; do not rename):
-loading and validation are filled in by the sinks/subscriptions work.
+CONTRACT (field names are shared by the consumer and the sinks; do not rename).
+``load_subscriptions`` checks the whole file at start-up and reports every
+problem on its own line naming file, subscription and key, never a secret's
+value. After loading, ``secret`` and ``bearer_token`` hold the values whether
+they were given inline or in a file.
 """
 
 from __future__ import annotations
 
+import re
+import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from bridge.settings import SettingsError
+from bridge.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
+from bridge.sinks.registry import sink_names
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+MAX_RETRY_DELAY_S = 4_294_967.0
+"""RabbitMQ's largest queue TTL (2^32-1 ms); delays are realised as queue TTLs."""
+
+_WORD = r"(?:[A-Za-z0-9_-]+|\*|#)"
+_PATTERN_RE = re.compile(rf"{_WORD}(?:\.{_WORD})*")
+_MAX_PATTERN_BYTES = 255  # an AMQP binding key is a short string
 
 
 class Subscription(BaseModel):
@@ -38,3 +55,238 @@ class Subscription(BaseModel):
     retry_schedule: list[float] = DEFAULT_RETRY_SCHEDULE_S
     """Delays in seconds between attempts; attempts = 1 + len(retry_schedule)."""
     allow_private_network: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_url(value)
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _topic_patterns(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('must list at least one pattern (["#"] for every event)')
+        for pattern in value:
+            check_pattern(pattern)
+        return value
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _delays(cls, value: list[float]) -> list[float]:
+        for delay in value:
+            if not 0 < delay <= MAX_RETRY_DELAY_S:
+                raise ValueError(f"delays must be > 0 and <= {MAX_RETRY_DELAY_S:.0f} seconds")
+        return value
+
+
+def check_url(url: str) -> None:
+    """ValueError unless ``url`` is an absolute http(s) URL with a host and no credentials."""
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        # URLs end up in logs; credentials belong in bearer_token(_file).
+        raise ValueError("must not contain user:password@, use bearer_token_file")
+
+
+def check_pattern(pattern: str) -> None:
+    """ValueError unless ``pattern`` is an AMQP topic pattern the bridge can bind.
+
+    Words are separated by ``.``; ``*`` and ``#`` stand only as whole words.
+    """
+    if len(pattern.encode()) > _MAX_PATTERN_BYTES:
+        raise ValueError(f"pattern longer than {_MAX_PATTERN_BYTES} bytes")
+    if not _PATTERN_RE.fullmatch(pattern):
+        raise ValueError(
+            f"bad topic pattern {pattern!r}: words of letters, digits, '-' or '_' separated"
+            " by '.', with '*' (one word) and '#' (any words) only as whole words"
+        )
+
+
+def matches(pattern: str, routing_key: str) -> bool:
+    """Topic match: ``*`` is exactly one word, ``#`` zero or more (``a.#`` matches ``a``)."""
+    return _match_words(pattern.split("."), routing_key.split("."))
+
+
+class TopicMatcher:
+    """Several patterns compiled once; true if any matches (a queue bound with each of them)."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._patterns = [tuple(p.split(".")) for p in patterns]
+
+    def __call__(self, routing_key: str) -> bool:
+        words = routing_key.split(".")
+        return any(_match_words(p, words) for p in self._patterns)
+
+
+def _match_words(pattern: Iterable[str], words: list[str]) -> bool:
+    # The set of positions in ``words`` reachable after each pattern word: linear
+    # in both lengths, no backtracking blow-up on patterns like "#.#.#.x".
+    reachable = {0}
+    for word in pattern:
+        if word == "#":
+            reachable = set(range(min(reachable), len(words) + 1))
+        elif word == "*":
+            reachable = {i + 1 for i in reachable if i < len(words)}
+        else:
+            reachable = {i + 1 for i in reachable if i < len(words) and words[i] == word}
+        if not reachable:
+            return False
+    return len(words) in reachable
+
+
+# Loading ---------------------------------------------------------------------
+
+_FILE_KEYS = {"secret_file": "secret", "bearer_token_file": "bearer_token"}
+
+
+class _Problems:
+    """One line per problem: ``<file>: webhook <name>: <key>: <what is wrong>``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+
+    def add(self, label: str, key: str, message: str) -> None:
+        self.lines.append(f"{self.path}: webhook {label}: {key}: {message}")
+
+
+def load_subscriptions(path: Path) -> list[Subscription]:
+    """Every ``[[webhook]]`` of the file, or SettingsError listing every problem found.
+
+    Relative ``secret_file`` and ``bearer_token_file`` paths are taken from the
+    file's directory. An empty file is valid and yields no subscriptions.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read subscriptions ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's messages give a position, never the text found there.
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+
+    problems = _Problems(path)
+    for key in sorted(set(data) - {"webhook"}):
+        problems.lines.append(f"{path}: {key}: unknown key, subscriptions are [[webhook]] tables")
+    tables = data.get("webhook", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        problems.lines.append(f"{path}: webhook: must be [[webhook]] tables")
+        tables = []
+
+    known_sinks = set(sink_names())
+    subscriptions: list[Subscription] = []
+    first_index: dict[str, int] = {}
+    for index, table in enumerate(tables, start=1):
+        label = _label(table, index)
+        name = table.get("name")
+        if isinstance(name, str):
+            if name in first_index:
+                problems.add(label, "name", f"duplicate name (also webhook #{first_index[name]})")
+                continue
+            first_index[name] = index
+        subscription = _load_one(table, label, path.parent, known_sinks, problems)
+        if subscription is not None:
+            subscriptions.append(subscription)
+    if problems.lines:
+        raise SettingsError("\n".join(problems.lines))
+    return subscriptions
+
+
+def _label(table: dict[str, Any], index: int) -> str:
+    name = table.get("name")
+    if isinstance(name, str) and re.fullmatch(r"[a-z0-9-]+", name):
+        return repr(name)
+    return f"#{index}"
+
+
+def _load_one(
+    table: dict[str, Any], label: str, base: Path, known_sinks: set[str], problems: _Problems
+) -> Subscription | None:
+    before = len(problems.lines)
+    values = dict(table)
+    for key in sorted(set(values) - set(Subscription.model_fields)):
+        problems.add(label, key, "unknown key")
+        del values[key]
+
+    for file_key, value_key in _FILE_KEYS.items():
+        if file_key in values and value_key in values:
+            problems.add(label, file_key, f"set either {value_key} or {file_key}, not both")
+        elif isinstance(values.get(file_key), str):
+            file_path = Path(values[file_key]).expanduser()
+            if not file_path.is_absolute():
+                file_path = base / file_path
+            values[file_key] = file_path
+            content = _read_secret_file(file_path, label, file_key, problems)
+            if content is not None:
+                values[value_key] = content
+
+    given_by = "secret_file" if "secret_file" in table else "secret"
+    if isinstance(values.get("secret"), str):
+        _check_secret(values["secret"], label, given_by, problems)
+    token_key = "bearer_token_file" if "bearer_token_file" in table else "bearer_token"
+    token = values.get("bearer_token")
+    if isinstance(token, str) and (not token or any(c.isspace() or ord(c) < 32 for c in token)):
+        problems.add(label, token_key, "must be one word, without spaces or control characters")
+
+    sink = values.get("sink", "webhook")
+    if isinstance(sink, str) and sink not in known_sinks:
+        installed = ", ".join(sorted(known_sinks)) or "none"
+        problems.add(label, "sink", f"unknown sink {sink!r} (installed: {installed})")
+    if sink == "webhook" and values.get("url") is None:
+        problems.add(label, "url", "required for a webhook")
+    if sink == "command" and not values.get("command"):
+        problems.add(label, "command", 'required for sink = "command": the program and its args')
+
+    try:
+        subscription = Subscription.model_validate(values)
+    except ValidationError as exc:
+        for error in exc.errors(include_input=False, include_url=False):
+            problems.add(label, _error_key(error["loc"]), _error_message(error["msg"]))
+        return None
+    return subscription if len(problems.lines) == before else None
+
+
+def _read_secret_file(path: Path, label: str, key: str, problems: _Problems) -> str | None:
+    try:
+        content = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        problems.add(label, key, f"cannot read {path} ({exc.strerror})")
+        return None
+    except UnicodeDecodeError:
+        problems.add(label, key, f"{path} is not UTF-8 text")
+        return None
+    if not content:
+        problems.add(label, key, f"{path} is empty")
+        return None
+    return content
+
+
+def _check_secret(secret: str, label: str, key: str, problems: _Problems) -> None:
+    try:
+        size = len(decode_secret(secret))
+    except ValueError as exc:
+        problems.add(label, key, f"{exc} (a Standard Webhooks secret: whsec_<base64>)")
+        return
+    if not MIN_SECRET_BYTES <= size <= MAX_SECRET_BYTES:
+        problems.add(
+            label, key, f"the key must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes long"
+        )
+
+
+def _error_key(loc: tuple[int | str, ...]) -> str:
+    key = str(loc[0]) if loc else "?"
+    return key + "".join(f"[{part}]" for part in loc[1:])
+
+
+def _error_message(message: str) -> str:
+    return message.removeprefix("Value error, ")

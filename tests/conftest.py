@@ -9,7 +9,9 @@ import aio_pika
 import pytest
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-RECORDED_EVENTS = __import__("pathlib").Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
+RECORDED_EVENTS = (
+    __import__("pathlib").Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
+)
 
 
 @pytest.fixture

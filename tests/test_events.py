@@ -17,20 +17,25 @@ ITEM = {
     "project": {"id": 1, "link_name": "netdevbpf"},
     "date": "2026-11-24T13:14:18.578176",
     "actor": None,
-    "payload": {"patch": {"name": "[v2] caf\u00e9 \u2603 \"quoted\""}},
+    "payload": {"patch": {"name": '[v2] caf\u00e9 \u2603 "quoted"'}},
 }
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
-@given(st.lists(json_values, max_size=6), st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans())
+@given(
+    st.lists(json_values, max_size=6), st.sampled_from([(",", ":"), (", ", ": ")]), st.booleans()
+)
 def test_split_array_returns_each_element_with_its_exact_text(items, separators, indent):
-    text = json.dumps(items, separators=separators, indent=2 if indent else None, ensure_ascii=False)
+    text = json.dumps(
+        items, separators=separators, indent=2 if indent else None, ensure_ascii=False
+    )
     parts = split_array(text)
     assert [value for value, _ in parts] == items
     for value, raw in parts:
@@ -56,7 +61,7 @@ def test_split_array_rejects_what_is_not_a_json_array(body):
 
 def test_event_keeps_patchworks_bytes_and_routes_by_project_and_category():
     text = json.dumps([ITEM], ensure_ascii=False, separators=(",", ":"))
-    (item, raw), = split_array(text)
+    ((item, raw),) = split_array(text)
     event = parse_event(item, raw)
     assert event.body == text[1:-1].encode("utf-8")
     assert event.routing_key == "netdevbpf.patch-created"

@@ -1,0 +1,143 @@
+"""Producer catch-up rate against the floor: a plain page-and-publish-with-confirms script.
+
+Both read the same backlog from the same Patchwork double and publish to the same
+RabbitMQ with publisher confirms; the plain script does nothing else (no cursor,
+no window, no headers beyond the body). Prints events/s of each and the ratio.
+
+    python bench/publish_throughput.py [--events 20000] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+
+from bridge.fake_patchwork import FakePatchwork
+from bridge.metrics import Metrics
+from bridge.producer import Producer
+from bridge.settings import Settings
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+async def plain_script(base_url: str, exchange_name: str, expected: int) -> float:
+    """The floor: GET pages, publish every item with confirms, one page at a time."""
+    started = time.perf_counter()
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(exchange_name)
+    published = 0
+    async with aiohttp.ClientSession() as session:
+        url: str | None = f"{base_url}/api/1.3/events/?order=date&per_page=250"
+        while url:
+            async with session.get(url) as response:
+                items = json.loads(await response.read())
+                url = response.links.get("next", {}).get("url")
+                url = str(url) if url else None
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            json.dumps(item).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                        ),
+                        f"{item['project']['link_name']}.{item['category']}",
+                    )
+                    for item in items
+                )
+            )
+            published += len(items)
+    await connection.close()
+    assert published == expected, published
+    return time.perf_counter() - started
+
+
+async def bridge_producer(base_url: str, exchange_name: str, expected: int) -> float:
+    """The real producer from an empty cursor until every event is confirmed."""
+    metrics = Metrics()
+    with tempfile.TemporaryDirectory() as state_dir:
+        settings = Settings(
+            exchange=exchange_name,
+            patchwork_url=base_url,
+            patchwork_timezone="Australia/Canberra",
+            state_dir=Path(state_dir),
+            start="beginning",
+            poll_interval=0.05,
+        )
+        stop = asyncio.Event()
+        started = time.perf_counter()
+        task = asyncio.create_task(Producer(settings, metrics).run(stop))
+        while published(metrics) < expected:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await task
+    return elapsed
+
+
+def published(metrics: Metrics) -> float:
+    return sum(
+        s.value for s in metrics.events_published.collect()[0].samples if s.name.endswith("_total")
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    fake = FakePatchwork(tz="Australia/Canberra")
+    # A backlog spread over the last days, as a producer restarting after an outage sees it.
+    first = datetime.now() - timedelta(days=3)
+    step = timedelta(days=3) / args.events
+    for i in range(args.events):
+        fake.add_event(date=first + i * step)
+    base_url = await fake.start()
+
+    exchange_name = f"bench-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(f"{exchange_name}-all", durable=True)
+    await queue.bind(exchange, "#")
+
+    results: dict[str, list[float]] = {"plain script": [], "patchwork-bridge producer": []}
+    try:
+        for _ in range(args.rounds):
+            for name, run in (
+                ("plain script", plain_script),
+                ("patchwork-bridge producer", bridge_producer),
+            ):
+                await queue.purge()
+                seconds = await run(base_url, exchange_name, args.events)
+                results[name].append(args.events / seconds)
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await exchange.delete()
+        await connection.close()
+        await fake.stop()
+
+    print(f"catch-up of a {args.events}-event backlog, {args.rounds} rounds, best of each")
+    best = {name: max(rates) for name, rates in results.items()}
+    for name, rate in best.items():
+        rounds = ", ".join(f"{r:,.0f}" for r in results[name])
+        print(f"  {name:28s} {rate:10,.0f} events/s   (rounds: {rounds})")
+    ratio = best["patchwork-bridge producer"] / best["plain script"]
+    print(f"  ratio producer / plain script: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,117 @@
+"""`patchwork-bridge bind QUEUE PATTERN...`: a CI system's own queue, without AMQP code.
+
+Declares the exchange, a durable queue of BRIDGE_QUEUE_TYPE bound to it with the
+topic patterns, and the queue's dead-letter queue `<QUEUE>.dead`, which receives
+what the CI rejects without requeue. Running it again with the same arguments
+changes nothing. It only adds bindings: a pattern dropped from the command line
+stays bound until removed in RabbitMQ (AMQP cannot list a queue's bindings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aio_pika
+
+from bridge.amqp import connect, declare_exchange, declare_queue, queue_arguments
+from bridge.settings import Settings, SettingsError, load_settings
+
+DEAD_SUFFIX = ".dead"
+# Declarations are a few round trips; a broker that takes this long is not answering.
+BIND_TIMEOUT_S = 30.0
+MAX_NAME_BYTES = 255  # AMQP short strings: queue names and routing patterns
+
+
+class BindError(Exception):
+    """The broker refused or is unreachable; the message is one line fit for an operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    queue: str
+    dead_letter_queue: str
+    exchange: str
+    queue_type: str
+    patterns: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"queue {self.queue} ({self.queue_type}) bound to exchange {self.exchange} with "
+            f"{' '.join(self.patterns)}; rejected messages go to {self.dead_letter_queue}"
+        )
+
+
+def check_names(queue: str, patterns: Sequence[str]) -> None:
+    """Refuse what RabbitMQ would refuse later with a less helpful error."""
+    if not queue or queue.startswith("amq."):
+        raise BindError(f"queue name {queue!r}: must be non-empty and not start with 'amq.'")
+    if len((queue + DEAD_SUFFIX).encode()) > MAX_NAME_BYTES:
+        raise BindError(f"queue name {queue!r}: too long (at most 250 bytes)")
+    for pattern in patterns:
+        if not pattern or len(pattern.encode()) > MAX_NAME_BYTES:
+            raise BindError(f"pattern {pattern!r}: must be 1 to 255 bytes")
+
+
+async def bind(settings: Settings, queue: str, patterns: Sequence[str]) -> Bound:
+    """Declare exchange, dead-letter queue, queue and bindings; idempotent."""
+    check_names(queue, patterns)
+    dead = queue + DEAD_SUFFIX
+    try:
+        async with asyncio.timeout(BIND_TIMEOUT_S):
+            connection = await connect(settings, "bind")
+            async with connection:
+                channel = await connection.channel()
+                exchange = await declare_exchange(channel, settings.exchange)
+                await declare_queue(channel, dead, queue_arguments(settings.queue_type))
+                main = await declare_queue(
+                    channel,
+                    queue,
+                    queue_arguments(
+                        settings.queue_type,
+                        dead_letter_exchange="",  # the default exchange routes by queue name
+                        dead_letter_routing_key=dead,
+                    ),
+                )
+                for pattern in patterns:
+                    await main.bind(exchange, pattern)
+    except TimeoutError:
+        raise BindError(f"RabbitMQ at {settings.amqp_url_redacted} did not answer") from None
+    except aio_pika.exceptions.ChannelClosed as exc:
+        # E.g. PRECONDITION_FAILED: the queue exists as classic and quorum was asked for.
+        # Never carry on with a queue that differs from what the operator asked for.
+        raise BindError(f"RabbitMQ refused: {_reply_text(exc)}") from None
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        raise BindError(
+            f"cannot bind on RabbitMQ at {settings.amqp_url_redacted}: {type(exc).__name__}"
+        ) from None
+    return Bound(queue, dead, settings.exchange, settings.queue_type, tuple(patterns))
+
+
+def _reply_text(exc: BaseException) -> str:
+    """The broker's reply text (e.g. "PRECONDITION_FAILED - inequivalent arg ...")."""
+    args = getattr(exc, "args", ())
+    return str(args[1] if len(args) > 1 else exc)
+
+
+async def cli(args: argparse.Namespace) -> int:
+    """One line on stdout when bound; one line on stderr and exit 2/1 when not."""
+    # aio-pika logs a failed connect at length; the one line below says enough.
+    for noisy in ("aio_pika", "aiormq"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"patchwork-bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        bound = await bind(settings, args.queue, args.patterns)
+    except BindError as exc:
+        print(f"patchwork-bridge bind: {exc}", file=sys.stderr)
+        return 1
+    print(bound.describe())
+    return 0

@@ -1,0 +1,425 @@
+"""The webhook role: consume each subscription's queue, hand events to its sink, settle outcomes.
+
+Each subscription has its own channel (prefetch = its ``concurrency``) and its own
+sink, so a receiver that hangs holds only its own slots. ``_settle`` is the one
+place that turns an outcome into an AMQP action and a metric. Retries wait in
+broker queues (see ``bridge.topology``), so they survive a restart of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from bridge import topology
+from bridge.amqp import connect_with_retry, declare_exchange
+from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
+from bridge.queue_depth import QueueDepthSampler
+from bridge.retry import delay_for_attempt, delay_ladder, round_up_to_ladder
+from bridge.settings import Settings, SettingsError
+from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
+from bridge.sinks.registry import load_sink
+from bridge.subscriptions import Subscription, load_subscriptions
+from bridge.topology import BROKER_ERRORS, BROKER_TIMEOUT_S, Invalid, QueueControl, TopologyError
+
+log = logging.getLogger(__name__)
+
+MARKER_CHECK_INTERVAL_S = 5.0
+"""How soon an enable/disable made elsewhere (CLI, another process) takes effect here."""
+DRAIN_TIMEOUT_S = 10.0
+"""On shutdown, how long deliveries in flight may finish before they are cancelled."""
+SINK_GRACE_S = 5.0
+"""A sink gets its subscription's timeout plus this before the consumer gives up on it."""
+HAND_BACK_PAUSE_S = 1.0
+"""Before requeueing a message we could not settle, so a broken queue cannot spin."""
+
+
+def failure_label(reason: str) -> str:
+    """A third-party sink's own reasons must not grow the metric's label set."""
+    return reason if reason in DELIVERY_FAILURE_REASONS else "other"
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One subscription at run time: its sink, its channel and whether it consumes."""
+
+    subscription: Subscription
+    sink: Sink
+    ladder: list[float]
+    queue: AbstractQueue | None = None
+    consumer_tag: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while consuming starts or stops, so a 410 and the marker watcher cannot interleave."""
+    logged_errors: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.subscription.name
+
+
+class WebhookConsumer:
+    """The ``webhook`` role (see ``bridge.runtime.Role``)."""
+
+    name = "webhook"
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        subscriptions: Sequence[tuple[Subscription, Sink]],
+        *,
+        connection_role: str = "webhook",
+        marker_check_interval_s: float = MARKER_CHECK_INTERVAL_S,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+    ) -> None:
+        """Takes ready sinks and owns them: they are closed when ``run`` returns."""
+        self.settings = settings
+        self.metrics = metrics
+        self._lanes = [_Lane(s, sink, delay_ladder(s.retry_schedule)) for s, sink in subscriptions]
+        self._role = connection_role
+        self._marker_check_interval_s = marker_check_interval_s
+        self._drain_timeout_s = drain_timeout_s
+        self._connection: AbstractRobustConnection | None = None
+        self._control: QueueControl | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            self._connection = await connect_with_retry(self.settings, self._role, stop)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if stop.is_set() and task is not None and not task.cancelling():
+                return
+            raise
+        self._control = QueueControl(self._connection)
+        background: list[asyncio.Task[None]] = []
+        try:
+            try:
+                await self._start()
+            except TopologyError as exc:
+                log.error("webhook: %s", exc)
+                raise
+            sampler = QueueDepthSampler(
+                self._connection,
+                [q for lane in self._lanes for q in topology.queue_names(lane.subscription)],
+                self.metrics,
+                self.settings.queue_depth_interval,
+            )
+            background = [
+                asyncio.create_task(self._watch_markers(), name="webhook-markers"),
+                asyncio.create_task(sampler.run(), name="webhook-queue-depth"),
+            ]
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait(
+                [stopped, *background], return_when=asyncio.FIRST_COMPLETED
+            )
+            stopped.cancel()
+            for task in done - {stopped}:
+                task.result()  # a background loop only ends by raising: re-raise it
+        finally:
+            await self._shutdown(background)
+
+    def readiness(self) -> tuple[bool, str]:
+        connection = self._connection
+        if connection is None or not self._started:
+            return False, "webhook: connecting to RabbitMQ and declaring queues"
+        if connection.is_closed or not connection.connected.is_set():
+            return False, "webhook: connection to RabbitMQ lost, reconnecting"
+        return True, ""
+
+    async def _start(self) -> None:
+        """Declare the topology once for this process, then consume every enabled subscription."""
+        assert self._connection is not None and self._control is not None
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            control = await self._connection.channel()
+            await declare_exchange(control, self.settings.exchange)
+        for lane in self._lanes:
+            async with asyncio.timeout(BROKER_TIMEOUT_S):
+                channel = await self._connection.channel()
+                await channel.set_qos(prefetch_count=lane.subscription.concurrency)
+            lane.queue = await topology.declare_subscription(
+                channel, self.settings.exchange, lane.subscription, self.settings.queue_type
+            )
+            if await self._control.is_disabled(lane.name):
+                self.metrics.subscription_enabled.labels(lane.name).set(0)
+                log.warning(
+                    "webhook %s: disabled (marker queue %s exists); events wait in %s",
+                    lane.name,
+                    topology.marker_queue(lane.name),
+                    topology.main_queue(lane.name),
+                )
+            else:
+                await self._consume(lane)
+        self._started = True
+        log.info("webhook: consuming for %d subscriptions", len(self._lanes))
+
+    async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
+        """Stop taking work, let deliveries in flight finish (bounded), close sinks, disconnect."""
+        self._started = False
+        self._closing = True
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        for lane in self._lanes:
+            if lane.consumer_tag is not None:
+                await self._stop_consuming(lane)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._drain_timeout_s)
+            if pending:
+                log.warning(
+                    "webhook: %d deliveries still running after %gs; cancelled, "
+                    "the broker will redeliver them",
+                    len(pending),
+                    self._drain_timeout_s,
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for lane in self._lanes:
+            try:
+                async with asyncio.timeout(BROKER_TIMEOUT_S):
+                    await lane.sink.close()
+            except Exception as exc:
+                log.warning("webhook %s: closing its sink failed (%s)", lane.name, exc)
+        if self._control is not None:
+            await self._control.close()
+        if self._connection is not None:
+            with contextlib.suppress(*BROKER_ERRORS):
+                async with asyncio.timeout(BROKER_TIMEOUT_S):
+                    await self._connection.close()
+
+    # -- enabled / disabled ----------------------------------------------------------
+
+    async def _consume(self, lane: _Lane) -> None:
+        assert lane.queue is not None
+        lane.consumer_tag = await lane.queue.consume(
+            partial(self._on_message, lane), timeout=BROKER_TIMEOUT_S
+        )
+        self.metrics.subscription_enabled.labels(lane.name).set(1)
+
+    async def _stop_consuming(self, lane: _Lane) -> None:
+        """Cancel the consumer; its unacked messages stay ours to settle."""
+        tag, lane.consumer_tag = lane.consumer_tag, None
+        if tag is None or lane.queue is None:
+            return
+        try:
+            await lane.queue.cancel(tag, timeout=BROKER_TIMEOUT_S)
+        except BROKER_ERRORS as exc:
+            # The robust queue has already forgotten the consumer: it is not restored.
+            log.warning("webhook %s: cancelling its consumer failed (%s)", lane.name, exc)
+
+    async def _disable(self, lane: _Lane, outcome: Disable) -> None:
+        """Stop consuming and persist the state; the first 410 does it, later ones find it done."""
+        assert self._control is not None
+        async with lane.lock:
+            if lane.consumer_tag is None:
+                return
+            await self._stop_consuming(lane)
+            self.metrics.subscription_enabled.labels(lane.name).set(0)
+            try:
+                await self._control.set_disabled(lane.name, True, self.settings.queue_type)
+            except BROKER_ERRORS as exc:
+                log.error(
+                    "webhook %s: could not persist the disabled state (%s); "
+                    "it resumes at the next marker check",
+                    lane.name,
+                    type(exc).__name__,
+                )
+            log.warning(
+                "webhook %s: disabled (%s, status %s: %s); events wait in %s until "
+                "`patchwork-bridge subscriptions enable %s`",
+                lane.name,
+                outcome.reason,
+                outcome.status,
+                topology.one_line(outcome.detail),
+                topology.main_queue(lane.name),
+                lane.name,
+            )
+
+    async def _watch_markers(self) -> None:
+        """Follow enable/disable made elsewhere: the CLI, or a 410 seen by another process."""
+        assert self._control is not None
+        failing = False
+        while True:
+            await asyncio.sleep(self._marker_check_interval_s)
+            try:
+                for lane in self._lanes:
+                    await self._sync_marker(lane)
+            except BROKER_ERRORS as exc:
+                if not failing:
+                    log.warning("webhook: cannot check disabled markers (%s); will retry", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("webhook: checking disabled markers again")
+                failing = False
+
+    async def _sync_marker(self, lane: _Lane) -> None:
+        assert self._control is not None
+        async with lane.lock:
+            disabled = await self._control.is_disabled(lane.name)
+            if disabled and lane.consumer_tag is not None:
+                await self._stop_consuming(lane)
+                self.metrics.subscription_enabled.labels(lane.name).set(0)
+                log.warning("webhook %s: disabled elsewhere; stopped consuming", lane.name)
+            elif not disabled and lane.consumer_tag is None:
+                await self._consume(lane)
+                log.info("webhook %s: enabled; consuming %s", lane.name, lane.queue.name)
+
+    # -- one message -------------------------------------------------------------------
+
+    async def _on_message(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
+        """Return at once: the delivery runs as a task we own, bounded by the channel's prefetch."""
+        if self._closing:
+            return  # arrived after our cancel: left unacked, the broker requeues it on close
+        task = asyncio.create_task(self._handle(lane, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
+        in_flight = self.metrics.in_flight.labels(lane.name)
+        in_flight.inc()
+        try:
+            outcome: Outcome | Invalid
+            try:
+                delivery = topology.delivery_from(message)
+            except topology.InvalidMessage as exc:
+                outcome = topology.Invalid(str(exc))
+            else:
+                started = time.monotonic()
+                outcome = await self._deliver(lane, delivery)
+                self.metrics.delivery_duration.labels(lane.name).observe(time.monotonic() - started)
+            await self._settle(lane, message, topology.attempt_of(message), outcome)
+        except BROKER_ERRORS as exc:
+            log.warning(
+                "webhook %s: could not settle event %s (%s: %s); the broker will redeliver it",
+                lane.name,
+                message.message_id,
+                type(exc).__name__,
+                exc,
+            )
+            await _hand_back(message)
+        except Exception:
+            log.exception("webhook %s: bug while settling event %s", lane.name, message.message_id)
+            await _hand_back(message)
+        finally:
+            in_flight.dec()
+
+    async def _deliver(self, lane: _Lane, delivery: Delivery) -> Outcome:
+        """The sink's outcome; a sink that raises, hangs or answers nonsense is retried."""
+        limit_s = lane.subscription.timeout + SINK_GRACE_S
+        deadline = asyncio.timeout(limit_s)
+        try:
+            async with deadline:
+                outcome = await lane.sink.deliver(delivery)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                return RetryLater("timeout", f"sink gave no outcome within {limit_s:g}s")
+            kind = type(exc).__name__
+            if kind not in lane.logged_errors:  # a traceback once per kind, not per event
+                lane.logged_errors.add(kind)
+                log.exception("webhook %s: sink raised %s", lane.name, kind)
+            else:
+                log.warning("webhook %s: sink raised %s again", lane.name, kind)
+            return RetryLater("sink_error", kind)
+        if not isinstance(outcome, Delivered | RetryLater | GiveUp | Disable):
+            return RetryLater("sink_error", f"sink returned {type(outcome).__name__}")
+        return outcome
+
+    async def _settle(
+        self,
+        lane: _Lane,
+        message: AbstractIncomingMessage,
+        attempt: int,
+        outcome: Outcome | Invalid,
+    ) -> None:
+        """The one place that maps an outcome to an AMQP action; one metric per outcome.
+
+        A copy is always confirmed by the broker before the original is acked, so a
+        crash in between leaves a duplicate, never a loss.
+        """
+        name = lane.name
+        match outcome:
+            case Delivered():
+                await message.ack()
+                label = "delivered"
+            case RetryLater() if (delay_s := self._retry_delay(lane, attempt, outcome)) is not None:
+                headers = topology.retry_headers(message, outcome, attempt + 1)
+                await self._move(lane, message, topology.retry_queue(name, delay_s), headers)
+                label = "retried"
+                log.info(
+                    "webhook %s: event %s attempt %d failed (%s: %s); retry in %gs",
+                    name,
+                    message.message_id,
+                    attempt,
+                    outcome.reason,
+                    outcome.detail,
+                    delay_s,
+                )
+            case Disable():
+                await self._disable(lane, outcome)
+                await message.nack(requeue=True)
+                label = "disabled"
+            case RetryLater() | GiveUp() | Invalid():
+                # Invalid was never handed to the sink: no attempt is spent on it.
+                attempts = attempt - 1 if isinstance(outcome, Invalid) else attempt
+                headers = topology.dead_headers(message, outcome, attempts)
+                await self._move(lane, message, topology.dead_queue(name), headers)
+                label = "refused" if isinstance(outcome, Invalid) else "dead_lettered"
+                log.warning(
+                    "webhook %s: event %s dead-lettered after %d attempts (%s: %s)",
+                    name,
+                    message.message_id,
+                    attempts,
+                    outcome.reason,
+                    outcome.detail,
+                )
+        self.metrics.deliveries.labels(name, label).inc()
+        if not isinstance(outcome, Delivered):
+            self.metrics.delivery_failures.labels(name, failure_label(outcome.reason)).inc()
+
+    def _retry_delay(self, lane: _Lane, attempt: int, outcome: RetryLater) -> float | None:
+        """The ladder step to wait, or None when the subscription's attempts are used up."""
+        scheduled_s = delay_for_attempt(lane.subscription.retry_schedule, attempt)
+        if scheduled_s is None:
+            return None
+        # The receiver's Retry-After (already capped by the sink) wins over the schedule.
+        wanted_s = scheduled_s if outcome.delay_s is None else outcome.delay_s
+        return round_up_to_ladder(wanted_s, lane.ladder)
+
+    async def _move(
+        self, lane: _Lane, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+    ) -> None:
+        """Publish a copy to ``queue``, wait for the confirm, then ack the original."""
+        assert lane.queue is not None
+        await topology.publish_confirmed(
+            lane.queue.channel, queue, topology.copy_message(message, headers)
+        )
+        await message.ack()
+
+
+async def _hand_back(message: AbstractIncomingMessage) -> None:
+    """Requeue a message we could not settle; if the channel is gone, the broker does it."""
+    await asyncio.sleep(HAND_BACK_PAUSE_S)
+    with contextlib.suppress(*BROKER_ERRORS):
+        await message.nack(requeue=True)
+
+
+def build_consumer(settings: Settings, metrics: Metrics) -> WebhookConsumer:
+    """The webhook role from settings; raises SettingsError for a missing or bad subscriptions."""
+    if settings.subscriptions is None:
+        raise SettingsError("BRIDGE_SUBSCRIPTIONS: required for the webhook role")
+    subscriptions = load_subscriptions(settings.subscriptions)
+    return WebhookConsumer(settings, metrics, [(s, load_sink(s)) for s in subscriptions])

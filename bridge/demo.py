@@ -1,0 +1,122 @@
+"""``patchwork-bridge demo``: the whole path on one machine with nothing but RabbitMQ.
+
+Recorded Patchwork events (bundled in ``bridge/data``) are served by a local
+Patchwork double; the real producer polls it and publishes to a throw-away
+exchange; the real webhook consumer delivers them, signed, to a local receiver
+that prints each one. Everything the demo declared is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+
+import aio_pika
+
+from bridge import topology
+from bridge.amqp import connect
+from bridge.fake_patchwork import FakePatchwork, seed
+from bridge.logs import setup_logging
+from bridge.metrics import Metrics
+from bridge.receiver import Received, start_receiver
+from bridge.runtime import build_roles
+from bridge.settings import Settings, SettingsError, load_settings
+from bridge.subscriptions import load_subscriptions
+
+TIMEOUT_S = 60.0
+
+
+def cli(args: argparse.Namespace) -> int:
+    try:
+        base = load_settings()
+    except SettingsError as exc:
+        print(f"patchwork-bridge: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(base.log_format, "WARNING")
+    return asyncio.run(run_demo(base, args.events))
+
+
+async def run_demo(base: Settings, events: int) -> int:
+    run_id = secrets.token_hex(3)
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    received: list[Received] = []
+    all_in = asyncio.Event()
+
+    def on_delivery(delivery: Received) -> None:
+        received.append(delivery)
+        print(f"  [{len(received):3d}/{events}] {delivery.line()}", flush=True)
+        if len(received) >= events:
+            all_in.set()
+
+    patchwork = FakePatchwork()
+    seed(patchwork, events)
+    await patchwork.start()
+    receiver, port = await start_receiver("127.0.0.1", 0, on_delivery, secret=secret)
+    with tempfile.TemporaryDirectory(prefix="patchwork-bridge-demo-") as tmp:
+        subscriptions = Path(tmp) / "subscriptions.toml"
+        subscriptions.write_text(
+            f'[[webhook]]\nname = "demo-{run_id}"\nurl = "http://127.0.0.1:{port}/hooks/patchwork"\n'
+            f'secret = "{secret}"\nallow_private_network = true\n',
+            encoding="utf-8",
+        )
+        settings = base.model_copy(
+            update={
+                "exchange": f"patchwork-demo-{run_id}",
+                "patchwork_url": patchwork.url,
+                "patchwork_timezone": "Australia/Canberra",
+                "start": "beginning",
+                "state_dir": Path(tmp) / "state",
+                "poll_interval": 0.5,
+                "subscriptions": subscriptions,
+            }
+        )
+        print(
+            f"Patchwork double at {patchwork.url} with {events} recorded events\n"
+            f"exchange {settings.exchange!r} on {settings.amqp_url_redacted}\n"
+            f"webhook receiver at http://127.0.0.1:{port}/hooks/patchwork (signed)\n",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        try:
+            roles = build_roles("run", settings, Metrics())
+            async with asyncio.TaskGroup() as group:
+                for role in roles:
+                    group.create_task(role.run(stop))
+                try:
+                    await asyncio.wait_for(all_in.wait(), TIMEOUT_S)
+                finally:
+                    stop.set()
+        finally:
+            await receiver.cleanup()
+            await patchwork.stop()
+            await _clean_up(settings)
+    valid = sum(r.signature == "valid" for r in received)
+    print(
+        f"\n{len(received)} of {events} events delivered through RabbitMQ, "
+        f"{valid} with a valid Standard Webhooks signature"
+    )
+    return 0 if len(received) >= events else 1
+
+
+async def _clean_up(settings: Settings) -> None:
+    """Delete the demo's exchange and every queue of its subscription."""
+    assert settings.subscriptions is not None
+    connection = await connect(settings, "demo")
+    try:
+        channel = await connection.channel()
+        for subscription in load_subscriptions(settings.subscriptions):
+            for name in [
+                *topology.queue_names(subscription),
+                topology.marker_queue(subscription.name),
+            ]:
+                await channel.queue_delete(name)
+        await channel.exchange_delete(settings.exchange)
+    except aio_pika.exceptions.AMQPError as exc:
+        print(f"could not clean up everything: {exc}", file=sys.stderr)
+    finally:
+        await connection.close()

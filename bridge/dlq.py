@@ -1,0 +1,155 @@
+"""``patchwork-bridge dlq list|replay|purge NAME``: an operator's view of the dead letters.
+
+``list`` takes messages without acking them and hands them all back when its
+channel closes, so looking never removes anything. ``replay`` moves each message
+to the main queue with a fresh attempt count: confirmed copy first, then ack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from typing import TextIO
+
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from bridge import topology
+from bridge.settings import Settings, SettingsError, load_settings
+from bridge.subscriptions import Subscription
+from bridge.subscriptions_cli import PROG, CliError, configured, connected, pick
+
+
+def describe(message: AbstractIncomingMessage) -> str:
+    """One line per dead letter: what it was, how often it was tried, why it failed."""
+    headers = message.headers or {}
+
+    def field(key: str) -> str:
+        return topology.header_text(headers.get(key)) or "-"
+
+    key = field(topology.ROUTING_KEY) if topology.ROUTING_KEY in headers else message.routing_key
+    return (
+        f"{message.message_id or '-'}  {key or '-'}  attempts={field(topology.ATTEMPTS)}  "
+        f"status={field(topology.LAST_STATUS)}  reason={field(topology.LAST_REASON)}  "
+        f"dead_at={field(topology.DEAD_AT)}  error={field(topology.LAST_ERROR)}"
+    )
+
+
+async def _dead_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
+    queue_name = topology.dead_queue(name)
+    try:
+        async with asyncio.timeout(topology.BROKER_TIMEOUT_S):
+            return await channel.get_queue(queue_name, ensure=True)
+    except ChannelNotFoundEntity:
+        raise CliError(f"{queue_name} does not exist (has the webhook consumer run yet?)") from None
+
+
+async def list_dead(connection: AbstractConnection, name: str, limit: int, out: TextIO) -> int:
+    """Print up to ``limit`` dead letters, oldest first, leaving them in the queue."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        queue = await _dead_queue(channel, name)
+        shown = 0
+        while shown < limit:
+            message = await queue.get(no_ack=False, fail=False, timeout=topology.BROKER_TIMEOUT_S)
+            if message is None:
+                break
+            print(describe(message), file=out)
+            shown += 1
+        return shown
+    finally:
+        # Closing without acks hands every message back, in its place.
+        await _close(channel)
+
+
+async def replay_dead(
+    connection: AbstractConnection, name: str, limit: int | None, out: TextIO
+) -> int:
+    """Move up to ``limit`` dead letters (default: those there now) to the main queue.
+
+    Counting first means a receiver that fails again while we replay cannot keep
+    this loop going forever.
+    """
+    channel = await connection.channel()
+    try:
+        queue = await _dead_queue(channel, name)
+        waiting = queue.declaration_result.message_count or 0
+        budget = waiting if limit is None else min(limit, waiting)
+        main = topology.main_queue(name)
+        moved = 0
+        while moved < budget:
+            message = await queue.get(no_ack=False, fail=False, timeout=topology.BROKER_TIMEOUT_S)
+            if message is None:
+                break
+            headers = topology.replay_headers(message)
+            await topology.publish_confirmed(channel, main, topology.copy_message(message, headers))
+            await message.ack()
+            print(f"replayed {describe(message)}", file=out)
+            moved += 1
+        return moved
+    finally:
+        await _close(channel)
+
+
+async def purge_dead(connection: AbstractConnection, name: str) -> int:
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        queue = await _dead_queue(channel, name)
+        result = await queue.purge(timeout=topology.BROKER_TIMEOUT_S)
+        return result.message_count or 0
+    finally:
+        await _close(channel)
+
+
+async def _close(channel: AbstractChannel) -> None:
+    """Close, unless the broker already did (it closes a channel that asked for a missing queue)."""
+    if not channel.is_closed:
+        with contextlib.suppress(*topology.BROKER_ERRORS):
+            await channel.close()
+
+
+async def run_dlq(
+    settings: Settings,
+    subscriptions: list[Subscription],
+    action: str,
+    name: str,
+    limit: int | None,
+    out: TextIO = sys.stdout,
+) -> None:
+    """The command itself, with settings and subscriptions already loaded (tests call this)."""
+    subscription = pick(subscriptions, name)
+    queue_name = topology.dead_queue(subscription.name)
+    async with connected(settings, f"dlq {action}") as connection:
+        try:
+            if action == "list":
+                shown = await list_dead(connection, subscription.name, limit or 50, out)
+                print(f"{shown} dead letters shown from {queue_name}", file=sys.stderr)
+            elif action == "replay":
+                moved = await replay_dead(connection, subscription.name, limit, out)
+                print(f"replayed {moved} dead letters to {topology.main_queue(name)}", file=out)
+            elif action == "purge":
+                purged = await purge_dead(connection, subscription.name)
+                print(f"purged {purged} dead letters from {queue_name}", file=out)
+            else:
+                raise CliError(f"unknown dlq action {action!r}")
+        except topology.BROKER_ERRORS as exc:
+            raise CliError(f"dlq {action} {name}: {type(exc).__name__}: {exc}") from None
+
+
+async def cli(args: argparse.Namespace) -> int:
+    """Exit 0 on success, 2 for bad settings or an unknown subscription, 1 for broker trouble."""
+    try:
+        settings = load_settings()
+        subscriptions = configured(settings)
+        await run_dlq(
+            settings, subscriptions, args.dlq_command, args.name, getattr(args, "limit", None)
+        )
+    except SettingsError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,140 @@
+"""`patchwork-bridge bind`: a CI's own durable queue and dead-letter queue, on the real broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from bridge.bind import BindError, bind, cli
+from bridge.settings import load_settings
+from tests.conftest import AMQP_URL
+
+
+@pytest.fixture
+async def queue_name(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[str]:
+    """A fresh queue name; the queue and its dead-letter queue are deleted after the test."""
+    name = f"test-ci-{unique}"
+    yield name
+    channel = await amqp.channel()
+    for queue in (name, f"{name}.dead"):
+        await channel.queue_delete(queue)
+    await channel.close()
+
+
+def queue_facts(*names: str) -> dict[str, dict]:
+    """Type and durability as RabbitMQ reports them."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "name", "type", "durable", "-q", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return {q["name"]: q for q in json.loads(out or "[]") if q["name"] in names}
+
+
+async def get_one(channel: aio_pika.abc.AbstractChannel, queue: str) -> aio_pika.IncomingMessage:
+    """The next message of ``queue``, waiting a little for dead-lettering to happen."""
+    q = await channel.get_queue(queue)
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        message = await q.get(fail=False, timeout=5)
+        if message is not None:
+            return message
+        assert asyncio.get_running_loop().time() < deadline, f"nothing arrived in {queue}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_bound_queue_receives_its_patterns_and_dead_letters_rejects(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, queue_name: str, queue_type: str
+):
+    settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name, queue_type=queue_type)
+    patterns = ["netdevbpf.*", "*.series-completed"]
+    first = await bind(settings, queue_name, patterns)
+    again = await bind(settings, queue_name, patterns)  # idempotent
+    assert first == again
+    assert first.dead_letter_queue == f"{queue_name}.dead"
+
+    facts = await asyncio.to_thread(queue_facts, queue_name, f"{queue_name}.dead")
+    for name in (queue_name, f"{queue_name}.dead"):
+        assert facts[name]["type"] == queue_type
+        assert facts[name]["durable"] is True
+
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(exchange_name)
+    for key in ("netdevbpf.patch-created", "dpdk.patch-created", "dpdk.series-completed"):
+        await exchange.publish(aio_pika.Message(key.encode(), message_id=key), routing_key=key)
+
+    received = [await get_one(channel, queue_name) for _ in range(2)]
+    assert {m.message_id for m in received} == {"netdevbpf.patch-created", "dpdk.series-completed"}
+    await received[0].ack()
+    await received[1].reject(requeue=False)
+    dead = await get_one(channel, f"{queue_name}.dead")
+    assert dead.message_id == received[1].message_id
+    await dead.ack()
+    assert await (await channel.get_queue(queue_name)).get(fail=False) is None
+    await channel.close()
+
+
+async def test_bind_refuses_to_turn_a_classic_queue_into_a_quorum_queue(
+    exchange_name: str, queue_name: str
+):
+    await bind(load_settings(amqp_url=AMQP_URL, exchange=exchange_name), queue_name, ["#"])
+    quorum = load_settings(amqp_url=AMQP_URL, exchange=exchange_name, queue_type="quorum")
+    with pytest.raises(BindError, match="inequivalent arg 'x-queue-type'"):
+        await bind(quorum, queue_name, ["#"])
+
+
+async def test_cli_prints_one_line(
+    exchange_name: str,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    monkeypatch.setenv("BRIDGE_AMQP_URL", AMQP_URL)
+    monkeypatch.setenv("BRIDGE_EXCHANGE", exchange_name)
+    args = argparse.Namespace(queue=queue_name, patterns=["dpdk.*"])
+    assert await cli(args) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"queue {queue_name} (classic) bound to exchange {exchange_name} with dpdk.*; "
+        f"rejected messages go to {queue_name}.dead"
+    ]
+    assert err == ""
+
+
+async def test_cli_reports_an_unreachable_broker_in_one_line_without_the_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://ci:hunter2@127.0.0.1:1/")
+    assert await cli(argparse.Namespace(queue="never-declared", patterns=["#"])) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1 and "cannot bind" in err
+    assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(
+    ("queue", "patterns", "message"),
+    [("amq.mine", ["#"], "amq."), ("", ["#"], "non-empty"), ("q", [""], "pattern")],
+)
+async def test_cli_rejects_names_rabbitmq_would_refuse(
+    queue: str, patterns: list[str], message: str, capsys: pytest.CaptureFixture[str]
+):
+    assert await cli(argparse.Namespace(queue=queue, patterns=patterns)) == 1
+    assert message in capsys.readouterr().err
+
+
+async def test_cli_exits_2_on_a_bad_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    monkeypatch.setenv("BRIDGE_QUEUE_TYPE", "lazy")
+    assert await cli(argparse.Namespace(queue="q", patterns=["#"])) == 2
+    assert "BRIDGE_QUEUE_TYPE" in capsys.readouterr().err

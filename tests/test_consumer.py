@@ -1,0 +1,451 @@
+"""The webhook consumer against the real broker, with fake sinks standing in for receivers."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from bridge import topology
+from bridge.amqp import connection_name
+from bridge.consumer import build_consumer
+from bridge.metrics import Metrics
+from bridge.settings import Settings, SettingsError
+from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, RetryLater
+from bridge.sinks.registry import load_sink
+from bridge.subscriptions import Subscription
+from bridge.subscriptions_cli import run_subscriptions
+from tests.amqp_helpers import (
+    FakeSink,
+    HangingSink,
+    cut_connection,
+    delete_subscription_queues,
+    get_all,
+    make_consumer,
+    publish_events,
+    publish_raw,
+    queue_depth,
+    recorded_event,
+    running,
+    subscription,
+    wait_for,
+)
+
+MakeSub = Callable[..., Subscription]
+
+
+@pytest.fixture(params=["classic", "quorum"])
+def queue_type(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+async def make_sub(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[MakeSub]:
+    """Subscriptions named ``<label>-<unique>``; all their queues are deleted after the test."""
+    made: list[Subscription] = []
+
+    def make(label: str, **fields: object) -> Subscription:
+        sub = subscription(f"{label}-{unique}", **fields)
+        made.append(sub)
+        return sub
+
+    yield make
+    await delete_subscription_queues(amqp, made)
+
+
+def count(metrics: Metrics, name: str, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "patchwork_bridge_webhook_deliveries_total", {"subscription": name, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+def failures(metrics: Metrics, name: str, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "patchwork_bridge_webhook_failures_total", {"subscription": name, "reason": reason}
+    )
+    return value or 0.0
+
+
+def enabled(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "patchwork_bridge_subscription_enabled", {"subscription": name}
+    )
+
+
+async def test_event_reaches_only_matching_subscriptions_once_each(
+    exchange_name: str, make_sub: MakeSub, queue_type: str
+) -> None:
+    netdev = make_sub("netdev", events=["netdevbpf.*"])
+    series = make_sub("series", events=["*.series-created", "*.series-completed"])
+    everything = make_sub("all")
+    sinks = {sub.name: FakeSink() for sub in (netdev, series, everything)}
+    consumer = make_consumer(
+        exchange_name,
+        [(s, sinks[s.name]) for s in (netdev, series, everything)],
+        queue_type=queue_type,
+    )
+    async with running(consumer):
+        await publish_events(
+            exchange_name,
+            [("patch-created", 1), ("series-completed", 2), ("patch-relation-changed", 3)],
+        )
+        await wait_for(lambda: len(sinks[everything.name].deliveries) == 3, what="all 3 events")
+        await wait_for(lambda: len(sinks[netdev.name].deliveries) == 2, what="netdev's 2 events")
+        await wait_for(lambda: len(sinks[series.name].deliveries) == 1, what="series' event")
+
+    assert sorted(sinks[everything.name].ids) == ["1", "2", "3"]
+    assert sorted(sinks[netdev.name].ids) == ["1", "2"]
+    assert sinks[series.name].ids == ["2"]
+    first = next(d for d in sinks[netdev.name].deliveries if d.message_id == "1")
+    assert first.routing_key == "netdevbpf.patch-created"
+    assert first.attempt == 1
+    assert json.loads(first.body) == json.loads(recorded_event("patch-created", 1))
+    assert first.headers["ce-id"] == "1"
+    assert first.headers["x-patchwork-category"] == "patch-created"
+    assert all(sink.closed for sink in sinks.values())
+
+
+async def test_failed_attempts_are_retried_until_the_receiver_accepts(
+    exchange_name: str, make_sub: MakeSub, queue_type: str
+) -> None:
+    flaky = make_sub("flaky", retry_schedule=[0.2, 0.2])
+
+    def answer(d: Delivery) -> RetryLater | Delivered:
+        if d.attempt < 3:
+            return RetryLater("http_5xx", "HTTP 503 Service Unavailable", status=503)
+        return Delivered(200)
+
+    sink, metrics = FakeSink(answer), Metrics()
+    consumer = make_consumer(exchange_name, [(flaky, sink)], queue_type=queue_type, metrics=metrics)
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", 7)])
+        await wait_for(lambda: count(metrics, flaky.name, "delivered") == 1, what="delivery")
+
+    assert [(d.message_id, d.attempt) for d in sink.deliveries] == [("7", 1), ("7", 2), ("7", 3)]
+    # The event keeps its identity and routing key through the retry queues.
+    assert {d.routing_key for d in sink.deliveries} == {"netdevbpf.patch-created"}
+    assert {d.headers["ce-id"] for d in sink.deliveries} == {"7"}
+    assert count(metrics, flaky.name, "retried") == 2
+    assert failures(metrics, flaky.name, "http_5xx") == 2
+
+
+async def test_retry_after_parks_the_event_on_the_next_ladder_step(
+    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    busy = make_sub("busy", retry_schedule=[0.2])
+    sink = FakeSink(lambda d: RetryLater("http_429", "HTTP 429", delay_s=3.0, status=429))
+    async with running(make_consumer(exchange_name, [(busy, sink)])):
+        await publish_events(exchange_name, [("patch-created", 8)])
+        # 3 s is not a ladder step: the receiver's wish is rounded up to 5 s, not down.
+        parked = topology.retry_queue(busy.name, 5.0)
+        assert parked.endswith(".retry.5s")
+
+        async def is_parked() -> bool:
+            return await queue_depth(amqp, parked) == 1
+
+        await wait_for(is_parked, what=f"the event in {parked}")
+        assert await queue_depth(amqp, topology.retry_queue(busy.name, 0.2)) == 0
+    assert sink.ids == ["8"]
+
+
+async def test_exhausted_retries_land_in_the_dead_letter_queue_with_the_last_failure(
+    exchange_name: str, make_sub: MakeSub, queue_type: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    broken = make_sub("broken", retry_schedule=[0.2, 0.2])
+    sink = FakeSink(lambda d: RetryLater("http_5xx", "HTTP 500 Internal\nServer Error", status=500))
+    metrics = Metrics()
+    consumer = make_consumer(
+        exchange_name, [(broken, sink)], queue_type=queue_type, metrics=metrics
+    )
+    async with running(consumer):
+        await publish_events(exchange_name, [("series-completed", 9)])
+        await wait_for(lambda: count(metrics, broken.name, "dead_lettered") == 1, what="dead")
+
+    assert [d.attempt for d in sink.deliveries] == [1, 2, 3]
+    [dead] = await get_all(amqp, topology.dead_queue(broken.name))
+    assert dead.message_id == "9"
+    assert json.loads(dead.body) == json.loads(recorded_event("series-completed", 9))
+    assert dead.content_type == "application/json"
+    headers = dead.headers
+    assert headers[topology.LAST_STATUS] == 500
+    assert headers[topology.LAST_REASON] == "http_5xx"
+    assert headers[topology.LAST_ERROR] == "HTTP 500 Internal Server Error"
+    assert headers[topology.ATTEMPTS] == 3
+    assert headers[topology.ROUTING_KEY] == "netdevbpf.series-completed"
+    assert datetime.fromisoformat(headers[topology.DEAD_AT]).tzinfo is not None
+    assert headers["ce-id"] == "9"
+    assert not any(k.startswith("x-death") for k in headers)
+    assert await queue_depth(amqp, topology.main_queue(broken.name)) == 0
+
+
+async def test_give_up_dead_letters_at_once(
+    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    refused = make_sub("refused", retry_schedule=[0.2, 0.2])
+    sink, metrics = FakeSink(lambda d: GiveUp("ssrf", "resolves to 127.0.0.1")), Metrics()
+    async with running(make_consumer(exchange_name, [(refused, sink)], metrics=metrics)):
+        await publish_events(exchange_name, [("patch-created", 10)])
+        await wait_for(lambda: count(metrics, refused.name, "dead_lettered") == 1, what="dead")
+
+    assert sink.ids == ["10"]
+    [dead] = await get_all(amqp, topology.dead_queue(refused.name))
+    assert dead.headers[topology.LAST_REASON] == "ssrf"
+    assert dead.headers[topology.ATTEMPTS] == 1
+    assert topology.LAST_STATUS not in dead.headers
+    assert failures(metrics, refused.name, "ssrf") == 1
+
+
+async def test_poison_messages_are_dead_lettered_and_the_next_event_is_delivered(
+    exchange_name: str, make_sub: MakeSub, queue_type: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    target = make_sub("poison")
+    sink, metrics = FakeSink(), Metrics()
+    consumer = make_consumer(
+        exchange_name, [(target, sink)], queue_type=queue_type, metrics=metrics
+    )
+    main = topology.main_queue(target.name)
+    async with running(consumer):
+        await publish_raw(main, b"<html>502</html>", message_id="p1")
+        await publish_raw(main, b"[1, 2]", message_id="p2")
+        await publish_raw(main, recorded_event("patch-created", 11))
+        await publish_events(exchange_name, [("patch-created", 12)])
+        await wait_for(lambda: sink.ids == ["12"], what="the good event")
+        await wait_for(lambda: count(metrics, target.name, "refused") == 3, what="3 refusals")
+
+    dead = await get_all(amqp, topology.dead_queue(target.name))
+    assert {m.headers[topology.LAST_REASON] for m in dead} == {"invalid"}
+    assert sorted(m.headers[topology.LAST_ERROR] for m in dead) == [
+        "body is a JSON list, not an object",
+        "body is not UTF-8 JSON",
+        "no message_id",
+    ]
+    assert {m.headers[topology.ATTEMPTS] for m in dead} == {0}
+    assert failures(metrics, target.name, "invalid") == 3
+
+
+async def test_sink_that_raises_is_retried_as_a_sink_error(
+    exchange_name: str, make_sub: MakeSub
+) -> None:
+    buggy = make_sub("buggy", retry_schedule=[0.2])
+
+    def answer(d: Delivery) -> Delivered:
+        if d.attempt == 1:
+            raise KeyError("a bug in the sink")
+        return Delivered(200)
+
+    sink, metrics = FakeSink(answer), Metrics()
+    async with running(make_consumer(exchange_name, [(buggy, sink)], metrics=metrics)):
+        await publish_events(exchange_name, [("patch-created", 13)])
+        await wait_for(lambda: count(metrics, buggy.name, "delivered") == 1, what="delivery")
+    assert [d.attempt for d in sink.deliveries] == [1, 2]
+    assert failures(metrics, buggy.name, "sink_error") == 1
+
+
+async def test_gone_receiver_disables_until_enabled_and_nothing_is_lost(
+    exchange_name: str, make_sub: MakeSub, queue_type: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    gone = make_sub("gone")
+    main = topology.main_queue(gone.name)
+    settings = Settings(exchange=exchange_name, queue_type=queue_type)  # type: ignore[arg-type]
+    metrics = Metrics()
+    first = FakeSink(lambda d: Disable("http_410", "HTTP 410 Gone", status=410))
+    consumer = make_consumer(exchange_name, [(gone, first)], queue_type=queue_type, metrics=metrics)
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", 21)])
+        await wait_for(lambda: enabled(metrics, gone.name) == 0, what="the subscription disabled")
+
+        async def waiting(n: int) -> bool:
+            return await queue_depth(amqp, main) == n
+
+        await wait_for(lambda: waiting(1), what="the 410'd event back in its queue")
+        await publish_events(exchange_name, [("patch-created", 22), ("patch-created", 23)])
+        await wait_for(lambda: waiting(3), what="new events piling up")
+    assert first.ids == ["21"]
+
+    # The state is on the broker: a new consumer starts disabled and takes nothing.
+    second = FakeSink()
+    metrics = Metrics()
+    consumer = make_consumer(
+        exchange_name, [(gone, second)], queue_type=queue_type, metrics=metrics
+    )
+    async with running(consumer):
+        assert enabled(metrics, gone.name) == 0
+        assert (await topology.QueueControl(amqp).inspect(main)).consumer_count == 0
+        await run_subscriptions(settings, [gone], "enable", gone.name)
+        await wait_for(lambda: second.delivered_ids() == {"21", "22", "23"}, what="all 3 events")
+        assert enabled(metrics, gone.name) == 1
+    assert await queue_depth(amqp, topology.marker_queue(gone.name)) is None
+
+
+async def test_disable_from_the_cli_stops_a_running_consumer(
+    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection, capsys
+) -> None:
+    paused = make_sub("paused", events=["netdevbpf.#"])
+    settings = Settings(exchange=exchange_name)
+    sink, metrics = FakeSink(), Metrics()
+    async with running(make_consumer(exchange_name, [(paused, sink)], metrics=metrics)):
+        await run_subscriptions(settings, [paused], "disable", paused.name)
+        await wait_for(lambda: enabled(metrics, paused.name) == 0, what="the consumer to stop")
+        await publish_events(exchange_name, [("patch-created", 31)])
+
+        async def waiting() -> bool:
+            return await queue_depth(amqp, topology.main_queue(paused.name)) == 1
+
+        await wait_for(waiting, what="the event to wait in its queue")
+        await run_subscriptions(settings, [paused], "list", None)
+        await run_subscriptions(settings, [paused], "enable", paused.name)
+        await wait_for(lambda: sink.ids == ["31"], what="delivery after enable")
+    out = capsys.readouterr().out
+    assert f"{paused.name}\tdisabled\twebhook\tnetdevbpf.#" in out
+    assert f"{paused.name}: enabled" in out
+
+
+async def test_events_waiting_in_retry_queues_survive_a_consumer_restart(
+    exchange_name: str, make_sub: MakeSub, queue_type: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    later = make_sub("later", retry_schedule=[1.0])
+    failing, metrics = FakeSink(lambda d: RetryLater("http_5xx", "HTTP 502", status=502)), Metrics()
+    ids = [str(i) for i in range(40, 45)]
+    consumer = make_consumer(
+        exchange_name, [(later, failing)], queue_type=queue_type, metrics=metrics
+    )
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", int(i)) for i in ids])
+        await wait_for(lambda: count(metrics, later.name, "retried") == 5, what="5 retries")
+
+    # Nobody consumes while the retry TTL runs out: the broker moves them back by itself.
+    async def back_in_main() -> bool:
+        return await queue_depth(amqp, topology.main_queue(later.name)) == 5
+
+    await wait_for(back_in_main, what="the retries back in the main queue")
+    fixed = FakeSink()
+    async with running(make_consumer(exchange_name, [(later, fixed)], queue_type=queue_type)):
+        await wait_for(lambda: fixed.delivered_ids() == set(ids), what="all 5 after restart")
+    assert {d.attempt for d in fixed.deliveries} == {2}
+
+
+async def test_hanging_receiver_holds_only_its_own_slots(
+    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    slow, fast = make_sub("slow", concurrency=3), make_sub("fast", concurrency=4)
+    hanging, quick = HangingSink(), FakeSink()
+    ids = {str(i) for i in range(100, 140)}
+    consumer = make_consumer(exchange_name, [(slow, hanging), (fast, quick)], drain_timeout_s=0.5)
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
+        await wait_for(lambda: quick.delivered_ids() == ids, what="the fast receiver's 40 events")
+        assert len(hanging.deliveries) == 3  # its concurrency, and no more
+    assert len(quick.deliveries) == 40
+    # Cancelled on shutdown, never acked: the hanging receiver's events are all still queued.
+    assert await queue_depth(amqp, topology.main_queue(slow.name)) == 40
+
+
+async def test_competing_consumers_deliver_every_event_once_in_total(
+    exchange_name: str, make_sub: MakeSub, queue_type: str
+) -> None:
+    shared = make_sub("shared", concurrency=4)
+    one, two = FakeSink(), FakeSink()
+    ids = {str(i) for i in range(200, 260)}
+    a = make_consumer(exchange_name, [(shared, one)], queue_type=queue_type)
+    b = make_consumer(exchange_name, [(shared, two)], queue_type=queue_type)
+    async with running(a), running(b):
+        await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
+        await wait_for(lambda: one.delivered_ids() | two.delivered_ids() == ids, what="60 events")
+    assert len(one.deliveries) + len(two.deliveries) == 60
+
+
+async def test_consuming_resumes_by_itself_after_the_connection_is_cut(
+    exchange_name: str, make_sub: MakeSub, queue_type: str, unique: str
+) -> None:
+    steady = make_sub("steady")
+    sink = FakeSink()
+    role = f"webhook cut-{unique}"
+    consumer = make_consumer(exchange_name, [(steady, sink)], queue_type=queue_type, role=role)
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", i) for i in range(300, 310)])
+        await wait_for(lambda: len(sink.delivered_ids()) == 10, what="the first 10")
+        assert await cut_connection(connection_name(role)) == 1
+        await publish_events(exchange_name, [("patch-created", i) for i in range(310, 320)])
+        want = {str(i) for i in range(300, 320)}
+        await wait_for(lambda: sink.delivered_ids() == want, timeout=30, what="all 20 events")
+        await wait_for(lambda: consumer.readiness()[0], what="ready again")
+
+
+async def test_readiness_says_why_before_the_consumer_runs(exchange_name: str) -> None:
+    consumer = make_consumer(exchange_name, [])
+    ready, reason = consumer.readiness()
+    assert not ready
+    assert "webhook" in reason
+
+
+def test_webhook_role_needs_a_subscriptions_file() -> None:
+    with pytest.raises(SettingsError, match="BRIDGE_SUBSCRIPTIONS: required for the webhook role"):
+        build_consumer(Settings(), Metrics())
+
+
+def test_build_consumer_loads_subscriptions_and_their_sinks(tmp_path: Path) -> None:
+    path = tmp_path / "subscriptions.toml"
+    path.write_text('[[webhook]]\nname = "ci"\nurl = "https://ci.example.org/hook"\n')
+    consumer = build_consumer(Settings(subscriptions=path), Metrics())
+    assert consumer.name == "webhook"
+    assert [lane.name for lane in consumer._lanes] == ["ci"]
+
+
+async def test_queue_of_another_type_stops_start_up_with_a_clear_error(
+    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    clash = make_sub("clash")
+    channel = await amqp.channel()
+    await channel.declare_queue(topology.main_queue(clash.name), durable=True)  # classic
+    await channel.close()
+    consumer = make_consumer(exchange_name, [(clash, FakeSink())], queue_type="quorum")
+    with pytest.raises(topology.TopologyError, match="check BRIDGE_QUEUE_TYPE"):
+        async with running(consumer):
+            pass
+
+
+async def test_real_webhook_sink_gets_a_second_attempt_after_retry_after(
+    exchange_name: str, make_sub: MakeSub
+) -> None:
+    secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+    posts: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        posts.append((dict(request.headers), await request.read()))
+        if len(posts) == 1:
+            return web.Response(status=503, headers={"Retry-After": "1"})
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        ci = make_sub("ci", retry_schedule=[60], allow_private_network=True, secret=secret)
+        ci = ci.model_copy(update={"url": f"http://127.0.0.1:{port}/hook"})
+        metrics = Metrics()
+        consumer = make_consumer(exchange_name, [(ci, load_sink(ci))], metrics=metrics)
+        async with running(consumer):
+            await publish_events(exchange_name, [("patch-created", 51)])
+            await wait_for(lambda: count(metrics, ci.name, "delivered") == 1, what="delivery")
+    finally:
+        await runner.cleanup()
+
+    # Retry-After 1 s won over the schedule's 60 s; the webhook-id stayed the same.
+    assert len(posts) == 2
+    (first, _), (second, body) = posts
+    assert first["webhook-id"] == second["webhook-id"]
+    Webhook(secret).verify(body, second)
+    assert json.loads(body) == json.loads(recorded_event("patch-created", 51))
+    assert failures(metrics, ci.name, "http_5xx") + failures(metrics, ci.name, "http_429") == 1

@@ -1,0 +1,190 @@
+"""deploy/, the Dockerfile and docker-compose.yml agree with the code they package.
+
+promtool, hadolint and docker-compose checks live in .ci/check-packaging; these tests catch
+drift between the files and the package: a renamed metric or queue, an example that no
+longer loads, a health check that does not reach /healthz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge import topology
+from bridge.http import start_server
+from bridge.metrics import Metrics
+from bridge.subscriptions import Subscription, load_subscriptions
+
+ROOT = Path(__file__).resolve().parents[1]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "patchwork-bridge.json"
+EXAMPLE = ROOT / "deploy" / "subscriptions.example.toml"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def exported_names() -> set[str]:
+    """Every sample name /metrics can show, with the suffixes prometheus_client adds."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    return {
+        family.name + suffix
+        for family in Metrics().registry.collect()
+        for suffix in suffixes[family.type]
+    }
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def alert_expressions_text() -> str:
+    return ALERTS.read_text()
+
+
+def test_alerts_and_dashboard_use_only_metrics_the_bridge_exports() -> None:
+    exported = exported_names()
+    for source, text in (
+        ("alerts.yml", alert_expressions_text()),
+        ("dashboard", "\n".join(dashboard_expressions())),
+    ):
+        used = set(re.findall(r"\bpatchwork_bridge_[a-z_]+", text))
+        assert used, source
+        assert used <= exported, f"{source} uses unknown metrics {sorted(used - exported)}"
+
+
+def test_dashboard_shows_every_family_an_operator_asked_for() -> None:
+    text = "\n".join(dashboard_expressions())
+    for name in (
+        "patchwork_bridge_events_published_total",
+        "patchwork_bridge_webhook_deliveries_total",
+        "patchwork_bridge_webhook_failures_total",
+        "patchwork_bridge_webhook_delivery_duration_seconds_bucket",
+        "patchwork_bridge_queue_messages_ready",
+        "patchwork_bridge_cursor_lag_seconds",
+        "patchwork_bridge_poll_errors_total",
+        "patchwork_bridge_subscription_enabled",
+        "patchwork_bridge_webhook_in_flight",
+    ):
+        assert name in text, name
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le, subscription)" in text
+
+
+def queue_patterns() -> list[str]:
+    """Every ``queue=~"..."`` regex of the alerts and the dashboard, as Prometheus sees it."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    all_subscriptions = variables["subscription"]["allValue"]
+    texts = [alert_expressions_text(), *dashboard_expressions()]
+    patterns = []
+    for text in texts:
+        for literal in re.findall(r'queue=~"((?:[^"\\]|\\.)*)"', text):
+            pattern = literal.replace("\\\\", "\\").replace("$subscription", all_subscriptions)
+            patterns.append(pattern)
+    return patterns
+
+
+def test_queue_patterns_select_the_queues_the_consumer_declares() -> None:
+    subscription = Subscription(name="kernelci", url="https://ci.example.org/hook")
+    watched = topology.queue_names(subscription)  # what the queue depth sampler reports
+    main, dead = topology.main_queue("kernelci"), topology.dead_queue("kernelci")
+    kinds = {
+        "main": [main],
+        "retry": [q for q in watched if q not in (main, dead)],
+        "dead": [dead],
+        "marker": [topology.marker_queue("kernelci")],
+    }
+    assert kinds["retry"] and main in watched and dead in watched
+
+    selected = []
+    for pattern in queue_patterns():
+        matched = {
+            kind for kind, queues in kinds.items() if any(re.fullmatch(pattern, q) for q in queues)
+        }
+        # A pattern picks one whole kind (or main with its retries), never part of one.
+        assert matched in ({"main"}, {"dead"}, {"main", "retry"}), (pattern, matched)
+        for kind in matched:
+            assert all(re.fullmatch(pattern, q) for q in kinds[kind]), (pattern, kind)
+        selected.append(frozenset(matched))
+    assert {frozenset({"main"}), frozenset({"dead"}), frozenset({"main", "retry"})} <= set(selected)
+
+
+def test_example_subscriptions_load_and_match_the_demo_receiver() -> None:
+    [demo] = load_subscriptions(EXAMPLE)
+
+    assert demo.url == "http://receiver:8080/hooks/patchwork"
+    assert demo.allow_private_network  # the receiver is another container on the network
+    assert demo.secret is not None
+    receiver_secret = re.search(r"WEBHOOK_SECRET: (\S+)", COMPOSE.read_text())
+    assert receiver_secret is not None
+    assert receiver_secret.group(1) == demo.secret.get_secret_value()
+
+
+def test_commented_subscription_example_is_valid_once_uncommented(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text()
+    commented = text[text.index("# [[webhook]]") :]
+    table = "\n".join(line.removeprefix("# ") for line in commented.splitlines())
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "kernelci-webhook").write_text("whsec_" + "QUJD" * 8 + "\n")
+    (secrets / "kernelci-token").write_text("a-bearer-token\n")
+    path = tmp_path / "subscriptions.toml"
+    path.write_text(table.replace("/run/secrets", str(secrets)))
+
+    [kernelci] = load_subscriptions(path)
+
+    assert kernelci.events == ["netdevbpf.*", "*.series-completed"]
+    defaults = Subscription(name="x", url="https://ci.example.org/hook")
+    # The comment says these values are the defaults.
+    assert (kernelci.timeout, kernelci.concurrency, kernelci.retry_schedule) == (
+        defaults.timeout,
+        defaults.concurrency,
+        defaults.retry_schedule,
+    )
+
+
+def dockerfile_healthcheck() -> list[str]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)
+    assert match is not None
+    return json.loads(match.group(1))
+
+
+async def run_healthcheck(port: int) -> int:
+    argv = dockerfile_healthcheck()
+    assert argv[0] == "python"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv[1:],
+        env={**os.environ, "BRIDGE_HTTP_PORT": str(port)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_image_healthcheck_passes_while_healthz_answers_and_fails_after() -> None:
+    runner, port = await start_server(Metrics(), [], "127.0.0.1", 0)
+    try:
+        assert await run_healthcheck(port) == 0
+    finally:
+        await runner.cleanup()
+
+    assert await run_healthcheck(port) != 0
+
+
+@pytest.mark.parametrize("name", ["producer", "webhook"])
+def test_compose_roles_run_the_image_commands_the_cli_knows(name: str) -> None:
+    from bridge.__main__ import HANDLERS
+
+    service = re.search(rf"^  {name}:\n(.*?)(?=^  \S|\Z)", COMPOSE.read_text(), re.M | re.S)
+    assert service is not None
+    assert f'command: ["{name}"]' in service.group(1)
+    assert name in HANDLERS

@@ -1,0 +1,158 @@
+"""``dlq list|replay|purge`` against real dead letters left by the consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from bridge import topology
+from bridge.__main__ import main
+from bridge.dlq import run_dlq
+from bridge.metrics import Metrics
+from bridge.settings import Settings, SettingsError
+from bridge.sinks.base import GiveUp
+from bridge.subscriptions import Subscription
+from bridge.subscriptions_cli import CliError
+from tests.amqp_helpers import (
+    FakeSink,
+    delete_subscription_queues,
+    get_all,
+    make_consumer,
+    publish_events,
+    queue_depth,
+    running,
+    subscription,
+    wait_for,
+)
+
+EVENTS = [("patch-created", 1), ("series-completed", 2), ("patch-relation-changed", 3)]
+
+
+@pytest.fixture
+async def dead(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, unique: str
+) -> AsyncIterator[Subscription]:
+    """A subscription whose receiver refused three events: they wait in its dead-letter queue."""
+    sub = subscription(f"dlq-{unique}")
+    sink = FakeSink(lambda d: GiveUp("http_4xx", "HTTP 400 Bad Request", status=400))
+    metrics = Metrics()
+    async with running(make_consumer(exchange_name, [(sub, sink)], metrics=metrics)):
+        await publish_events(exchange_name, EVENTS)
+
+        async def all_dead() -> bool:
+            return await queue_depth(amqp, topology.dead_queue(sub.name)) == 3
+
+        await wait_for(all_dead, what="3 dead letters")
+    yield sub
+    await delete_subscription_queues(amqp, [sub])
+
+
+async def dlq(exchange: str, sub: Subscription, action: str, limit: int | None = None) -> str:
+    out = io.StringIO()
+    await run_dlq(Settings(exchange=exchange), [sub], action, sub.name, limit, out)
+    return out.getvalue()
+
+
+async def test_list_shows_dead_letters_without_removing_them(
+    dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    lines = (await dlq(exchange_name, dead, "list", 2)).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        "1  netdevbpf.patch-created  attempts=1  status=400  reason=http_4xx"
+    )
+    assert lines[0].endswith("error=HTTP 400 Bad Request")
+    assert "dead_at=20" in lines[0]
+    assert lines[1].startswith("2  netdevbpf.series-completed  ")
+    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 3
+
+    # Looking twice shows the same letters in the same order.
+    again = (await dlq(exchange_name, dead, "list", 50)).splitlines()
+    assert [line.split()[0] for line in again] == ["1", "2", "3"]
+    assert again[2].split()[1] == "dpdk.patch-relation-changed"
+
+
+async def test_replay_sends_dead_letters_back_for_a_fresh_set_of_attempts(
+    dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    out = await dlq(exchange_name, dead, "replay", 2)
+    assert out.splitlines()[-1] == f"replayed 2 dead letters to {topology.main_queue(dead.name)}"
+    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 1
+    replayed = await get_all(amqp, topology.main_queue(dead.name))
+    assert [m.message_id for m in replayed] == ["1", "2"]
+    for message in replayed:
+        assert not set(message.headers) & set(topology.BRIDGE_HEADERS)
+        assert message.headers["ce-id"] == message.message_id
+
+    # The rest (no limit); a receiver that works now gets them with attempt 1.
+    await dlq(exchange_name, dead, "replay")
+    sink = FakeSink()
+    async with running(make_consumer(exchange_name, [(dead, sink)])):
+        await wait_for(lambda: sink.ids == ["3"], what="the replayed event")
+    [delivery] = sink.deliveries
+    assert delivery.attempt == 1
+    assert delivery.routing_key == "dpdk.patch-relation-changed"
+    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 0
+
+
+async def test_purge_deletes_all_dead_letters_and_says_how_many(
+    dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    out = await dlq(exchange_name, dead, "purge")
+    assert out == f"purged 3 dead letters from {topology.dead_queue(dead.name)}\n"
+    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 0
+
+
+async def test_unknown_subscription_is_refused(exchange_name: str) -> None:
+    with pytest.raises(SettingsError, match="nope: unknown subscription \\(configured: ci\\)"):
+        await run_dlq(Settings(exchange=exchange_name), [subscription("ci")], "list", "nope", 5)
+
+
+async def test_missing_dead_letter_queue_is_one_clear_error(
+    exchange_name: str, unique: str
+) -> None:
+    never_ran = subscription(f"never-{unique}")
+    with pytest.raises(CliError, match="does not exist"):
+        await run_dlq(Settings(exchange=exchange_name), [never_ran], "list", never_ran.name, 5)
+
+
+def write_subscriptions(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / "subscriptions.toml"
+    path.write_text(f'[[webhook]]\nname = "{name}"\nurl = "https://ci.example.org/hook"\n')
+    return path
+
+
+def test_unknown_subscription_exits_2_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BRIDGE_SUBSCRIPTIONS", str(write_subscriptions(tmp_path, "ci")))
+    assert main(["dlq", "purge", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err == "patchwork-bridge: nope: unknown subscription (configured: ci)\n"
+
+
+async def test_command_line_lists_dead_letters(
+    dead: Subscription, exchange_name: str, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "BRIDGE_EXCHANGE": exchange_name,
+        "BRIDGE_SUBSCRIPTIONS": str(write_subscriptions(tmp_path, dead.name)),
+    }
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bridge", "dlq", "list", dead.name, "--limit", "1"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().splitlines()[0].startswith("1  netdevbpf.patch-created  attempts=1")
+    assert err.decode().strip() == f"1 dead letters shown from {topology.dead_queue(dead.name)}"

@@ -1,0 +1,165 @@
+"""examples/ci_consumer.py, run as a CI operator would run it, against the Patchwork double.
+
+Messages are built the way the producer builds them (`bridge.publisher.build_message`),
+from items the double serves, so the example reads exactly what the bus carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import aio_pika
+import pytest
+
+from bridge.bind import bind
+from bridge.events import Event, parse_event
+from bridge.fake_patchwork import FakePatchwork
+from bridge.publisher import build_message
+from bridge.settings import load_settings
+from tests.conftest import AMQP_URL
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ci_consumer.py"
+TZ = ZoneInfo("Australia/Canberra")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakePatchwork]:
+    fake = FakePatchwork(tz="Australia/Canberra")
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def ci_queue(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[str]:
+    name = f"test-example-{unique}"
+    yield name
+    channel = await amqp.channel()
+    for queue in (name, f"{name}.dead"):
+        await channel.queue_delete(queue)
+    await channel.close()
+
+
+class Consumer:
+    """The example as a child process; its stdout and stderr lines are collected as they come."""
+
+    def __init__(self, exchange: str, queue: str, retry_s: float = 30.0) -> None:
+        self.env = {
+            **os.environ,
+            "AMQP_URL": AMQP_URL,
+            "EXCHANGE": exchange,
+            "QUEUE": queue,
+            "RETRY_S": str(retry_s),
+        }
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Consumer:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLE),
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self._proc.stdout and self._proc.stderr
+        self._readers = [
+            asyncio.create_task(self._collect(self._proc.stdout, self.out)),
+            asyncio.create_task(self._collect(self._proc.stderr, self.err)),
+        ]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._proc is not None
+        if self._proc.returncode is None:
+            self._proc.terminate()
+        await asyncio.wait_for(self._proc.wait(), 10)
+        await asyncio.gather(*self._readers)
+
+    @staticmethod
+    async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
+        async for line in stream:
+            lines.append(line.decode().rstrip("\n"))
+
+    async def wait_for(self, lines: list[str], text: str, count: int = 1) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while sum(text in line for line in lines) < count:
+            assert self._proc is not None
+            assert self._proc.returncode is None, f"example exited: {self.err}"
+            assert asyncio.get_running_loop().time() < deadline, f"no {text!r} in {lines}"
+            await asyncio.sleep(0.05)
+
+
+def as_published(fake: FakePatchwork, category: str, project: str) -> tuple[aio_pika.Message, str]:
+    """The message and routing key the producer would publish for a new event of the double."""
+    item = fake.add_event(category, project)
+    event: Event = parse_event(item, fake.item_bytes(item["id"]).decode())
+    return build_message(event, f"{fake.url}/api/1.3", TZ), event.routing_key
+
+
+async def leftover(channel: aio_pika.abc.AbstractChannel, queue: str) -> list[str]:
+    """Message ids still in ``queue`` (taken out, so the queue is empty afterwards)."""
+    q = await channel.get_queue(queue)
+    ids = []
+    while (message := await q.get(fail=False, timeout=5)) is not None:
+        ids.append(message.message_id)
+        await message.ack()
+    return ids
+
+
+async def test_example_tests_each_completed_series_once_and_acks_after_queueing(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, ci_queue: str, fake: FakePatchwork
+):
+    # The operator ran `patchwork-bridge bind`; the example declares the same queue again.
+    settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name)
+    await bind(settings, ci_queue, ["*.series-completed"])
+    first, first_key = as_published(fake, "series-completed", "netdevbpf")
+    unrelated, unrelated_key = as_published(fake, "patch-created", "netdevbpf")
+    last, last_key = as_published(fake, "series-completed", "dpdk")
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(exchange_name)
+    # `first` twice: the producer republished it (at-least-once delivery).
+    for message, key in ((first, first_key), (first, first_key), (unrelated, unrelated_key)):
+        await exchange.publish(message, routing_key=key)
+    await exchange.publish(last, routing_key=last_key)
+
+    async with Consumer(exchange_name, ci_queue) as consumer:
+        await consumer.wait_for(consumer.out, f"event {last.message_id}:")
+    # prefetch 1: `last` was delivered only after everything before it was acked.
+    assert set(await leftover(channel, ci_queue)) <= {last.message_id}
+    assert consumer.out[0] == (
+        f"event {first.message_id}: would test series 1 v2 "
+        "'improve things (series 00000.ca6a3a450)' (4 patches from the mbox)"
+    )
+    assert len(consumer.out) == 2, "the republished event was tested twice"
+    assert consumer.err == []
+    await channel.close()
+
+
+async def test_example_never_acks_a_series_it_could_not_fetch(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, ci_queue: str, fake: FakePatchwork
+):
+    await bind(load_settings(amqp_url=AMQP_URL, exchange=exchange_name), ci_queue, ["#"])
+    message, key = as_published(fake, "series-completed", "netdevbpf")
+    await fake.stop()  # Patchwork is down: the mbox cannot be fetched
+    channel = await amqp.channel()
+    exchange = await channel.get_exchange(exchange_name)
+    await exchange.publish(message, routing_key=key)
+    async with Consumer(exchange_name, ci_queue, retry_s=0.05) as consumer:
+        # One retry after RETRY_S, then the message is parked in the dead-letter queue.
+        await consumer.wait_for(consumer.err, "no mbox", count=2)
+        dead_letters: list[str] = []
+        deadline = asyncio.get_running_loop().time() + 10
+        while not dead_letters and asyncio.get_running_loop().time() < deadline:
+            dead_letters = await leftover(channel, f"{ci_queue}.dead")
+    assert dead_letters == [message.message_id]
+    assert consumer.out == []
+    assert await leftover(channel, ci_queue) == []
+    await channel.close()
