@@ -38,6 +38,11 @@ async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
     return connection
 
 
+def is_connected(connection: AbstractRobustConnection | None) -> bool:
+    """True while the connection is up; a robust connection that is reconnecting is not."""
+    return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+
 def connection_name(role: str) -> str:
     """``patchwork-bridge <role> <host>:<pid>``: which process holds a connection, at a glance."""
     return f"patchwork-bridge {role} {socket.gethostname()}:{os.getpid()}"

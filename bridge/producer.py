@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from bridge.amqp import connect_with_retry, declare_exchange
+from bridge.amqp import connect_with_retry, declare_exchange, is_connected
 from bridge.cursor import Cursor, CursorStore
 from bridge.events import BadEvent, Event, parse_event
 from bridge.metrics import Metrics
@@ -72,9 +72,10 @@ class Producer:
     # -- Role ---------------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
-        if self._connection is None or self._connection.is_closed:
+        if not is_connected(self._connection):
             return False, "producer not connected to RabbitMQ"
-        stale_s = max(3 * self._settings.poll_interval, 60.0)
+        # Three missed polls, each allowed its full request timeout.
+        stale_s = 3 * self._settings.poll_interval + self._settings.patchwork_timeout
         if self._last_success is None or time.monotonic() - self._last_success > stale_s:
             return False, "producer has no recent successful poll"
         return True, ""

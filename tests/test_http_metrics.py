@@ -1,0 +1,256 @@
+"""What an operator scrapes: /metrics after real traffic; /readyz as the broker comes and goes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge import topology
+from bridge.fake_patchwork import FakePatchwork
+from bridge.http import start_server
+from bridge.metrics import Metrics
+from bridge.producer import Producer
+from bridge.settings import Settings
+from tests.amqp_tools import AMQP_URL
+from tests.test_run_process import delete_topology, wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def promtool() -> str | None:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cached = cache / "patchwork-bridge-ci" / "promtool" / "usr" / "bin" / "promtool"
+    return shutil.which("promtool") or (str(cached) if cached.exists() else None)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def total(found: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in found.items() if n == name and want <= ls)
+
+
+@pytest.mark.timeout(120)
+async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path):
+    async def ok(request):
+        await request.read()
+        return web.Response(status=204)
+
+    async def broken(request):
+        await request.read()
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/ok", ok)
+    app.router.add_post("/broken", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    receiver = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    good, bad = f"good-{unique}", f"bad-{unique}"
+    subscriptions = tmp_path / "subscriptions.toml"
+    subscriptions.write_text(
+        f'[[webhook]]\nname = "{good}"\nurl = "{receiver}/ok"\nallow_private_network = true\n'
+        f'[[webhook]]\nname = "{bad}"\nurl = "{receiver}/broken"\nevents = ["dpdk.*"]\n'
+        "retry_schedule = [0.1, 0.1]\nallow_private_network = true\n"
+    )
+    patchwork = FakePatchwork(tz="Australia/Canberra")
+    events = [patchwork.add_event("patch-created", p) for p in ["dpdk", "netdevbpf"] * 10]
+    patchwork.fail_next("500")
+    await patchwork.start()
+    port = free_port()
+    exchange = f"test-{unique}"
+    env = {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": "Australia/Canberra",
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
+        "BRIDGE_START": "beginning",
+        "BRIDGE_POLL_INTERVAL": "0.2",
+        "BRIDGE_SUBSCRIPTIONS": str(subscriptions),
+        "BRIDGE_HTTP_PORT": str(port),
+        "BRIDGE_QUEUE_DEPTH_INTERVAL": "0.2",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    scraped = {}
+    text = ""
+    dpdk = sum(e["project"]["link_name"] == "dpdk" for e in events)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+            async def settled() -> bool:
+                nonlocal text, scraped
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                        text = await response.text()
+                except aiohttp.ClientError:
+                    return False
+                scraped = samples(text)
+                return (
+                    total(scraped, "patchwork_bridge_webhook_deliveries_total", outcome="delivered")
+                    == len(events)
+                    and total(
+                        scraped,
+                        "patchwork_bridge_queue_messages_ready",
+                        queue=topology.dead_queue(bad),
+                    )
+                    == dpdk
+                )
+
+            await wait_until(settled, 60)
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert response.status == 200, await response.text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+        await delete_topology(subscriptions, exchange)
+        await patchwork.stop()
+        await runner.cleanup()
+
+    p = "patchwork_bridge_"
+    assert total(scraped, f"{p}events_published_total") == len(events)
+    assert total(scraped, f"{p}events_published_total", project="dpdk") == dpdk
+    assert total(scraped, f"{p}poll_errors_total", reason="http_5xx") == 1
+    assert (
+        total(scraped, f"{p}webhook_deliveries_total", subscription=good, outcome="delivered") == 20
+    )
+    assert (
+        total(scraped, f"{p}webhook_deliveries_total", subscription=bad, outcome="retried")
+        == 2 * dpdk
+    )
+    assert (
+        total(scraped, f"{p}webhook_deliveries_total", subscription=bad, outcome="dead_lettered")
+        == dpdk
+    )
+    assert (
+        total(scraped, f"{p}webhook_failures_total", subscription=bad, reason="http_5xx")
+        == 3 * dpdk
+    )
+    assert total(scraped, f"{p}webhook_delivery_duration_seconds_count", subscription=good) == 20
+    assert total(scraped, f"{p}queue_messages_ready", queue=topology.main_queue(good)) == 0
+    assert (f"{p}cursor_lag_seconds", frozenset()) in scraped
+    assert total(scraped, f"{p}subscription_enabled", subscription=good) == 1
+    tool = promtool()
+    if tool is None:
+        pytest.skip("promtool not installed; .ci/check-packaging fetches it")
+    check = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+class CuttableProxy:
+    """A TCP proxy to RabbitMQ that the test can cut and restore, as a network would."""
+
+    def __init__(self, target_port: int = 5672) -> None:
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.port = free_port()
+        self.pipes: set[asyncio.Task] = set()
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.pipes:
+            task.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+        self.pipes.clear()
+        await self.server.wait_closed()
+
+    async def _client(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src, dst) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer)),
+            asyncio.create_task(pipe(up_reader, writer)),
+        ):
+            self.pipes.add(task)
+
+
+async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, tmp_path):
+    proxy = CuttableProxy()
+    await proxy.open()
+    patchwork = FakePatchwork()
+    await patchwork.start()
+    settings = Settings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+        exchange=f"test-{unique}",
+        patchwork_url=patchwork.url,
+        state_dir=tmp_path,
+        poll_interval=0.1,
+        start="beginning",
+    )
+    metrics = Metrics()
+    producer = Producer(settings, metrics)
+    runner, port = await start_server(metrics, [producer.readiness], "127.0.0.1", 0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(producer.run(stop))
+
+    async def ready() -> int:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/readyz") as r,
+        ):
+            return r.status
+
+    try:
+        await wait_until(lambda: producer.readiness()[0], 20)
+        assert await ready() == 200
+        await proxy.cut()
+        await wait_until(lambda: not producer.readiness()[0], 20)
+        assert await ready() == 503
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/healthz") as r,
+        ):
+            assert r.status == 200  # alive, just not ready
+        await proxy.open()
+        await wait_until(lambda: producer.readiness()[0], 30)
+        assert await ready() == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await runner.cleanup()
+        await patchwork.stop()
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        await channel.exchange_delete(settings.exchange)
+        await connection.close()

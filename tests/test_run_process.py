@@ -1,0 +1,271 @@
+"""`patchwork-bridge run` as an operator starts it, with four subscriptions in different health."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aiohttp import web
+from cloudevents.core.bindings.http import HTTPMessage, from_binary
+from cloudevents.core.formats.json import JSONFormat
+from standardwebhooks import Webhook
+
+from bridge import topology
+from bridge.fake_patchwork import FakePatchwork
+from bridge.subscriptions import load_subscriptions
+from tests.amqp_tools import AMQP_URL
+
+TZ = "Europe/Berlin"
+PROJECTS = ("netdevbpf", "dpdk", "linux-kselftest")
+CATEGORIES = ("patch-created", "series-completed", "check-created", "cover-created")
+
+
+class Receiver:
+    """A real HTTP receiver on loopback; ``behaviour`` decides each answer."""
+
+    def __init__(self, behaviour) -> None:
+        self.behaviour = behaviour
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> str:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            self.requests.append((dict(request.headers), body))
+            return await self.behaviour(request, body)
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handle)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+@pytest.mark.timeout(150)
+async def test_run_delivers_to_the_healthy_isolates_the_broken_and_leaks_no_secret(
+    unique, tmp_path
+):
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    token = "tok-" + secrets.token_hex(16)
+    first_attempts: set[str] = set()
+    throttled: set[str] = set()
+
+    async def flaky(request, body):
+        webhook_id = request.headers["webhook-id"]
+        if webhook_id not in first_attempts:
+            first_attempts.add(webhook_id)
+            if len(first_attempts) % 4 == 0:  # a quarter of first attempts
+                throttled.add(webhook_id)
+                return web.Response(status=503, headers={"Retry-After": "1"})
+        return web.Response(status=204)
+
+    async def hang(request, body):
+        await asyncio.sleep(3600)
+        return web.Response(status=204)
+
+    async def fail(request, body):
+        return web.Response(status=500, text="broken")
+
+    async def record(request, body):
+        return web.Response(status=204)
+
+    receivers = {
+        "flaky": Receiver(flaky),
+        "hanging": Receiver(hang),
+        "always-500": Receiver(fail),
+        "loopback": Receiver(record),
+    }
+    urls = {name: await r.start() for name, r in receivers.items()}
+    names = {name: f"{name}-{unique}" for name in receivers}
+    subscriptions = tmp_path / "subscriptions.toml"
+    token_file = tmp_path / "flaky-token"
+    token_file.write_text(token + "\n")
+    subscriptions.write_text(
+        f"""
+[[webhook]]
+name = "{names["flaky"]}"
+url = "{urls["flaky"]}"
+events = ["netdevbpf.*", "*.series-completed"]
+secret = "{secret}"
+bearer_token_file = "{token_file}"
+allow_private_network = true
+
+[[webhook]]
+name = "{names["hanging"]}"
+url = "{urls["hanging"]}"
+timeout = 30.0
+concurrency = 2
+allow_private_network = true
+
+[[webhook]]
+name = "{names["always-500"]}"
+url = "{urls["always-500"]}"
+events = ["dpdk.*"]
+retry_schedule = [0.2, 0.2]
+allow_private_network = true
+
+[[webhook]]
+name = "{names["loopback"]}"
+url = "{urls["loopback"]}"
+"""
+    )
+    patchwork = FakePatchwork(tz=TZ)
+    events = [
+        patchwork.add_event(CATEGORIES[i % len(CATEGORIES)], PROJECTS[i % len(PROJECTS)])
+        for i in range(60)
+    ]
+    await patchwork.start()
+    exchange = f"test-{unique}"
+    env = {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
+        "BRIDGE_START": "beginning",
+        "BRIDGE_POLL_INTERVAL": "0.2",
+        "BRIDGE_SUBSCRIPTIONS": str(subscriptions),
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_LOG_LEVEL": "DEBUG",
+    }
+    flaky_wanted = {
+        str(e["id"])
+        for e in events
+        if e["project"]["link_name"] == "netdevbpf" or e["category"] == "series-completed"
+    }
+    dpdk_wanted = {str(e["id"]) for e in events if e["project"]["link_name"] == "dpdk"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+
+        def flaky_has_all() -> bool:
+            requests = receivers["flaky"].requests
+            got = {h["webhook-id"] for h, _ in requests}
+            return got >= flaky_wanted and len(requests) >= len(flaky_wanted) + len(throttled)
+
+        async def dead_letters_complete() -> bool:
+            return await dead_count(names["always-500"]) == len(dpdk_wanted) and await dead_count(
+                names["loopback"]
+            ) == len(events)
+
+        await wait_until(flaky_has_all, 60)
+        await wait_until(dead_letters_complete, 60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        log = (await asyncio.wait_for(process.communicate(), 40))[1].decode()
+        dead_500 = await read_queue(topology.dead_queue(names["always-500"]))
+        dead_loopback = await read_queue(topology.dead_queue(names["loopback"]))
+        await delete_topology(subscriptions, exchange)
+        for r in receivers.values():
+            await r.stop()
+        await patchwork.stop()
+    assert process.returncode == 0, log[-3000:]
+
+    # The flaky receiver got every matching event, signed, with token and CloudEvents headers.
+    verifier = Webhook(secret)
+    successes = {}
+    for headers, body in receivers["flaky"].requests:
+        verifier.verify(body, headers)  # raises if the signature does not verify
+        assert headers["Authorization"] == f"Bearer {token}"
+        assert headers["User-Agent"].startswith("patchwork-bridge/")
+        assert headers["Content-Type"] == "application/json"
+        event = from_binary(
+            HTTPMessage(headers={k.lower(): v for k, v in headers.items()}, body=body),
+            JSONFormat(),
+        )
+        assert event.get_id() == headers["webhook-id"]
+        assert event.get_time().utcoffset() is not None
+        item = json.loads(body)
+        assert event.get_type() == f"org.patchwork.{item['category']}"
+        assert body == patchwork.item_bytes(item["id"])
+        successes[headers["webhook-id"]] = successes.get(headers["webhook-id"], 0) + 1
+    assert set(successes) == flaky_wanted
+    assert throttled, "some first attempts were answered 503"
+    # Each throttled event came twice (503, then success); every other event once.
+    assert all(successes[i] == (2 if i in throttled else 1) for i in flaky_wanted)
+
+    # The always-500 subscription ends with exactly its events dead, after 3 attempts each.
+    assert {m.message_id for m in dead_500} == dpdk_wanted
+    assert len(dead_500) == len(dpdk_wanted)
+    assert all(m.headers["x-bridge-last-status"] == 500 for m in dead_500)
+    assert len(receivers["always-500"].requests) == 3 * len(dpdk_wanted)
+
+    # The loopback URL without allow_private_network never got a request.
+    assert receivers["loopback"].requests == []
+    assert {m.headers["x-bridge-last-reason"] for m in dead_loopback} == {"ssrf"}
+
+    # The hanging receiver held only its own two slots.
+    assert len(receivers["hanging"].requests) <= 2
+
+    for leaked in (secret, secret.removeprefix("whsec_"), token):
+        assert leaked not in log
+
+
+async def dead_count(subscription: str) -> int:
+    """Ready messages in the subscription's dead-letter queue (0 before it exists)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.dead_queue(subscription), passive=True)
+        return queue.declaration_result.message_count or 0
+    except aio_pika.exceptions.ChannelClosed:
+        return 0
+    finally:
+        await connection.close()
+
+
+async def wait_until(condition, timeout: float) -> None:
+    """Poll ``condition`` (a function returning a bool or an awaitable of one)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s")
+        await asyncio.sleep(0.2)
+
+
+async def read_queue(name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    connection = await aio_pika.connect(AMQP_URL)
+    messages = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            messages.append(message)
+    finally:
+        await connection.close()
+    return messages
+
+
+async def delete_topology(subscriptions: Path, exchange: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for sub in load_subscriptions(subscriptions):
+            for name in [*topology.queue_names(sub), topology.marker_queue(sub.name)]:
+                await channel.queue_delete(name)
+        await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
