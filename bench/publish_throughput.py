@@ -47,7 +47,8 @@ async def plain_script(base_url: str, exchange_name: str, expected: int) -> floa
                 *(
                     exchange.publish(
                         aio_pika.Message(
-                            json.dumps(item).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+                            json.dumps(item).encode(),
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         ),
                         f"{item['project']['link_name']}.{item['category']}",
                     )

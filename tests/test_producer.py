@@ -14,8 +14,8 @@ from zoneinfo import ZoneInfo
 import aio_pika
 import pytest
 
-from bridge.fake_patchwork import FakePatchwork
 from bridge.amqp import connection_name
+from bridge.fake_patchwork import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer import Producer
 from bridge.settings import Settings

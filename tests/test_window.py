@@ -80,7 +80,9 @@ def test_polling_with_an_overlap_longer_than_the_delay_sees_every_event_once(sch
     """Simulate events that become visible up to 30 s after their date, polled every step."""
     overlap_s = 31
     events = [event(i, T0 + timedelta(seconds=d)) for i, (d, _) in enumerate(schedule)]
-    visible_at = {e.id: e.when + timedelta(seconds=lag) for e, (_, lag) in zip(events, schedule)}
+    visible_at = {
+        e.id: e.when + timedelta(seconds=lag) for e, (_, lag) in zip(events, schedule, strict=True)
+    }
     window = Window(Cursor(), overlap_s)
     published: list[int] = []
     now = T0
