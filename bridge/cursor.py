@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -94,3 +95,35 @@ class CursorStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class CursorWriter:
+    """Saves the latest cursor in the background, one write at a time, coalescing requests.
+
+    A save (fsync and rename) costs milliseconds; waiting for it after every page
+    would stall publishing. A crash loses at most the pages confirmed since the
+    last write finished: they are published again, never skipped.
+    """
+
+    def __init__(self, store: CursorStore, snapshot: Callable[[], Cursor]) -> None:
+        self._store = store
+        self._snapshot = snapshot
+        self._dirty = False
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self) -> None:
+        self._dirty = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write_while_dirty(), name="cursor-writer")
+
+    async def flush(self) -> None:
+        """Wait until everything requested so far is on disk; raises what a write raised."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        if self._dirty:
+            await self._write_while_dirty()
+
+    async def _write_while_dirty(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await self._store.save(self._snapshot())

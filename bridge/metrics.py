@@ -47,7 +47,9 @@ class Metrics:
             ["project", "category"],
             registry=r,
         )
-        self.polls = Counter(f"{p}_polls", "Polls of Patchwork's events API.", registry=r)
+        self.polls = Counter(
+            f"{p}_polls", "Polls that fetched and published without error.", registry=r
+        )
         self.poll_errors = Counter(
             f"{p}_poll_errors", "Failed polls of Patchwork, by reason.", ["reason"], registry=r
         )

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bridge.amqp import connect_with_retry, declare_exchange, is_connected
-from bridge.cursor import Cursor, CursorStore
+from bridge.cursor import Cursor, CursorStore, CursorWriter
 from bridge.events import BadEvent, Event, parse_event
 from bridge.metrics import Metrics
 from bridge.patchwork import Page, PatchworkClient, PatchworkError
@@ -64,6 +64,7 @@ class Producer:
         self._check_event = check_event
         self._prepare = prepare
         self._store = CursorStore(settings.state_dir)
+        self._writer = CursorWriter(self._store, self._snapshot)
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
         self._last_success: float | None = None
@@ -108,6 +109,7 @@ class Producer:
                     self._window = Window(
                         await self._initial_cursor(client, stop), self._settings.poll_overlap
                     )
+                    self._writer.request()  # "now" must mean the first start, not every start
                 published = await self._poll_once(client, publisher, stop)
             except Stopped:
                 break
@@ -120,7 +122,7 @@ class Producer:
                 await _sleep_unless(stop, backoff_s)
                 continue
             finally:
-                await self._save()
+                await self._writer.flush()
             backoff_s = 0.0
             self._last_success = time.monotonic()
             self._metrics.polls.inc()
@@ -194,7 +196,7 @@ class Producer:
             raise PublishFailed(result.failed)
         self._window.confirm(events)
         self._window.prune()
-        await self._save()
+        self._writer.request()
         return len(fresh)
 
     async def _initial_cursor(self, client: PatchworkClient, stop: asyncio.Event) -> Cursor:
@@ -226,9 +228,9 @@ class Producer:
         log.info("no cursor: starting after %s, the newest event now", newest_event.date)
         return window.cursor()
 
-    async def _save(self) -> None:
-        if self._window is not None:
-            await self._store.save(self._window.cursor())
+    def _snapshot(self) -> Cursor:
+        assert self._window is not None
+        return self._window.cursor()
 
     def _update_lag(self) -> None:
         assert self._window is not None
