@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="replay recorded events through the whole path, locally")
     demo.add_argument("--events", type=int, default=40, help="events to replay (default 40)")
+    demo.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep the Patchwork double up this long after the last delivery (default 0)",
+    )
 
     dlq = sub.add_parser("dlq", help="list, replay or purge a subscription's dead letters")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import os
 import secrets
 import sys
 import tempfile
@@ -38,10 +39,13 @@ def cli(args: argparse.Namespace) -> int:
         print(f"patchwork-bridge: {exc}", file=sys.stderr)
         return 2
     setup_logging(base.log_format, "WARNING")
-    return asyncio.run(run_demo(base, args.events))
+    # An exchange the user named is theirs (a CI consumer may watch it): keep it.
+    own_exchange = "BRIDGE_EXCHANGE" in os.environ
+    return asyncio.run(run_demo(base, args.events, args.linger, keep_exchange=own_exchange))
 
 
-async def run_demo(base: Settings, events: int) -> int:
+async def run_demo(base: Settings, events: int, linger_s: float, *, keep_exchange: bool) -> int:
+    """Replay ``events`` recorded events; keep the double up ``linger_s`` after the last one."""
     run_id = secrets.token_hex(3)
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     received: list[Received] = []
@@ -66,7 +70,7 @@ async def run_demo(base: Settings, events: int) -> int:
         )
         settings = base.model_copy(
             update={
-                "exchange": f"patchwork-demo-{run_id}",
+                "exchange": base.exchange if keep_exchange else f"patchwork-demo-{run_id}",
                 "patchwork_url": patchwork.url,
                 "patchwork_timezone": "Australia/Canberra",
                 "start": "beginning",
@@ -89,12 +93,14 @@ async def run_demo(base: Settings, events: int) -> int:
                     group.create_task(role.run(stop))
                 try:
                     await asyncio.wait_for(all_in.wait(), TIMEOUT_S)
+                    # Other consumers of the exchange may still fetch mboxes from the double.
+                    await asyncio.sleep(linger_s)
                 finally:
                     stop.set()
         finally:
             await receiver.cleanup()
             await patchwork.stop()
-            await _clean_up(settings)
+            await _clean_up(settings, delete_exchange=not keep_exchange)
     valid = sum(r.signature == "valid" for r in received)
     print(
         f"\n{len(received)} of {events} events delivered through RabbitMQ, "
@@ -103,8 +109,8 @@ async def run_demo(base: Settings, events: int) -> int:
     return 0 if len(received) >= events else 1
 
 
-async def _clean_up(settings: Settings) -> None:
-    """Delete the demo's exchange and every queue of its subscription."""
+async def _clean_up(settings: Settings, *, delete_exchange: bool) -> None:
+    """Delete every queue of the demo's subscription, and its exchange if it made it."""
     assert settings.subscriptions is not None
     connection = await connect(settings, "demo")
     try:
@@ -115,7 +121,8 @@ async def _clean_up(settings: Settings) -> None:
                 topology.marker_queue(subscription.name),
             ]:
                 await channel.queue_delete(name)
-        await channel.exchange_delete(settings.exchange)
+        if delete_exchange:
+            await channel.exchange_delete(settings.exchange)
     except aio_pika.exceptions.AMQPError as exc:
         print(f"could not clean up everything: {exc}", file=sys.stderr)
     finally:

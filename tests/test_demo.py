@@ -1,0 +1,77 @@
+"""`patchwork-bridge demo` as a newcomer runs it, with the example CI consumer watching."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from tests.amqp_tools import AMQP_URL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(120)
+async def test_demo_delivers_every_event_and_cleans_up(unique):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "demo", "--events", "15",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    text = out.decode()
+    assert process.returncode == 0, text + err.decode()
+    assert text.count("signature=valid") == 15
+    assert "15 of 15 events delivered through RabbitMQ, 15 with a valid" in text
+    exchange = text.split("exchange '", 1)[1].split("'", 1)[0]
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await channel.declare_exchange(exchange, passive=True)  # cleaned up
+    finally:
+        await connection.close()
+
+
+@pytest.mark.timeout(120)
+async def test_example_ci_consumer_prints_the_series_of_the_demo(unique):
+    exchange, queue = f"test-{unique}", f"test-{unique}-ci"
+    env = {**os.environ, "EXCHANGE": exchange, "QUEUE": queue, "BRIDGE_EXCHANGE": exchange}
+    consumer = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples" / "ci_consumer.py"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for _ in range(100):  # the consumer declares its queue when it is ready
+            try:
+                await channel.declare_queue(queue, passive=True)
+                break
+            except aio_pika.exceptions.ChannelClosed:
+                channel = await connection.channel()
+                await asyncio.sleep(0.1)
+        # 22 recorded events cycle through the 11 categories: two series-completed.
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "demo", "--events", "22", "--linger", "3",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        demo_out, demo_err = await asyncio.wait_for(demo.communicate(), 90)
+        assert demo.returncode == 0, demo_out.decode() + demo_err.decode()
+        consumer.terminate()
+        out, _ = await asyncio.wait_for(consumer.communicate(), 30)
+        lines = [line for line in out.decode().splitlines() if "would test series" in line]
+        assert len(lines) == 2, out.decode()
+        assert all("patches from the mbox" in line for line in lines)
+    finally:
+        if consumer.returncode is None:
+            consumer.kill()
+            await consumer.wait()
+        channel = await connection.channel()
+        for name in (queue, f"{queue}.dead"):
+            await channel.queue_delete(name)
+        await channel.exchange_delete(exchange)
+        await connection.close()
