@@ -171,7 +171,12 @@ class WebhookConsumer:
         self._closing = True
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        if background:
+            _, stuck = await asyncio.wait(background, timeout=BROKER_TIMEOUT_S)
+            for task in stuck:
+                log.warning(
+                    "webhook: %s did not stop within %gs", task.get_name(), BROKER_TIMEOUT_S
+                )
         for lane in self._lanes:
             if lane.consumer_tag is not None:
                 await self._stop_consuming(lane)
@@ -258,6 +263,7 @@ class WebhookConsumer:
                 for lane in self._lanes:
                     await self._sync_marker(lane)
             except BROKER_ERRORS as exc:
+                topology.raise_if_cancelled()
                 if not failing:
                     log.warning("webhook: cannot check disabled markers (%s); will retry", exc)
                 failing = True
@@ -303,6 +309,7 @@ class WebhookConsumer:
                 self.metrics.delivery_duration.labels(lane.name).observe(time.monotonic() - started)
             await self._settle(lane, message, topology.attempt_of(message), outcome)
         except BROKER_ERRORS as exc:
+            topology.raise_if_cancelled()
             log.warning(
                 "webhook %s: could not settle event %s (%s: %s); the broker will redeliver it",
                 lane.name,
@@ -312,6 +319,7 @@ class WebhookConsumer:
             )
             await _hand_back(message)
         except Exception:
+            topology.raise_if_cancelled()
             log.exception("webhook %s: bug while settling event %s", lane.name, message.message_id)
             await _hand_back(message)
         finally:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from aio_pika.abc import AbstractConnection
 
 from bridge.metrics import Metrics
-from bridge.topology import BROKER_ERRORS, QueueControl
+from bridge.topology import BROKER_ERRORS, QueueControl, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class QueueDepthSampler:
                     await self.sample_once()
                     self._recovered()
                 except BROKER_ERRORS as exc:
+                    raise_if_cancelled()
                     self._failed(exc)
                 # Fixed rate, not fixed pause: a slow broker does not stretch the period.
                 next_at = max(next_at + self._interval_s, time.monotonic())

@@ -70,6 +70,18 @@ _BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-deli
 MAX_ERROR_CHARS = 300
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a broker call turned into an error.
+
+    aiormq may surface a cancelled RPC as a channel error, and a timeout racing a
+    cancel may surface as TimeoutError; a loop catching BROKER_ERRORS calls this
+    first so that it still stops when its owner cancels it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class TopologyError(Exception):
     """A queue cannot be declared as configured (most often: it exists with another type)."""
 
