@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from bridge import __version__
+from bridge.logs import setup_logging
 
 # command -> "module:function"; the function takes the parsed args and returns an exit code.
 HANDLERS = {
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Operator commands log library warnings as one line; the roles set their own format.
+    setup_logging("text", "WARNING")
     module_name, func_name = HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     result = handler(args)

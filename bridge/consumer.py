@@ -20,7 +20,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from bridge import topology
-from bridge.amqp import connect_with_retry, declare_exchange
+from bridge.amqp import connect_with_retry, declare_exchange, is_connected
 from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
 from bridge.queue_depth import QueueDepthSampler
 from bridge.retry import delay_for_attempt, delay_ladder, round_up_to_ladder
@@ -131,11 +131,13 @@ class WebhookConsumer:
         finally:
             await self._shutdown(background)
 
+    def connected(self) -> bool:
+        return is_connected(self._connection)
+
     def readiness(self) -> tuple[bool, str]:
-        connection = self._connection
-        if connection is None or not self._started:
+        if self._connection is None or not self._started:
             return False, "webhook: connecting to RabbitMQ and declaring queues"
-        if connection.is_closed or not connection.connected.is_set():
+        if not self.connected():
             return False, "webhook: connection to RabbitMQ lost, reconnecting"
         return True, ""
 

@@ -135,7 +135,10 @@ class Metrics:
             registry=r,
         )
         self.broker_connected = Gauge(
-            f"{p}_broker_connected", "1 while connected to RabbitMQ.", registry=r
+            f"{p}_broker_connected",
+            "1 while the role's connection to RabbitMQ is up.",
+            ["role"],
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -72,8 +72,11 @@ class Producer:
 
     # -- Role ---------------------------------------------------------------------------------
 
+    def connected(self) -> bool:
+        return is_connected(self._connection)
+
     def readiness(self) -> tuple[bool, str]:
-        if not is_connected(self._connection):
+        if not self.connected():
             return False, "producer not connected to RabbitMQ"
         # Three missed polls, each allowed its full request timeout.
         stale_s = 3 * self._settings.poll_interval + self._settings.patchwork_timeout

@@ -34,6 +34,9 @@ class Role(Protocol):
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not) for /readyz."""
 
+    def connected(self) -> bool:
+        """Whether the role's broker connection is up right now."""
+
 
 def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role]:
     """Raises SettingsError for configuration a role cannot start with.
@@ -103,16 +106,27 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
         port,
         "+".join(r.name for r in roles),
     )
+    watcher = asyncio.create_task(_watch_connections(roles, metrics), name="connection-gauge")
     try:
         async with asyncio.TaskGroup() as group:
             for role in roles:
                 group.create_task(_run_role(role, stop), name=role.name)
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _watch_connections(roles: list[Role], metrics: Metrics) -> None:
+    """Keep ``broker_connected{role}`` current; cancelled when the roles stop."""
+    while True:
+        for role in roles:
+            metrics.broker_connected.labels(role.name).set(1 if role.connected() else 0)
+        await asyncio.sleep(1.0)
 
 
 async def _run_role(role: Role, stop: asyncio.Event) -> None:

@@ -159,6 +159,8 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path):
     assert total(scraped, f"{p}queue_messages_ready", queue=topology.main_queue(good)) == 0
     assert (f"{p}cursor_lag_seconds", frozenset()) in scraped
     assert total(scraped, f"{p}subscription_enabled", subscription=good) == 1
+    assert total(scraped, f"{p}broker_connected", role="producer") == 1
+    assert total(scraped, f"{p}broker_connected", role="webhook") == 1
     tool = promtool()
     if tool is None:
         pytest.skip("promtool not installed; .ci/check-packaging fetches it")
