@@ -126,7 +126,9 @@ def parse_event(item: Any, raw: str) -> Event:
 
 def ce_time(date: str, tz: ZoneInfo) -> str:
     """RFC 3339 time with offset, from Patchwork's naive server-local ``date``."""
-    return datetime.fromisoformat(date).replace(tzinfo=tz).isoformat()
+    when = datetime.fromisoformat(date)
+    # Patchwork writes naive dates; should one carry a zone, it is converted, not replaced.
+    return (when.replace(tzinfo=tz) if when.tzinfo is None else when.astimezone(tz)).isoformat()
 
 
 def ce_headers(event: Event, source: str, tz: ZoneInfo) -> dict[str, str]:

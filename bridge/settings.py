@@ -24,7 +24,9 @@ class SettingsError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, allow_inf_nan=False
+    )
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
     exchange: str = Field("patchwork", min_length=1)

@@ -32,7 +32,7 @@ _MAX_PATTERN_BYTES = 255  # an AMQP binding key is a short string
 
 
 class Subscription(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[a-z0-9-]+$")
     sink: str = "webhook"
@@ -51,7 +51,8 @@ class Subscription(BaseModel):
     bearer_token_file: Path | None = None
     timeout: float = Field(15.0, gt=0)
     """Seconds for the whole attempt."""
-    concurrency: int = Field(16, ge=1)
+    concurrency: int = Field(16, ge=1, le=65535)
+    """Also the channel's prefetch, which AMQP caps at 65535."""
     retry_schedule: list[float] = DEFAULT_RETRY_SCHEDULE_S
     """Delays in seconds between attempts; attempts = 1 + len(retry_schedule)."""
     allow_private_network: bool = False
@@ -148,6 +149,9 @@ def _match_words(pattern: Iterable[str], words: list[str]) -> bool:
 _FILE_KEYS = {"secret_file": "secret", "bearer_token_file": "bearer_token"}
 
 
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits on
+
+
 class _Problems:
     """One line per problem: ``<file>: webhook <name>: <key>: <what is wrong>``."""
 
@@ -156,6 +160,8 @@ class _Problems:
         self.lines: list[str] = []
 
     def add(self, label: str, key: str, message: str) -> None:
+        # A quoted TOML key may hold a line break: escape it so one problem stays one line.
+        key = "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in key)
         self.lines.append(f"{self.path}: webhook {label}: {key}: {message}")
 
 

@@ -22,7 +22,7 @@ class Window:
         self._high_water = cursor.high_water
         self._high_water_dt = _parse(cursor.high_water)
         self._seen: dict[int, tuple[datetime, str]] = {
-            event_id: (datetime.fromisoformat(date), date) for event_id, date in cursor.seen.items()
+            event_id: (_parse(date), date) for event_id, date in cursor.seen.items()
         }
 
     @property

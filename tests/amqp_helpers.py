@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 import pika
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge import topology
 from bridge.consumer import WebhookConsumer
@@ -30,7 +30,7 @@ from bridge.sinks.base import Delivered, Delivery, Outcome
 from bridge.subscriptions import Subscription
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-EVENTS_DIR = Path("/work/shared/patchwork-api/events")
+EVENTS_DIR = Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
 SOURCE = "http://127.0.0.1:8000/api/1.4"
 
 
@@ -248,14 +248,53 @@ async def cut_connection(connection_name: str) -> int:
     """Close the broker side of the named connection, like a network fault; returns how many."""
 
     def cut() -> int:
-        pids = _connection_pids(connection_name)
-        for pid in pids:
-            subprocess.run(
+        closed = 0
+        for pid in _connection_pids(connection_name):
+            result = subprocess.run(
                 ["rabbitmqctl", "close_connection", pid, "test: connection cut"],
                 capture_output=True,
-                check=True,
                 timeout=60,
             )
-        return len(pids)
+            # A connection that closed on its own meanwhile is not an error.
+            closed += result.returncode == 0
+        return closed
 
     return await asyncio.to_thread(cut)
+
+
+async def drain(
+    queue: str,
+    expected: int,
+    *,
+    timeout: float = 20.0,
+    until: Callable[[list[AbstractIncomingMessage]], bool] | None = None,
+) -> list[AbstractIncomingMessage]:
+    """Consume and ack until ``expected`` messages (or ``until``) arrived; fail after ``timeout``.
+
+    ``expected=0`` collects whatever arrives during ``timeout`` seconds, to show nothing does.
+    """
+    done = until or (lambda got: len(got) >= expected)
+    connection = await aio_pika.connect(AMQP_URL, timeout=10)
+    got: list[AbstractIncomingMessage] = []
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=500)
+        q = await channel.get_queue(queue, ensure=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with q.iterator() as messages:
+            while expected == 0 or not done(got):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if expected == 0:
+                        return got
+                    raise AssertionError(f"{len(got)} of {expected} messages arrived in {timeout}s")
+                try:
+                    message = await asyncio.wait_for(anext(messages), remaining)
+                except TimeoutError:
+                    continue
+                await message.ack()
+                got.append(message)
+    finally:
+        await connection.close()
+    return got

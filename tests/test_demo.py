@@ -10,7 +10,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.amqp_tools import AMQP_URL
+from tests.amqp_helpers import AMQP_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 

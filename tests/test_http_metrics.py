@@ -23,8 +23,8 @@ from bridge.http import start_server
 from bridge.metrics import Metrics
 from bridge.producer import Producer
 from bridge.settings import Settings
-from tests.amqp_tools import AMQP_URL
-from tests.test_run_process import delete_topology, wait_until
+from tests.amqp_helpers import AMQP_URL, wait_for
+from tests.test_run_process import delete_topology
 
 
 def free_port() -> int:
@@ -124,7 +124,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path):
                     == dpdk
                 )
 
-            await wait_until(settled, 60)
+            await wait_for(settled, 60)
             async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
                 assert response.status == 200
             async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
@@ -234,10 +234,10 @@ async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, 
             return r.status
 
     try:
-        await wait_until(lambda: producer.readiness()[0], 20)
+        await wait_for(lambda: producer.readiness()[0], 20)
         assert await ready() == 200
         await proxy.cut()
-        await wait_until(lambda: not producer.readiness()[0], 20)
+        await wait_for(lambda: not producer.readiness()[0], 20)
         assert await ready() == 503
         async with (
             aiohttp.ClientSession() as http,
@@ -245,7 +245,7 @@ async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, 
         ):
             assert r.status == 200  # alive, just not ready
         await proxy.open()
-        await wait_until(lambda: producer.readiness()[0], 30)
+        await wait_for(lambda: producer.readiness()[0], 30)
         assert await ready() == 200
     finally:
         stop.set()

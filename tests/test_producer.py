@@ -19,7 +19,7 @@ from bridge.fake_patchwork import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer import Producer
 from bridge.settings import Settings
-from tests.amqp_tools import close_connections_named, drain
+from tests.amqp_helpers import cut_connection, drain, wait_for
 
 TZ = "Australia/Canberra"
 
@@ -141,7 +141,7 @@ async def test_bad_answer_from_patchwork_is_retried_and_nothing_is_lost(
     settings = make_settings(patchwork, exchange_name, tmp_path, patchwork_timeout=0.5)
     async with running(settings, metrics) as producer:
         messages = await drain(bound_queue, expected=300, timeout=30)
-        await wait_until(lambda: producer.readiness()[0])
+        await wait_for(lambda: producer.readiness()[0])
     assert len({m.message_id for m in messages}) == 300 == len(messages)
     errors = {
         s.labels["reason"]: s.value
@@ -185,7 +185,7 @@ async def test_start_now_publishes_only_what_happens_after_start(
     patchwork.add_events(40)
     settings = make_settings(patchwork, exchange_name, tmp_path, start="now")
     async with running(settings) as producer:
-        await wait_until(lambda: producer.readiness()[0])
+        await wait_for(lambda: producer.readiness()[0])
         new = patchwork.add_events(5)
         messages = await drain(bound_queue, expected=5)
     assert [m.message_id for m in messages] == [str(e["id"]) for e in new]
@@ -244,7 +244,7 @@ async def test_broker_connection_cut_mid_stream_loses_nothing(
 
     async with running(make_settings(patchwork, exchange_name, tmp_path), metrics):
         await drain(bound_queue, expected=10**6, until=arrived(700))
-        assert await close_connections_named(connection_name("producer")) == 1
+        assert await cut_connection(connection_name("producer")) == 1
         await feeding
         await drain(bound_queue, expected=10**6, until=arrived(2000), timeout=60)
     assert seen == added
@@ -263,12 +263,4 @@ async def feed(patchwork: FakePatchwork, added: set[str], batches: int, size: in
 
 
 async def wait_for_requests(patchwork: FakePatchwork, count: int, timeout: float = 10) -> None:
-    await wait_until(lambda: patchwork.events_requests >= count, timeout)
-
-
-async def wait_until(condition, timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: patchwork.events_requests >= count, timeout)

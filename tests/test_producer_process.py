@@ -17,6 +17,7 @@ from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 
 from bridge.fake_patchwork import FakePatchwork
+from tests.amqp_helpers import wait_for
 
 TZ = "Australia/Canberra"
 
@@ -122,7 +123,7 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
         await feeder
         patchwork.make_visible(*hidden)
         hidden.clear()
-        await wait_until(lambda: len(reader.messages) >= len(added), 30)
+        await wait_for(lambda: len(reader.messages) >= len(added), 30)
         await asyncio.sleep(1.0)  # a few more polls: nothing may come twice
         second.send_signal(signal.SIGTERM)
         second_log = (await asyncio.wait_for(second.communicate(), 30))[1].decode()
@@ -159,11 +160,3 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
         assert when.utcoffset() == ZoneInfo(TZ).utcoffset(when.replace(tzinfo=None))
         assert props.headers["x-patchwork-project"] == event["project"]["link_name"]
         assert props.headers["x-patchwork-category"] == event["category"]
-
-
-async def wait_until(condition, timeout: float) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)

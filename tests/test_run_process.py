@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import os
 import secrets
@@ -22,7 +21,7 @@ from standardwebhooks import Webhook
 from bridge import topology
 from bridge.fake_patchwork import FakePatchwork
 from bridge.subscriptions import load_subscriptions
-from tests.amqp_tools import AMQP_URL
+from tests.amqp_helpers import AMQP_URL, wait_for
 
 TZ = "Europe/Berlin"
 PROJECTS = ("netdevbpf", "dpdk", "linux-kselftest")
@@ -166,8 +165,8 @@ url = "{urls["loopback"]}"
                 names["loopback"]
             ) == len(events)
 
-        await wait_until(flaky_has_all, 60)
-        await wait_until(dead_letters_complete, 60)
+        await wait_for(flaky_has_all, 60)
+        await wait_for(dead_letters_complete, 60)
     finally:
         process.send_signal(signal.SIGTERM)
         log = (await asyncio.wait_for(process.communicate(), 40))[1].decode()
@@ -230,20 +229,6 @@ async def dead_count(subscription: str) -> int:
         return 0
     finally:
         await connection.close()
-
-
-async def wait_until(condition, timeout: float) -> None:
-    """Poll ``condition`` (a function returning a bool or an awaitable of one)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s")
-        await asyncio.sleep(0.2)
 
 
 async def read_queue(name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -1,0 +1,180 @@
+"""Tools of the fault tests: bridge processes to kill, receivers that misbehave, queue watching.
+
+Processes log to a file, never to a pipe: a killed process's pipe is never read, and
+a chatty one would block on a full pipe. Receivers record every request and count a
+success only when they answer 2xx, so a test can tell a real duplicate from a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+from aiohttp import web
+
+from bridge import topology
+from tests.amqp_helpers import AMQP_URL
+
+# How a receiver answers one request: a status, after an optional stall in seconds.
+Answer = Callable[[str], tuple[int, float]]
+
+
+@dataclass
+class Receiver:
+    """A real aiohttp webhook receiver on loopback; ``answer(webhook_id)`` decides each reply."""
+
+    answer: Answer = field(default=lambda _webhook_id: (204, 0.0))
+    requests: list[tuple[str, int]] = field(default_factory=list)
+    """(webhook-id, status answered) in arrival order; a stalled request is listed on arrival."""
+    successes: Counter[str] = field(default_factory=Counter)
+    """webhook-id -> number of 2xx answers sent."""
+    stalled: int = 0
+    latency_s: float = 0.0
+    """How long every answer takes, so deliveries are in flight when a fault strikes."""
+    url: str = ""
+    _runner: web.AppRunner | None = None
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        # A stalled handler must not hold cleanup() up for aiohttp's default 60 s.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self.url
+
+    async def stop(self) -> None:
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def delivered(self) -> set[str]:
+        return set(self.successes)
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        await request.read()
+        webhook_id = request.headers.get("webhook-id", "")
+        status, stall_s = self.answer(webhook_id)
+        self.requests.append((webhook_id, status))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if stall_s > 0:
+            # Longer than the subscription's timeout: the bridge has given up by now, so
+            # whatever we answer it never sees. Answer an error, never count a success.
+            self.stalled += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), stall_s)
+            return web.Response(status=500, text="too late\n")
+        if 200 <= status < 300:
+            self.successes[webhook_id] += 1
+        return web.Response(status=status)
+
+
+def write_subscription(path: Path, name: str, url: str, **fields: object) -> Path:
+    """A subscriptions file with one webhook to a loopback receiver."""
+    lines = ["[[webhook]]", f'name = "{name}"', f'url = "{url}"', "allow_private_network = true"]
+    for key, value in fields.items():
+        lines.append(f"{key} = {_toml(value)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)
+
+
+def bridge_env(**settings: str) -> dict[str, str]:
+    """The environment of a bridge process: ours without BRIDGE_*, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BRIDGE_")}
+    env.update({f"BRIDGE_{k.upper()}": v for k, v in settings.items()})
+    env.setdefault("BRIDGE_HTTP_PORT", "0")
+    return env
+
+
+async def start_bridge(command: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    """``python -m bridge <command>``, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", command, env=env, stdout=out, stderr=out
+        )
+
+
+async def stop_bridge(process: asyncio.subprocess.Process, timeout: float = 30) -> int:
+    """SIGTERM, as an init system stops it; returns the exit code."""
+    if process.returncode is None:
+        process.terminate()
+    return await asyncio.wait_for(process.wait(), timeout)
+
+
+async def kill_bridge(process: asyncio.subprocess.Process) -> None:
+    """kill -9: no shutdown code runs, nothing is flushed or saved."""
+    process.kill()
+    await asyncio.wait_for(process.wait(), 10)
+
+
+class QueueWatch:
+    """Ready-message and consumer counts of queues, through one connection of its own."""
+
+    def __init__(self) -> None:
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._control: topology.QueueControl | None = None
+
+    async def __aenter__(self) -> QueueWatch:
+        self._connection = await aio_pika.connect(AMQP_URL, timeout=10)
+        self._control = topology.QueueControl(self._connection)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._control is not None:
+            await self._control.close()
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def depth(self, queue: str) -> int:
+        """Ready messages; 0 for a queue that does not exist (yet)."""
+        assert self._control is not None
+        result = await self._control.inspect(queue)
+        return 0 if result is None else result.message_count
+
+    async def consumers(self, queue: str) -> int:
+        assert self._control is not None
+        result = await self._control.inspect(queue)
+        return 0 if result is None else result.consumer_count
+
+    async def settled_depth(self, queue: str, quiet_s: float = 0.3, timeout: float = 10) -> int:
+        """The depth once it stopped changing for ``quiet_s``: what a dead publisher left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = await self.depth(queue)
+        while loop.time() < deadline:
+            await asyncio.sleep(quiet_s)
+            now = await self.depth(queue)
+            if now == last:
+                return now
+            last = now
+        raise AssertionError(f"{queue} kept changing for {timeout}s")
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    """The end of a process log, for an assertion message."""
+    if not log.exists():
+        return "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
