@@ -53,7 +53,7 @@ def total(found: dict, name: str, **labels: str) -> float:
 
 
 @pytest.mark.timeout(120)
-async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path):
+async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, amqp):
     async def ok(request):
         await request.read()
         return web.Response(status=204)
@@ -132,7 +132,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 30)
-        await delete_topology(subscriptions, exchange)
+        await delete_topology(amqp, subscriptions, exchange)
         await patchwork.stop()
         await runner.cleanup()
 

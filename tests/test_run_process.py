@@ -11,7 +11,6 @@ import signal
 import sys
 from pathlib import Path
 
-import aio_pika
 import pytest
 from aiohttp import web
 from cloudevents.core.bindings.http import HTTPMessage, from_binary
@@ -21,7 +20,7 @@ from standardwebhooks import Webhook
 from bridge import topology
 from bridge.fake_patchwork import FakePatchwork
 from bridge.subscriptions import load_subscriptions
-from tests.amqp_helpers import AMQP_URL, wait_for
+from tests.amqp_helpers import delete_subscription_queues, get_all, queue_depth, wait_for
 
 TZ = "Europe/Berlin"
 PROJECTS = ("netdevbpf", "dpdk", "linux-kselftest")
@@ -59,7 +58,7 @@ class Receiver:
 
 @pytest.mark.timeout(150)
 async def test_run_delivers_to_the_healthy_isolates_the_broken_and_leaks_no_secret(
-    unique, tmp_path
+    unique, tmp_path, amqp
 ):
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     token = "tok-" + secrets.token_hex(16)
@@ -161,18 +160,18 @@ url = "{urls["loopback"]}"
             return got >= flaky_wanted and len(requests) >= len(flaky_wanted) + len(throttled)
 
         async def dead_letters_complete() -> bool:
-            return await dead_count(names["always-500"]) == len(dpdk_wanted) and await dead_count(
-                names["loopback"]
-            ) == len(events)
+            dead_500 = await queue_depth(amqp, topology.dead_queue(names["always-500"]))
+            dead_loopback = await queue_depth(amqp, topology.dead_queue(names["loopback"]))
+            return dead_500 == len(dpdk_wanted) and dead_loopback == len(events)
 
         await wait_for(flaky_has_all, 60)
         await wait_for(dead_letters_complete, 60)
+        dead_500 = await get_all(amqp, topology.dead_queue(names["always-500"]))
+        dead_loopback = await get_all(amqp, topology.dead_queue(names["loopback"]))
     finally:
         process.send_signal(signal.SIGTERM)
         log = (await asyncio.wait_for(process.communicate(), 40))[1].decode()
-        dead_500 = await read_queue(topology.dead_queue(names["always-500"]))
-        dead_loopback = await read_queue(topology.dead_queue(names["loopback"]))
-        await delete_topology(subscriptions, exchange)
+        await delete_topology(amqp, subscriptions, exchange)
         for r in receivers.values():
             await r.stop()
         await patchwork.stop()
@@ -218,39 +217,9 @@ url = "{urls["loopback"]}"
         assert leaked not in log
 
 
-async def dead_count(subscription: str) -> int:
-    """Ready messages in the subscription's dead-letter queue (0 before it exists)."""
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(topology.dead_queue(subscription), passive=True)
-        return queue.declaration_result.message_count or 0
-    except aio_pika.exceptions.ChannelClosed:
-        return 0
-    finally:
-        await connection.close()
-
-
-async def read_queue(name: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    connection = await aio_pika.connect(AMQP_URL)
-    messages = []
-    try:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            messages.append(message)
-    finally:
-        await connection.close()
-    return messages
-
-
-async def delete_topology(subscriptions: Path, exchange: str) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        channel = await connection.channel()
-        for sub in load_subscriptions(subscriptions):
-            for name in [*topology.queue_names(sub), topology.marker_queue(sub.name)]:
-                await channel.queue_delete(name)
-        await channel.exchange_delete(exchange)
-    finally:
-        await connection.close()
+async def delete_topology(connection, subscriptions: Path, exchange: str) -> None:
+    """Every queue the bridge declared for the file's subscriptions, and the exchange."""
+    await delete_subscription_queues(connection, load_subscriptions(subscriptions))
+    channel = await connection.channel()
+    await channel.exchange_delete(exchange)
+    await channel.close()
