@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from prometheus_client import Counter, Gauge, Histogram
 
 from bridge import topology
 from bridge.amqp import connect_with_retry, declare_exchange, is_connected
@@ -59,6 +60,15 @@ class _Lane:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held while consuming starts or stops, so a 410 and the marker watcher cannot interleave."""
     logged_errors: set[str] = field(default_factory=set)
+    # The metric children of the hot path, looked up once instead of per delivery.
+    in_flight: Gauge = field(init=False)
+    duration: Histogram = field(init=False)
+    delivered: Counter = field(init=False)
+
+    def bind_metrics(self, metrics: Metrics) -> None:
+        self.in_flight = metrics.in_flight.labels(self.name)
+        self.duration = metrics.delivery_duration.labels(self.name)
+        self.delivered = metrics.deliveries.labels(self.name, "delivered")
 
     @property
     def name(self) -> str:
@@ -84,6 +94,8 @@ class WebhookConsumer:
         self.settings = settings
         self.metrics = metrics
         self._lanes = [_Lane(s, sink, delay_ladder(s.retry_schedule)) for s, sink in subscriptions]
+        for lane in self._lanes:
+            lane.bind_metrics(metrics)
         self._role = connection_role
         self._marker_check_interval_s = marker_check_interval_s
         self._drain_timeout_s = drain_timeout_s
@@ -148,12 +160,7 @@ class WebhookConsumer:
             control = await self._connection.channel()
             await declare_exchange(control, self.settings.exchange)
         for lane in self._lanes:
-            async with asyncio.timeout(BROKER_TIMEOUT_S):
-                channel = await self._connection.channel()
-                await channel.set_qos(prefetch_count=lane.subscription.concurrency)
-            lane.queue = await topology.declare_subscription(
-                channel, self.settings.exchange, lane.subscription, self.settings.queue_type
-            )
+            await self._open_lane(lane)
             if await self._control.is_disabled(lane.name):
                 self.metrics.subscription_enabled.labels(lane.name).set(0)
                 log.warning(
@@ -206,6 +213,16 @@ class WebhookConsumer:
             with contextlib.suppress(*BROKER_ERRORS):
                 async with asyncio.timeout(BROKER_TIMEOUT_S):
                     await self._connection.close()
+
+    async def _open_lane(self, lane: _Lane) -> None:
+        """A channel of the lane's own (prefetch = concurrency) and its declared main queue."""
+        assert self._connection is not None
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=lane.subscription.concurrency)
+        lane.queue = await topology.declare_subscription(
+            channel, self.settings.exchange, lane.subscription, self.settings.queue_type
+        )
 
     # -- enabled / disabled ----------------------------------------------------------
 
@@ -289,7 +306,10 @@ class WebhookConsumer:
     # -- one message -------------------------------------------------------------------
 
     async def _on_message(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
-        """Return at once: the delivery runs as a task we own, bounded by the channel's prefetch."""
+        """Return at once: the delivery runs as a task we own, bounded by the channel's prefetch.
+
+        Not in aiormq's own per-delivery task: aiormq cancels those when the connection
+        drops, and a delivery cut off mid-request would then never be settled."""
         if self._closing:
             return  # arrived after our cancel: left unacked, the broker requeues it on close
         task = asyncio.create_task(self._handle(lane, message))
@@ -297,7 +317,7 @@ class WebhookConsumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
-        in_flight = self.metrics.in_flight.labels(lane.name)
+        in_flight = lane.in_flight
         in_flight.inc()
         try:
             outcome: Outcome | Invalid
@@ -308,7 +328,7 @@ class WebhookConsumer:
             else:
                 started = time.monotonic()
                 outcome = await self._deliver(lane, delivery)
-                self.metrics.delivery_duration.labels(lane.name).observe(time.monotonic() - started)
+                lane.duration.observe(time.monotonic() - started)
             await self._settle(lane, message, topology.attempt_of(message), outcome)
         except BROKER_ERRORS as exc:
             topology.raise_if_cancelled()
@@ -364,7 +384,8 @@ class WebhookConsumer:
         match outcome:
             case Delivered():
                 await message.ack()
-                label = "delivered"
+                lane.delivered.inc()
+                return
             case RetryLater() if (delay_s := self._retry_delay(lane, attempt, outcome)) is not None:
                 headers = topology.retry_headers(message, outcome, attempt + 1)
                 await self._move(lane, message, topology.retry_queue(name, delay_s), headers)

@@ -50,6 +50,8 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     NotConfirmed,
     OSError,
     TimeoutError,
+    # aiormq's "<Connection ...> closed" when a channel is opened while reconnecting.
+    RuntimeError,
 )
 
 # Headers the bridge adds to copies it moves between its queues.

@@ -7,6 +7,7 @@ is created on first use inside the running loop and closed by ``close()``.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 
@@ -131,18 +132,18 @@ class WebhookSink:
             headers["Authorization"] = self._auth
         for name, value in headers.items():
             # A poison message must not smuggle a header line into the request.
-            if not isinstance(value, str) or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            if not isinstance(value, str) or _CONTROL_CHAR.search(value):
                 return GiveUp("invalid", f"header {name} of message {delivery.message_id!r}")
         return headers
 
     def _outcome(self, response: aiohttp.ClientResponse, snippet: str) -> Outcome:
         status = response.status
+        if 200 <= status < 300:
+            return Delivered(status)  # the common case: no detail line to build
         said = f"POST {self._shown_url}: HTTP {status}"
         if snippet:
             said += f": {snippet}"
         said = self._scrub(said)
-        if 200 <= status < 300:
-            return Delivered(status)
         if status == 410:
             return Disable("http_410", said, status)
         if status in (429, 503):
@@ -169,6 +170,9 @@ class WebhookSink:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> str:
