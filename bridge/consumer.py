@@ -65,6 +65,10 @@ class _Lane:
     duration: Histogram = field(init=False)
     delivered: Counter = field(init=False)
 
+    @property
+    def sink_times_out(self) -> bool:
+        return bool(getattr(self.sink, "enforces_timeout", False))
+
     def bind_metrics(self, metrics: Metrics) -> None:
         self.in_flight = metrics.in_flight.labels(self.name)
         self.duration = metrics.delivery_duration.labels(self.name)
@@ -350,7 +354,8 @@ class WebhookConsumer:
     async def _deliver(self, lane: _Lane, delivery: Delivery) -> Outcome:
         """The sink's outcome; a sink that raises, hangs or answers nonsense is retried."""
         limit_s = lane.subscription.timeout + SINK_GRACE_S
-        deadline = asyncio.timeout(limit_s)
+        # A sink that enforces the subscription's timeout itself needs no second deadline.
+        deadline = asyncio.timeout(None if lane.sink_times_out else limit_s)
         try:
             async with deadline:
                 outcome = await lane.sink.deliver(delivery)

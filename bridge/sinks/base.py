@@ -66,7 +66,11 @@ Outcome = Delivered | RetryLater | GiveUp | Disable
 
 @runtime_checkable
 class Sink(Protocol):
-    """Built per subscription at start-up; owns its resources (sessions, processes) till close()."""
+    """Built per subscription at start-up; owns its resources (sessions, processes) till close().
+
+    A sink may set ``enforces_timeout = True`` when every ``deliver`` returns within the
+    subscription's timeout on its own; otherwise the consumer cancels it a little later.
+    """
 
     async def deliver(self, delivery: Delivery) -> Outcome: ...
 

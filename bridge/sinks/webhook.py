@@ -32,6 +32,9 @@ CE_HEADERS = ("ce-specversion", "ce-id", "ce-source", "ce-type", "ce-subject", "
 class WebhookSink:
     """POSTs events to ``subscription.url``; see DESIGN.md, Webhooks, for the headers."""
 
+    enforces_timeout = True
+    """aiohttp's total timeout bounds every attempt, reading the answer included."""
+
     def __init__(self, subscription: Subscription) -> None:
         if subscription.url is None:
             raise ValueError("a webhook needs a url")
