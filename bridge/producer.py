@@ -140,7 +140,9 @@ class Producer:
     ) -> int:
         """Fetch the window page by page; publish page N while fetching page N+1."""
         assert self._window is not None
-        taken: set[int] = set()
+        # Ids taken from the previous page: Patchwork's pages shift while we read them, so
+        # an event can end one page and start the next. Older pages are in the window.
+        previous: set[int] = set()
         published = 0
         confirming: asyncio.Task[int] | None = None
         pages = client.pages(self._window.since())
@@ -152,7 +154,8 @@ class Producer:
                     confirming = None
                 if page is None:
                     break
-                events, fresh = self._sort_page(page, taken)
+                events, fresh = self._sort_page(page, previous)
+                previous = {event.id for event in events}
                 confirming = asyncio.create_task(self._publish_page(publisher, events, fresh))
                 if stop.is_set():
                     break
@@ -166,7 +169,7 @@ class Producer:
         self._update_lag()
         return published
 
-    def _sort_page(self, page: Page, taken: set[int]) -> tuple[list[Event], list[Event]]:
+    def _sort_page(self, page: Page, previous: set[int]) -> tuple[list[Event], list[Event]]:
         """(every usable event of the page, the ones to publish now)."""
         assert self._window is not None
         events: list[Event] = []
@@ -179,9 +182,8 @@ class Producer:
                 self._warn_once(exc.reason, str(exc))
                 continue
             events.append(event)
-            if event.id in taken or not self._window.is_new(event):
-                continue  # seen in an earlier poll, or twice in this one as pages shifted
-            taken.add(event.id)
+            if event.id in previous or not self._window.is_new(event):
+                continue  # seen in an earlier poll, or on the previous page as pages shifted
             if self._projects and event.project not in self._projects:
                 continue
             if self._check_event is not None:
