@@ -17,9 +17,9 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from bridge import topology
-from bridge.settings import Settings, SettingsError, load_settings
+from bridge.settings import Settings
 from bridge.subscriptions import Subscription
-from bridge.subscriptions_cli import PROG, CliError, configured, connected, pick
+from bridge.subscriptions_cli import CliError, connected, pick, run_operator_command
 
 
 def describe(message: AbstractIncomingMessage) -> str:
@@ -139,17 +139,8 @@ async def run_dlq(
 
 
 async def cli(args: argparse.Namespace) -> int:
-    """Exit 0 on success, 2 for bad settings or an unknown subscription, 1 for broker trouble."""
-    try:
-        settings = load_settings()
-        subscriptions = configured(settings)
-        await run_dlq(
+    return await run_operator_command(
+        lambda settings, subscriptions: run_dlq(
             settings, subscriptions, args.dlq_command, args.name, getattr(args, "limit", None)
         )
-    except SettingsError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except CliError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import aio_pika
@@ -90,13 +90,20 @@ async def run_subscriptions(
 
 
 async def cli(args: argparse.Namespace) -> int:
+    return await run_operator_command(
+        lambda settings, subscriptions: run_subscriptions(
+            settings, subscriptions, args.subscriptions_command, getattr(args, "name", None)
+        )
+    )
+
+
+async def run_operator_command(
+    command: Callable[[Settings, list[Subscription]], Awaitable[None]],
+) -> int:
     """Exit 0 on success, 2 for bad settings or an unknown subscription, 1 for broker trouble."""
     try:
         settings = load_settings()
-        subscriptions = configured(settings)
-        await run_subscriptions(
-            settings, subscriptions, args.subscriptions_command, getattr(args, "name", None)
-        )
+        await command(settings, configured(settings))
     except SettingsError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
+from bridge.fake_patchwork import FakePatchwork
+
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RECORDED_EVENTS = (
     __import__("pathlib").Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
@@ -49,4 +51,24 @@ async def bound_queue(
     await queue.bind(exchange, "#")
     yield queue.name
     await channel.queue_delete(queue.name)
+    await channel.close()
+
+
+@pytest.fixture
+async def patchwork() -> AsyncIterator[FakePatchwork]:
+    """A started Patchwork double in Patchwork's default zone, stopped after the test."""
+    fake = FakePatchwork(tz="Australia/Canberra")
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def ci_queue(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[str]:
+    """A fresh queue name for a CI system's own queue; it and its .dead are deleted after."""
+    name = f"test-ci-{unique}"
+    yield name
+    channel = await amqp.channel()
+    for queue in (name, f"{name}.dead"):
+        await channel.queue_delete(queue)
     await channel.close()

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import subprocess
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -14,17 +13,6 @@ import pytest
 from bridge.bind import BindError, bind, cli
 from bridge.settings import load_settings
 from tests.conftest import AMQP_URL
-
-
-@pytest.fixture
-async def queue_name(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[str]:
-    """A fresh queue name; the queue and its dead-letter queue are deleted after the test."""
-    name = f"test-ci-{unique}"
-    yield name
-    channel = await amqp.channel()
-    for queue in (name, f"{name}.dead"):
-        await channel.queue_delete(queue)
-    await channel.close()
 
 
 def queue_facts(*names: str) -> dict[str, dict]:
@@ -53,17 +41,17 @@ async def get_one(channel: aio_pika.abc.AbstractChannel, queue: str) -> aio_pika
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 async def test_bound_queue_receives_its_patterns_and_dead_letters_rejects(
-    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, queue_name: str, queue_type: str
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, ci_queue: str, queue_type: str
 ):
     settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name, queue_type=queue_type)
     patterns = ["netdevbpf.*", "*.series-completed"]
-    first = await bind(settings, queue_name, patterns)
-    again = await bind(settings, queue_name, patterns)  # idempotent
+    first = await bind(settings, ci_queue, patterns)
+    again = await bind(settings, ci_queue, patterns)  # idempotent
     assert first == again
-    assert first.dead_letter_queue == f"{queue_name}.dead"
+    assert first.dead_letter_queue == f"{ci_queue}.dead"
 
-    facts = await asyncio.to_thread(queue_facts, queue_name, f"{queue_name}.dead")
-    for name in (queue_name, f"{queue_name}.dead"):
+    facts = await asyncio.to_thread(queue_facts, ci_queue, f"{ci_queue}.dead")
+    for name in (ci_queue, f"{ci_queue}.dead"):
         assert facts[name]["type"] == queue_type
         assert facts[name]["durable"] is True
 
@@ -72,40 +60,40 @@ async def test_bound_queue_receives_its_patterns_and_dead_letters_rejects(
     for key in ("netdevbpf.patch-created", "dpdk.patch-created", "dpdk.series-completed"):
         await exchange.publish(aio_pika.Message(key.encode(), message_id=key), routing_key=key)
 
-    received = [await get_one(channel, queue_name) for _ in range(2)]
+    received = [await get_one(channel, ci_queue) for _ in range(2)]
     assert {m.message_id for m in received} == {"netdevbpf.patch-created", "dpdk.series-completed"}
     await received[0].ack()
     await received[1].reject(requeue=False)
-    dead = await get_one(channel, f"{queue_name}.dead")
+    dead = await get_one(channel, f"{ci_queue}.dead")
     assert dead.message_id == received[1].message_id
     await dead.ack()
-    assert await (await channel.get_queue(queue_name)).get(fail=False) is None
+    assert await (await channel.get_queue(ci_queue)).get(fail=False) is None
     await channel.close()
 
 
 async def test_bind_refuses_to_turn_a_classic_queue_into_a_quorum_queue(
-    exchange_name: str, queue_name: str
+    exchange_name: str, ci_queue: str
 ):
-    await bind(load_settings(amqp_url=AMQP_URL, exchange=exchange_name), queue_name, ["#"])
+    await bind(load_settings(amqp_url=AMQP_URL, exchange=exchange_name), ci_queue, ["#"])
     quorum = load_settings(amqp_url=AMQP_URL, exchange=exchange_name, queue_type="quorum")
     with pytest.raises(BindError, match="inequivalent arg 'x-queue-type'"):
-        await bind(quorum, queue_name, ["#"])
+        await bind(quorum, ci_queue, ["#"])
 
 
 async def test_cli_prints_one_line(
     exchange_name: str,
-    queue_name: str,
+    ci_queue: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ):
     monkeypatch.setenv("BRIDGE_AMQP_URL", AMQP_URL)
     monkeypatch.setenv("BRIDGE_EXCHANGE", exchange_name)
-    args = argparse.Namespace(queue=queue_name, patterns=["dpdk.*"])
+    args = argparse.Namespace(queue=ci_queue, patterns=["dpdk.*"])
     assert await cli(args) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == [
-        f"queue {queue_name} (classic) bound to exchange {exchange_name} with dpdk.*; "
-        f"rejected messages go to {queue_name}.dead"
+        f"queue {ci_queue} (classic) bound to exchange {exchange_name} with dpdk.*; "
+        f"rejected messages go to {ci_queue}.dead"
     ]
     assert err == ""
 

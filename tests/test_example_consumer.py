@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aio_pika
-import pytest
 
 from bridge.bind import bind
 from bridge.events import Event, parse_event
@@ -25,24 +23,6 @@ from tests.conftest import AMQP_URL
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ci_consumer.py"
 TZ = ZoneInfo("Australia/Canberra")
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakePatchwork]:
-    fake = FakePatchwork(tz="Australia/Canberra")
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def ci_queue(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[str]:
-    name = f"test-example-{unique}"
-    yield name
-    channel = await amqp.channel()
-    for queue in (name, f"{name}.dead"):
-        await channel.queue_delete(queue)
-    await channel.close()
 
 
 class Consumer:
@@ -115,14 +95,17 @@ async def leftover(channel: aio_pika.abc.AbstractChannel, queue: str) -> list[st
 
 
 async def test_example_tests_each_completed_series_once_and_acks_after_queueing(
-    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, ci_queue: str, fake: FakePatchwork
+    amqp: aio_pika.abc.AbstractConnection,
+    exchange_name: str,
+    ci_queue: str,
+    patchwork: FakePatchwork,
 ):
     # The operator ran `patchwork-bridge bind`; the example declares the same queue again.
     settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name)
     await bind(settings, ci_queue, ["*.series-completed"])
-    first, first_key = as_published(fake, "series-completed", "netdevbpf")
-    unrelated, unrelated_key = as_published(fake, "patch-created", "netdevbpf")
-    last, last_key = as_published(fake, "series-completed", "dpdk")
+    first, first_key = as_published(patchwork, "series-completed", "netdevbpf")
+    unrelated, unrelated_key = as_published(patchwork, "patch-created", "netdevbpf")
+    last, last_key = as_published(patchwork, "series-completed", "dpdk")
     channel = await amqp.channel()
     exchange = await channel.get_exchange(exchange_name)
     # `first` twice: the producer republished it (at-least-once delivery).
@@ -144,11 +127,14 @@ async def test_example_tests_each_completed_series_once_and_acks_after_queueing(
 
 
 async def test_example_never_acks_a_series_it_could_not_fetch(
-    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, ci_queue: str, fake: FakePatchwork
+    amqp: aio_pika.abc.AbstractConnection,
+    exchange_name: str,
+    ci_queue: str,
+    patchwork: FakePatchwork,
 ):
     await bind(load_settings(amqp_url=AMQP_URL, exchange=exchange_name), ci_queue, ["#"])
-    message, key = as_published(fake, "series-completed", "netdevbpf")
-    await fake.stop()  # Patchwork is down: the mbox cannot be fetched
+    message, key = as_published(patchwork, "series-completed", "netdevbpf")
+    await patchwork.stop()  # Patchwork is down: the mbox cannot be fetched
     channel = await amqp.channel()
     exchange = await channel.get_exchange(exchange_name)
     await exchange.publish(message, routing_key=key)

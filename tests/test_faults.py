@@ -52,14 +52,6 @@ IN_FLIGHT_MAX = 2 * PAGE
 
 
 @pytest.fixture
-async def patchwork() -> AsyncIterator[FakePatchwork]:
-    fake = FakePatchwork(tz=TZ)
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     hook = Receiver()
     await hook.start()

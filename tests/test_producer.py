@@ -24,14 +24,6 @@ from tests.amqp_helpers import cut_connection, drain, wait_for
 TZ = "Australia/Canberra"
 
 
-@pytest.fixture
-async def patchwork() -> AsyncIterator[FakePatchwork]:
-    fake = FakePatchwork(tz=TZ)
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
 def make_settings(patchwork: FakePatchwork, exchange: str, state_dir: Path, **kw) -> Settings:
     values = {
         "exchange": exchange,
