@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -81,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     # Operator commands log library warnings as one line; the roles set their own format.
-    setup_logging("text", "WARNING")
+    # Like logging.basicConfig: a caller that set up logging already (tests) keeps its own.
+    if not logging.getLogger().handlers:
+        setup_logging("text", "WARNING")
     module_name, func_name = HANDLERS[args.command].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     result = handler(args)
