@@ -310,15 +310,18 @@ class WebhookConsumer:
     # -- one message -------------------------------------------------------------------
 
     async def _on_message(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
-        """Return at once: the delivery runs as a task we own, bounded by the channel's prefetch.
-
-        Not in aiormq's own per-delivery task: aiormq cancels those when the connection
-        drops, and a delivery cut off mid-request would then never be settled."""
+        """Runs in the task aiormq starts for each delivery (bounded by the channel's
+        prefetch); tracked so shutdown can let it finish. If the connection drops,
+        aiormq cancels it and the broker redelivers the unacked message."""
         if self._closing:
             return  # arrived after our cancel: left unacked, the broker requeues it on close
-        task = asyncio.create_task(self._handle(lane, message))
+        task = asyncio.current_task()
+        assert task is not None
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            await self._handle(lane, message)
+        finally:
+            self._tasks.discard(task)
 
     async def _handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
         in_flight = lane.in_flight
