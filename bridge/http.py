@@ -38,9 +38,13 @@ async def start_server(
     metrics: Metrics, checks: list[ReadinessCheck], host: str, port: int
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (the caller cleans it up) and the bound port."""
-    runner = web.AppRunner(build_app(metrics, checks), access_log=None)
+    return await serve_app(build_app(metrics, checks), host, port)
+
+
+async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on host:port (0 picks a free port); returns the runner, which the
+    caller cleans up, and the port actually bound."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
-    return runner, bound
+    await web.TCPSite(runner, host, port).start()
+    return runner, runner.addresses[0][1]

@@ -22,9 +22,11 @@ from typing import Literal
 
 from aiohttp import web
 
+from bridge.events import CE_TYPE_PREFIX
+from bridge.http import serve_app
+
 log = logging.getLogger(__name__)
 
-CE_TYPE_PREFIX = "org.patchwork."
 # Bodies are single Patchwork events; anything much larger is not ours.
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -141,13 +143,7 @@ async def start_receiver(
     and the bound port. ``secret`` defaults to the ``WEBHOOK_SECRET`` environment variable."""
     if secret is None:
         secret = os.environ.get("WEBHOOK_SECRET") or None
-    runner = web.AppRunner(build_app(on_delivery, secret), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None else port  # type: ignore[union-attr]
-    return runner, bound
+    return await serve_app(build_app(on_delivery, secret), host, port)
 
 
 async def _serve(host: str, port: int) -> None:
