@@ -70,6 +70,7 @@ BRIDGE_HEADERS = (ATTEMPT, LAST_STATUS, LAST_REASON, LAST_ERROR, ATTEMPTS, DEAD_
 # starts clean so they do not pile up across retries.
 _BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 MAX_ERROR_CHARS = 300
+_EVENT_HEADER_PREFIXES = ("ce-", "x-patchwork-")
 
 
 def raise_if_cancelled() -> None:
@@ -244,7 +245,9 @@ def delivery_from(message: AbstractIncomingMessage) -> Delivery:
     if not routing_key:
         raise InvalidMessage("no routing key")
     event_headers = {
-        k: header_text(v) for k, v in headers.items() if k.startswith(("ce-", "x-patchwork-"))
+        k: v if type(v) is str else header_text(v)
+        for k, v in headers.items()
+        if k.startswith(_EVENT_HEADER_PREFIXES)
     }
     return Delivery(
         body=message.body,

@@ -60,6 +60,12 @@ async def make_sub(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncI
     await delete_subscription_queues(amqp, made)
 
 
+def in_flight(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(
+        "patchwork_bridge_webhook_in_flight", {"subscription": name}
+    )
+
+
 def count(metrics: Metrics, name: str, outcome: str) -> float:
     value = metrics.registry.get_sample_value(
         "patchwork_bridge_webhook_deliveries_total", {"subscription": name, "outcome": outcome}
@@ -338,12 +344,19 @@ async def test_hanging_receiver_holds_only_its_own_slots(
     slow, fast = make_sub("slow", concurrency=3), make_sub("fast", concurrency=4)
     hanging, quick = HangingSink(), FakeSink()
     ids = {str(i) for i in range(100, 140)}
-    consumer = make_consumer(exchange_name, [(slow, hanging), (fast, quick)], drain_timeout_s=0.5)
+    metrics = Metrics()
+    consumer = make_consumer(
+        exchange_name, [(slow, hanging), (fast, quick)], drain_timeout_s=0.5, metrics=metrics
+    )
     async with running(consumer):
         await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
         await wait_for(lambda: quick.delivered_ids() == ids, what="the fast receiver's 40 events")
         assert len(hanging.deliveries) == 3  # its concurrency, and no more
+        # What the dashboard shows: the hanging lane full, the fast one idle.
+        assert in_flight(metrics, slow.name) == 3
+        assert in_flight(metrics, fast.name) == 0
     assert len(quick.deliveries) == 40
+    assert in_flight(metrics, slow.name) == 0
     # Cancelled on shutdown, never acked: the hanging receiver's events are all still queued.
     assert await queue_depth(amqp, topology.main_queue(slow.name)) == 40
 

@@ -12,7 +12,6 @@ import time
 from datetime import UTC, datetime
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from bridge.events import USER_AGENT
@@ -62,6 +61,25 @@ class WebhookSink:
             )
             if s
         ]
+        # The headers that are the same on every POST, built and checked once.
+        self._fixed_headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            # We only quote the start of an answer: never ask for a compressed one.
+            "Accept-Encoding": "identity",
+        }
+        if self._auth is not None:
+            if _CONTROL_CHAR.search(self._auth):
+                raise ValueError(f"{subscription.name}: bearer_token has control characters")
+            self._fixed_headers["Authorization"] = self._auth
+        # The URL never changes, so neither does what the SSRF guard says of an IP literal.
+        self._refusal: GiveUp | None = None
+        if not subscription.allow_private_network:
+            try:
+                # aiohttp does not resolve IP literals, so the resolver never sees them.
+                check_literal_host(self._url.host or "")
+            except ForbiddenAddress as exc:
+                self._refusal = GiveUp("ssrf", self._scrub(f"POST {self._shown_url}: {exc}"))
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -86,20 +104,15 @@ class WebhookSink:
                 trust_env=False,
                 # We only quote the start of a body; never inflate a compressed one.
                 auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding",),
             )
         return self._session
 
     async def deliver(self, delivery: Delivery) -> Outcome:
+        if self._refusal is not None:
+            return self._refusal
         headers = self._headers(delivery)
         if isinstance(headers, GiveUp):
             return headers
-        if not self._subscription.allow_private_network:
-            try:
-                # aiohttp does not resolve IP literals, so the resolver never sees them.
-                check_literal_host(self._url.host or "")
-            except ForbiddenAddress as exc:
-                return GiveUp("ssrf", self._scrub(f"POST {self._shown_url}: {exc}"))
         session = self._get_session()
         try:
             async with session.post(
@@ -116,26 +129,25 @@ class WebhookSink:
             detail = f"POST {self._shown_url}: {type(exc).__name__}: {exc}"
             return RetryLater("connect", self._scrub(detail))
 
-    def _headers(self, delivery: Delivery) -> CIMultiDict[str] | GiveUp:
+    def _headers(self, delivery: Delivery) -> dict[str, str] | GiveUp:
         timestamp_s = int(time.time())
-        headers: CIMultiDict[str] = CIMultiDict()
-        headers["Content-Type"] = "application/json"
-        headers["User-Agent"] = USER_AGENT
+        headers = self._fixed_headers.copy()
         headers["webhook-id"] = delivery.message_id
         headers["webhook-timestamp"] = str(timestamp_s)
         if self._key is not None:
             headers["webhook-signature"] = sign_with_key(
                 self._key, delivery.message_id, timestamp_s, delivery.body
             )
+        event_headers = delivery.headers
         for name in CE_HEADERS:
-            value = delivery.headers.get(name)
+            value = event_headers.get(name)
             if value is not None:
                 headers[name] = value
-        if self._auth is not None:
-            headers["Authorization"] = self._auth
-        for name, value in headers.items():
-            # A poison message must not smuggle a header line into the request.
-            if not isinstance(value, str) or _CONTROL_CHAR.search(value):
+        # A poison message must not smuggle a header line into the request; only the
+        # message's own values can hold one, the fixed headers were checked at start.
+        for name in _FROM_THE_MESSAGE:
+            value = headers.get(name)
+            if value is not None and (type(value) is not str or _CONTROL_CHAR.search(value)):
                 return GiveUp("invalid", f"header {name} of message {delivery.message_id!r}")
         return headers
 
@@ -176,6 +188,7 @@ class WebhookSink:
 
 
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+_FROM_THE_MESSAGE = ("webhook-id", *CE_HEADERS)
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> str:
