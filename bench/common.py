@@ -37,7 +37,7 @@ from bridge.amqp import declare_exchange
 from bridge.events import Event, parse_event
 from bridge.fake_patchwork import CATEGORIES, FakePatchwork
 from bridge.metrics import Metrics
-from bridge.publisher import build_message
+from bridge.publisher import Publisher
 from bridge.runtime import build_roles
 from bridge.settings import Settings
 from bridge.subscriptions import Subscription, load_subscriptions
@@ -336,19 +336,16 @@ async def park(exchange: str, queue: str) -> None:
 
 
 async def preload(exchange: str, events: Sequence[Event]) -> None:
-    """Publish ``events`` with the producer's properties and headers, every one confirmed."""
-    tz = ZoneInfo(TZ)
+    """Publish ``events`` through the producer's own publisher, every one confirmed."""
     connection = await aio_pika.connect(AMQP_URL, timeout=CONTROL_TIMEOUT_S)
     try:
         channel = await connection.channel(publisher_confirms=True)
         target = await channel.get_exchange(exchange)
+        publisher = Publisher(target, SOURCE, ZoneInfo(TZ), Metrics(), PRELOAD_CHUNK)
         for start in range(0, len(events), PRELOAD_CHUNK):
-            await asyncio.gather(
-                *(
-                    target.publish(build_message(e, SOURCE, tz), e.routing_key, timeout=30.0)
-                    for e in events[start : start + PRELOAD_CHUNK]
-                )
-            )
+            result = await publisher.publish(events[start : start + PRELOAD_CHUNK])
+            if result.failed:
+                raise RuntimeError(f"pre-loading: {len(result.failed)} publishes not confirmed")
     finally:
         await connection.close()
 

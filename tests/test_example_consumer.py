@@ -1,6 +1,6 @@
 """examples/ci_consumer.py, run as a CI operator would run it, against the Patchwork double.
 
-Messages are built the way the producer builds them (`bridge.publisher.build_message`),
+Messages are published by the producer's own `bridge.publisher.Publisher`,
 from items the double serves, so the example reads exactly what the bus carries.
 """
 
@@ -17,7 +17,8 @@ import aio_pika
 from bridge.bind import bind
 from bridge.events import Event, parse_event
 from bridge.fake_patchwork import FakePatchwork
-from bridge.publisher import build_message
+from bridge.metrics import Metrics
+from bridge.publisher import Publisher
 from bridge.settings import load_settings
 from tests.conftest import AMQP_URL
 
@@ -77,11 +78,19 @@ class Consumer:
             await asyncio.sleep(0.05)
 
 
-def as_published(fake: FakePatchwork, category: str, project: str) -> tuple[aio_pika.Message, str]:
-    """The message and routing key the producer would publish for a new event of the double."""
+def new_event(fake: FakePatchwork, category: str, project: str) -> Event:
+    """A new event of the double, as the producer reads it."""
     item = fake.add_event(category, project)
-    event: Event = parse_event(item, fake.item_bytes(item["id"]).decode())
-    return build_message(event, f"{fake.url}/api/1.3", TZ), event.routing_key
+    return parse_event(item, fake.item_bytes(item["id"]).decode())
+
+
+async def publish(
+    channel: aio_pika.abc.AbstractChannel, exchange: str, fake: FakePatchwork, *events: Event
+) -> None:
+    """Through the producer's publisher, so the example reads exactly what the bus carries."""
+    target = await channel.get_exchange(exchange)
+    publisher = Publisher(target, f"{fake.url}/api/1.3", TZ, Metrics(), max_in_flight=10)
+    assert not (await publisher.publish(events)).failed
 
 
 async def leftover(channel: aio_pika.abc.AbstractChannel, queue: str) -> list[str]:
@@ -103,15 +112,13 @@ async def test_example_tests_each_completed_series_once_and_acks_after_queueing(
     # The operator ran `patchwork-bridge bind`; the example declares the same queue again.
     settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name)
     await bind(settings, ci_queue, ["*.series-completed"])
-    first, first_key = as_published(patchwork, "series-completed", "netdevbpf")
-    unrelated, unrelated_key = as_published(patchwork, "patch-created", "netdevbpf")
-    last, last_key = as_published(patchwork, "series-completed", "dpdk")
-    channel = await amqp.channel()
-    exchange = await channel.get_exchange(exchange_name)
+    first = new_event(patchwork, "series-completed", "netdevbpf")
+    unrelated = new_event(patchwork, "patch-created", "netdevbpf")
+    last = new_event(patchwork, "series-completed", "dpdk")
+    channel = await amqp.channel(publisher_confirms=True)
     # `first` twice: the producer republished it (at-least-once delivery).
-    for message, key in ((first, first_key), (first, first_key), (unrelated, unrelated_key)):
-        await exchange.publish(message, routing_key=key)
-    await exchange.publish(last, routing_key=last_key)
+    await publish(channel, exchange_name, patchwork, first, first, unrelated)
+    await publish(channel, exchange_name, patchwork, last)
 
     async with Consumer(exchange_name, ci_queue) as consumer:
         await consumer.wait_for(consumer.out, f"event {last.message_id}:")
@@ -133,11 +140,10 @@ async def test_example_never_acks_a_series_it_could_not_fetch(
     patchwork: FakePatchwork,
 ):
     await bind(load_settings(amqp_url=AMQP_URL, exchange=exchange_name), ci_queue, ["#"])
-    message, key = as_published(patchwork, "series-completed", "netdevbpf")
+    message = new_event(patchwork, "series-completed", "netdevbpf")
     await patchwork.stop()  # Patchwork is down: the mbox cannot be fetched
-    channel = await amqp.channel()
-    exchange = await channel.get_exchange(exchange_name)
-    await exchange.publish(message, routing_key=key)
+    channel = await amqp.channel(publisher_confirms=True)
+    await publish(channel, exchange_name, patchwork, message)
     async with Consumer(exchange_name, ci_queue, retry_s=0.05) as consumer:
         # One retry after RETRY_S, then the message is parked in the dead-letter queue.
         await consumer.wait_for(consumer.err, "no mbox", count=2)
