@@ -81,10 +81,10 @@ class PatchworkClient:
             page = await self._get(page.next_url, None)
             yield page
 
-    async def newest(self) -> tuple[Any, str] | None:
-        """The newest visible event, or None when Patchwork has none."""
-        page = await self._get(self._events_url, self._params(None, "-date", 1))
-        return page.items[0] if page.items else None
+    async def newest(self, count: int) -> list[tuple[Any, str]]:
+        """The ``count`` newest visible events, newest first (none when Patchwork has none)."""
+        page = await self._get(self._events_url, self._params(None, "-date", count))
+        return page.items
 
     async def _get(self, url: str, params: dict[str, str] | None) -> Page:
         if self._session is None:

@@ -27,6 +27,8 @@ T = TypeVar("T")
 BACKOFF_MAX_S = 60.0
 # Bad items are logged once each; remember that many so memory stays bounded.
 WARNED_MAX = 10_000
+NEWEST_PROBE = 20
+"""BRIDGE_START=now starts after the newest usable of this many newest events."""
 
 # Called with (category, item) for every event before it is published; see bridge.schema.
 EventCheck = Callable[[str, Any], None]
@@ -218,16 +220,27 @@ class Producer:
             log.info("no cursor: publishing events from %s (server time)", floor)
             return Cursor(floor=floor)
         # "now": everything already visible counts as seen; only what appears later is published.
-        newest = await _until_stopped(client.newest(), stop)
-        if newest is None:
+        newest = await _until_stopped(client.newest(NEWEST_PROBE), stop)
+        if not newest:
             log.info("no cursor and no events yet: publishing every event from now on")
             return Cursor()
-        newest_event = parse_event(*newest)
+        usable = _usable_events(newest)
+        if not usable:
+            # Our clock, not Patchwork's: close enough when its newest items are unusable.
+            floor = datetime.now(self._tz).replace(tzinfo=None).isoformat()
+            log.warning(
+                "no cursor, and none of the %d newest events is usable: publishing events "
+                "from %s (server time, by our clock)",
+                len(newest),
+                floor,
+            )
+            return Cursor(floor=floor)
+        newest_event = usable[0]
         window = Window(Cursor(high_water=newest_event.date), self._settings.poll_overlap)
         pages = client.pages(window.since())
         try:
             while (page := await _until_stopped(anext(pages, None), stop)) is not None:
-                window.confirm(_usable_events(page), advance=False)
+                window.confirm(_usable_events(page.items), advance=False)
         finally:
             await pages.aclose()
         log.info("no cursor: starting after %s, the newest event now", newest_event.date)
@@ -254,9 +267,9 @@ class Producer:
         log.warning("skipping unusable item from Patchwork (%s)", detail)
 
 
-def _usable_events(page: Page) -> list[Event]:
+def _usable_events(items: list[tuple[Any, str]]) -> list[Event]:
     events = []
-    for item, raw in page.items:
+    for item, raw in items:
         try:
             events.append(parse_event(item, raw))
         except BadEvent:

@@ -183,6 +183,26 @@ async def test_start_now_publishes_only_what_happens_after_start(
     assert [m.message_id for m in messages] == [str(e["id"]) for e in new]
 
 
+@pytest.mark.parametrize("bad_newest", [1, 25], ids=["newest-bad", "all-probed-bad"])
+async def test_start_now_survives_unusable_newest_events(
+    patchwork, exchange_name, bound_queue, tmp_path, bad_newest
+):
+    """A malformed newest item must not stop the producer; old events stay unpublished."""
+    patchwork.add_events(40)
+    stamp = now_local().isoformat()
+    for _ in range(bad_newest):
+        patchwork.add_raw_item({"category": "patch-created", "date": stamp}, stamp)
+    settings = make_settings(patchwork, exchange_name, tmp_path, start="now")
+    async with running(settings) as producer:
+        await wait_for(lambda: producer.readiness()[0])
+        new = patchwork.add_events(5)
+        messages = await drain(bound_queue, expected=5)
+        await wait_for_requests(patchwork, patchwork.events_requests + 2)
+        late = await drain(bound_queue, expected=0, timeout=0.5)
+    assert [m.message_id for m in messages] == [str(e["id"]) for e in new]
+    assert late == []
+
+
 async def test_start_at_a_date_with_a_zone_is_converted_to_server_time(
     patchwork, exchange_name, bound_queue, tmp_path
 ):
