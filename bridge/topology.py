@@ -233,8 +233,10 @@ class InvalidMessage(ValueError):
 def delivery_from(message: AbstractIncomingMessage) -> Delivery:
     """The sink's view of a message; raises InvalidMessage for a poison message."""
     try:
-        body = json.loads(message.body)
-    except ValueError:
+        # Decoded first: json.loads would also take UTF-16 or UTF-32 bytes (and decodes
+        # UTF-8 faster this way).
+        body = json.loads(message.body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         raise InvalidMessage("body is not UTF-8 JSON") from None
     if not isinstance(body, dict):
         raise InvalidMessage(f"body is a JSON {type(body).__name__}, not an object")

@@ -221,20 +221,23 @@ async def test_poison_messages_are_dead_lettered_and_the_next_event_is_delivered
     async with running(consumer):
         await publish_raw(main, b"<html>502</html>", message_id="p1")
         await publish_raw(main, b"[1, 2]", message_id="p2")
+        # Valid JSON to Python's json.loads, which guesses UTF-16; not what receivers expect.
+        await publish_raw(main, '{"id": 1}'.encode("utf-16"), message_id="p3")
         await publish_raw(main, recorded_event("patch-created", 11))
         await publish_events(exchange_name, [("patch-created", 12)])
         await wait_for(lambda: sink.ids == ["12"], what="the good event")
-        await wait_for(lambda: count(metrics, target.name, "refused") == 3, what="3 refusals")
+        await wait_for(lambda: count(metrics, target.name, "refused") == 4, what="4 refusals")
 
     dead = await get_all(amqp, topology.dead_queue(target.name))
     assert {m.headers[topology.LAST_REASON] for m in dead} == {"invalid"}
     assert sorted(m.headers[topology.LAST_ERROR] for m in dead) == [
         "body is a JSON list, not an object",
         "body is not UTF-8 JSON",
+        "body is not UTF-8 JSON",
         "no message_id",
     ]
     assert {m.headers[topology.ATTEMPTS] for m in dead} == {0}
-    assert failures(metrics, target.name, "invalid") == 3
+    assert failures(metrics, target.name, "invalid") == 4
 
 
 async def test_sink_that_raises_is_retried_as_a_sink_error(
