@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -560,6 +561,14 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
 def best_line(name: str, rates: Sequence[float], unit: str = "deliveries/s") -> str:
     rounds = ", ".join(f"{r:,.0f}" for r in rates)
     return f"  {name:44s} {max(rates):8,.0f} {unit}   (rounds: {rounds})"
+
+
+def round_ratios(ours: Sequence[float], baseline: Sequence[float]) -> str:
+    """Each round's ratio and their median: the two sides of one round ran minutes
+    apart at most, so this holds up better than best-of when the machine's speed drifts."""
+    ratios = [a / b for a, b in zip(ours, baseline, strict=True)]
+    listed = ", ".join(f"{r:.2f}" for r in ratios)
+    return f"median of the rounds' ratios {statistics.median(ratios):.2f} ({listed})"
 
 
 if __name__ == "__main__":
