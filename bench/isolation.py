@@ -33,6 +33,7 @@ from common import (
     delete_topology,
     park,
     preload,
+    round_ratios,
     run_id,
     workdir,
     write_subscriptions,
@@ -176,6 +177,8 @@ def report(args: argparse.Namespace, results: dict[str, list[Drain]]) -> None:
         f"  ratio beside / alone: {1 - loss:.2f}, loss {100 * loss:.1f}%   (goal: loss < 10%)"
         f"   hung requests held: {max(d.hung for d in results['hang'])}"
     )
+    rates = {setting: [d.rate for d in drains] for setting, drains in results.items()}
+    print(f"  beside / alone: {round_ratios(rates['hang'], rates['alone'])}")
     steady = {setting: max(d.steady_rate for d in drains) for setting, drains in results.items()}
     steady_loss = 1 - steady["hang"] / steady["alone"]
     print(
