@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Any, Literal
 
 import aio_pika
@@ -35,7 +36,45 @@ async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
         fail_fast=True,
     )
     log.info("connected to RabbitMQ at %s as %s", settings.amqp_url_redacted, role)
+    _say_when_lost_and_back(connection, role)
     return connection
+
+
+RECONNECT_NOTE = {
+    "producer": "events not yet confirmed are published again from the cursor",
+    "webhook": "deliveries not yet acked go back to their queues",
+}
+
+
+def _say_when_lost_and_back(connection: AbstractRobustConnection, role: str) -> None:
+    """One line when the connection is lost, one when it is back (bridge.logs quiets
+    aio-pika's and aiormq's many records of the same)."""
+    lost_at: float | None = None
+
+    def on_close(_: object, exc: BaseException | None) -> None:
+        nonlocal lost_at
+        # Our own close() drops the transport first; a reconnect attempt that fails
+        # while the connection is down is part of the same outage.
+        if connection.transport is None or lost_at is not None:
+            return
+        lost_at = time.monotonic()
+        log.warning(
+            "%s: lost its RabbitMQ connection (%s); reconnecting; %s",
+            role,
+            exc if exc is not None else "closed",
+            RECONNECT_NOTE.get(role, "nothing is lost"),
+        )
+
+    def on_reconnect(_: object) -> None:
+        nonlocal lost_at
+        if lost_at is not None:
+            log.info(
+                "%s: connected to RabbitMQ again after %.1fs", role, time.monotonic() - lost_at
+            )
+        lost_at = None
+
+    connection.close_callbacks.add(on_close)
+    connection.reconnect_callbacks.add(on_reconnect)
 
 
 def is_connected(connection: AbstractRobustConnection | None) -> bool:

@@ -30,6 +30,7 @@ from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, Ret
 from bridge.sinks.registry import load_sink
 from bridge.subscriptions import Subscription, load_subscriptions
 from bridge.topology import BROKER_ERRORS, BROKER_TIMEOUT_S, Invalid, QueueControl, TopologyError
+from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class WebhookConsumer:
         self._control: QueueControl | None = None
         self._started = False
         self._closing = False
+        self._stopping = asyncio.Event()
+        """Set first on shutdown: background loops finish their step and return."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -136,7 +139,7 @@ class WebhookConsumer:
             )
             background = [
                 asyncio.create_task(self._watch_markers(), name="webhook-markers"),
-                asyncio.create_task(sampler.run(), name="webhook-queue-depth"),
+                asyncio.create_task(sampler.run(self._stopping), name="webhook-queue-depth"),
             ]
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
@@ -183,14 +186,18 @@ class WebhookConsumer:
         """Stop taking work, let deliveries in flight finish (bounded), close sinks, disconnect."""
         self._started = False
         self._closing = True
-        for task in background:
-            task.cancel()
+        self._stopping.set()
         if background:
+            # Let a broker call in progress finish: cancelling one closes its channel.
             _, stuck = await asyncio.wait(background, timeout=BROKER_TIMEOUT_S)
             for task in stuck:
                 log.warning(
-                    "webhook: %s did not stop within %gs", task.get_name(), BROKER_TIMEOUT_S
+                    "webhook: %s did not stop within %gs; cancelled",
+                    task.get_name(),
+                    BROKER_TIMEOUT_S,
                 )
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
         for lane in self._lanes:
             if lane.consumer_tag is not None:
                 await self._stop_consuming(lane)
@@ -282,8 +289,7 @@ class WebhookConsumer:
         """Follow enable/disable made elsewhere: the CLI, or a 410 seen by another process."""
         assert self._control is not None
         failing = False
-        while True:
-            await asyncio.sleep(self._marker_check_interval_s)
+        while not await sleep_unless(self._stopping, self._marker_check_interval_s):
             try:
                 for lane in self._lanes:
                     await self._sync_marker(lane)

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from aiormq.exceptions import ChannelInvalidStateError, ConnectionClosed
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -37,6 +39,45 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aio-pika and aiormq log every reconnect attempt at length; our own line says enough.
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """aio-pika and aiormq log every reconnect at length; bridge.amqp's own lines say
+    enough (one when a connection is lost, naming the reason, one when it is back)."""
+    root = logging.getLogger()
     for noisy in ("aio_pika", "aiormq", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for name in ("aiormq.connection", "aio_pika.tools"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ReconnectNoise) for f in logger.filters):
+            logger.addFilter(ReconnectNoise())
+
+
+class ReconnectNoise(logging.Filter):
+    """The records of a robust connection reconnecting as designed, which are not errors.
+
+    A cut connection gives an ERROR from aiormq naming the broker's reason, a traceback
+    of the reader that saw the socket close, and one ERROR per channel that aio-pika
+    could not reopen while the connection was still down (it reopens them once it
+    reconnects). Records that match nothing here pass untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if message.startswith("Unexpected connection close from remote"):
+            return False  # bridge.amqp's line names the broker's reason too
+        if message.startswith("Cancelling cause reader exited abnormally"):
+            return not _connection_lost(record.exc_info[1] if record.exc_info else None)
+        if message.startswith("Callback %r error") and len(record.args or ()) == 3:
+            one_shot, _, exc = record.args  # type: ignore[misc]
+            # Not repr(one_shot): it raises once the callback has run and been dropped.
+            name = getattr(getattr(one_shot, "callback", None), "__qualname__", "")
+            return not (name == "RobustChannel._on_close" and _connection_lost(exc))
+        return True
+
+
+def _connection_lost(exc: object) -> bool:
+    if isinstance(exc, RuntimeError) and str(exc).endswith("closed"):
+        return True  # aiormq: "<Connection: ...> closed"
+    return isinstance(exc, ConnectionClosed | ChannelInvalidStateError | ConnectionError)

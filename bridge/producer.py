@@ -19,6 +19,7 @@ from bridge.metrics import Metrics
 from bridge.patchwork import Page, PatchworkClient, PatchworkError
 from bridge.publisher import Publisher
 from bridge.settings import Settings
+from bridge.waiting import sleep_unless
 from bridge.window import Window
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Producer:
                     self._metrics.poll_errors.labels(exc.reason).inc()
                 backoff_s = min(max(1.0, backoff_s * 2), BACKOFF_MAX_S)
                 log.warning("poll failed (%s): %s; retrying in %.0fs", exc.reason, exc, backoff_s)
-                await _sleep_unless(stop, backoff_s)
+                await sleep_unless(stop, backoff_s)
                 continue
             finally:
                 await self._writer.flush()
@@ -135,7 +136,7 @@ class Producer:
             self._metrics.poll_duration.observe(time.monotonic() - started)
             if published:
                 log.info("published %d events; cursor at %s", published, self._window.high_water)
-            await _sleep_unless(stop, self._settings.poll_interval - (time.monotonic() - started))
+            await sleep_unless(stop, self._settings.poll_interval - (time.monotonic() - started))
 
     async def _poll_once(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
@@ -283,13 +284,6 @@ def _server_local(start: str, settings: Settings) -> str:
     if when.tzinfo is not None:
         when = when.astimezone(settings.tz).replace(tzinfo=None)
     return when.isoformat()
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    if seconds <= 0:
-        return
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def _until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:

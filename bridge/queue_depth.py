@@ -2,7 +2,7 @@
 
 A passive declare answers with the ready-message and consumer counts, so no
 management plugin is needed. The sampler is owned by the webhook consumer and
-runs until cancelled.
+runs until the consumer stops.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractConnection
 
 from bridge.metrics import Metrics
 from bridge.topology import BROKER_ERRORS, QueueControl, raise_if_cancelled
+from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,12 @@ class QueueDepthSampler:
         self._missing: set[str] = set()
         self._failing = False
 
-    async def run(self) -> None:
-        """Sample at a fixed rate until cancelled; broker trouble is logged, never fatal."""
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample at a fixed rate until ``stop`` is set (between samples, so no declare is
+        cut off halfway) or until cancelled; broker trouble is logged, never fatal."""
         next_at = time.monotonic()
         try:
-            while True:
+            while not stop.is_set():
                 try:
                     await self.sample_once()
                     self._recovered()
@@ -53,7 +55,7 @@ class QueueDepthSampler:
                     self._failed(exc)
                 # Fixed rate, not fixed pause: a slow broker does not stretch the period.
                 next_at = max(next_at + self._interval_s, time.monotonic())
-                await asyncio.sleep(next_at - time.monotonic())
+                await sleep_unless(stop, next_at - time.monotonic())
         finally:
             await self._control.close()
 

@@ -9,9 +9,10 @@ repeats only where at-least-once delivery allows them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -20,6 +21,7 @@ import pytest
 from bridge import topology
 from bridge.amqp import connection_name
 from bridge.fake_patchwork import FakePatchwork
+from bridge.logs import quiet_libraries
 from bridge.metrics import Metrics
 from bridge.runtime import build_roles
 from bridge.settings import Settings
@@ -172,6 +174,20 @@ async def test_producer_killed_five_times_mid_catch_up_loses_nothing(
 # 2. broker connections cut under `run` ---------------------------------------------------------
 
 
+@pytest.fixture
+def quiet_libraries_installed() -> Iterator[None]:
+    """bridge.logs.quiet_libraries as the CLI installs it, undone after the test."""
+    names = ("aio_pika", "aiormq", "aiohttp.access", "aiormq.connection", "aio_pika.tools")
+    saved = {
+        name: (logging.getLogger(name).level, logging.getLogger(name).filters[:]) for name in names
+    }
+    quiet_libraries()
+    yield
+    for name, (level, filters) in saved.items():
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).filters[:] = filters
+
+
 @pytest.mark.timeout(120)
 async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     patchwork: FakePatchwork,
@@ -180,6 +196,8 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     unique: str,
     tmp_path: Path,
     cleanup: list[Subscription],
+    caplog: pytest.LogCaptureFixture,
+    quiet_libraries_installed: None,
 ) -> None:
     path = write_subscription(
         tmp_path / "subscriptions.toml",
@@ -204,6 +222,7 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     # At most 16 x 50 deliveries/s: a backlog waits in the queue and 16 deliveries are in
     # flight when the connections go.
     receiver.latency_s = 0.02
+    caplog.set_level(logging.INFO)
     roles = build_roles("run", settings, Metrics())
     assert [role.name for role in roles] == ["producer", "webhook"]
     stop = asyncio.Event()
@@ -248,6 +267,14 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
         assert task.exception() is None
     assert delivered_ids() == added
     assert len(added) == 1800
+    # What the operator reads: one line per role each way, no library errors or tracebacks.
+    ours = [r.getMessage() for r in caplog.records if r.name == "bridge.amqp"]
+    for role in ("producer", "webhook"):
+        lost = [m for m in ours if m.startswith(f"{role}: lost its RabbitMQ connection")]
+        assert len(lost) == 1 and "CONNECTION_FORCED - test: connection cut" in lost[0]
+        assert sum(m.startswith(f"{role}: connected to RabbitMQ again") for m in ours) == 1
+    library = [r for r in caplog.records if r.name.startswith(("aio_pika", "aiormq"))]
+    assert [(r.name, r.levelname, r.msg) for r in library if r.levelno >= logging.WARNING] == []
     print(
         f"\nconnection cut: {len(added)} events all delivered {recovered_s:.1f}s after the cut, "
         f"{len(receiver.requests)} POSTs, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -65,6 +66,22 @@ async def test_sampler_sets_ready_messages_and_consumers_per_queue(
     assert [r.getMessage() for r in caplog.records] == [
         f"queue depth: queue {missing} does not exist; skipping it"
     ]
+
+
+async def test_sampler_stops_between_samples_when_asked(
+    amqp: aio_pika.abc.AbstractConnection, queues: list[str], caplog
+) -> None:
+    """Not cancelled in the middle of a declare: aiormq would close the channel and warn."""
+    metrics = Metrics()
+    sampler = QueueDepthSampler(amqp, queues * 50, metrics, interval_s=0.01)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.WARNING):
+        task = asyncio.create_task(sampler.run(stop))
+        await wait_for(lambda: gauge(metrics, "queue_consumers", queues[1]) == 1)
+        stop.set()
+        await asyncio.wait_for(task, 10)  # returns by itself, never cancelled
+    assert not task.cancelled() and task.exception() is None
+    assert caplog.records == []
 
 
 async def test_consumer_samples_its_main_retry_and_dead_queues(

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bridge.logs import JsonFormatter
+from bridge.logs import JsonFormatter, ReconnectNoise
 from bridge.settings import SettingsError, load_settings, redact_url
 
 TOKEN = "tok-0123456789abcdef-sekrit"
@@ -85,3 +85,72 @@ def test_json_log_lines_carry_message_level_and_extra_fields():
     assert line["logger"] == "bridge.producer"
     assert line["subscription"] == "kernelci"
     assert line["time"].endswith("+00:00")
+
+
+class OneShot:
+    """Like aio-pika's OneShotCallback: it holds the callback it runs."""
+
+    def __init__(self, callback: object) -> None:
+        self.callback = callback
+
+
+class RobustChannel:
+    """Named like aio-pika's, whose ``_on_close`` fails while the connection is down."""
+
+    def _on_close(self) -> None: ...
+
+    def restore(self) -> None: ...
+
+
+def _record(name: str, level: int, msg: str, args: tuple = (), exc: BaseException | None = None):
+    exc_info = (type(exc), exc, None) if exc is not None else None
+    return logging.LogRecord(name, level, __file__, 1, msg, args, exc_info)
+
+
+def test_reconnect_noise_is_dropped_and_everything_else_kept():
+    from aiormq.exceptions import ConnectionClosed
+
+    noise = ReconnectNoise()
+
+    closed = RuntimeError("<Connection: amqp://guest:******@localhost:5672/> closed")
+    callback_error = "Callback %r error: %s: %s"
+    dropped = [
+        _record("aiormq.connection", logging.ERROR, "Unexpected connection close from remote"),
+        _record(
+            "aiormq.connection",
+            logging.WARNING,
+            "Cancelling cause reader exited abnormally",
+            exc=ConnectionClosed(320, "CONNECTION_FORCED"),
+        ),
+        _record(
+            "aio_pika.tools",
+            logging.ERROR,
+            callback_error,
+            (OneShot(RobustChannel()._on_close), "RuntimeError", closed),
+        ),
+    ]
+    kept = [
+        # a reader that died of something else than a closed connection: a real problem
+        _record(
+            "aiormq.connection",
+            logging.WARNING,
+            "Cancelling cause reader exited abnormally",
+            exc=ValueError("bad frame"),
+        ),
+        # another callback, or the same one failing for another reason
+        _record(
+            "aio_pika.tools",
+            logging.ERROR,
+            callback_error,
+            (OneShot(RobustChannel().restore), "RuntimeError", closed),
+        ),
+        _record(
+            "aio_pika.tools",
+            logging.ERROR,
+            callback_error,
+            (OneShot(RobustChannel()._on_close), "KeyError", KeyError("x")),
+        ),
+        _record("aio_pika.tools", logging.ERROR, callback_error, (object(), "E", ValueError())),
+    ]
+    assert [noise.filter(r) for r in dropped] == [False] * len(dropped)
+    assert [noise.filter(r) for r in kept] == [True] * len(kept)
