@@ -28,8 +28,15 @@ from bridge.retry import delay_for_attempt, delay_ladder, round_up_to_ladder
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
 from bridge.sinks.registry import load_sink
-from bridge.subscriptions import Subscription, load_subscriptions
-from bridge.topology import BROKER_ERRORS, BROKER_TIMEOUT_S, Invalid, QueueControl, TopologyError
+from bridge.subscriptions import Subscription, TopicMatcher, load_subscriptions
+from bridge.topology import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    Invalid,
+    QueueControl,
+    TopologyError,
+    Unmatched,
+)
 from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
@@ -63,13 +70,17 @@ class _Lane:
     logged_errors: set[str] = field(default_factory=set)
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     """The deliveries running now, so shutdown can wait for them."""
+    unmatched_keys: set[str] = field(default_factory=set)
+    """Routing keys seen that no pattern matches: each is logged once."""
     sink_times_out: bool = field(init=False)
+    wants: TopicMatcher = field(init=False)
     # The metric children of the hot path, looked up once instead of per delivery.
     duration: Histogram = field(init=False)
     delivered: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         self.sink_times_out = bool(getattr(self.sink, "enforces_timeout", False))
+        self.wants = TopicMatcher(self.subscription.events)
 
     def bind_metrics(self, metrics: Metrics) -> None:
         # Read when scraped: cheaper than an inc and a dec per delivery.
@@ -333,15 +344,18 @@ class WebhookConsumer:
 
     async def _handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
         try:
-            outcome: Outcome | Invalid
+            outcome: Outcome | Invalid | Unmatched
             try:
                 delivery = topology.delivery_from(message)
             except topology.InvalidMessage as exc:
                 outcome = topology.Invalid(str(exc))
             else:
-                started = time.monotonic()
-                outcome = await self._deliver(lane, delivery)
-                lane.duration.observe(time.monotonic() - started)
+                if lane.wants(delivery.routing_key):
+                    started = time.monotonic()
+                    outcome = await self._deliver(lane, delivery)
+                    lane.duration.observe(time.monotonic() - started)
+                else:
+                    outcome = Unmatched(delivery.routing_key)
             await self._settle(lane, message, topology.attempt_of(message), outcome)
         except BROKER_ERRORS as exc:
             topology.raise_if_cancelled()
@@ -387,7 +401,7 @@ class WebhookConsumer:
         lane: _Lane,
         message: AbstractIncomingMessage,
         attempt: int,
-        outcome: Outcome | Invalid,
+        outcome: Outcome | Invalid | Unmatched,
     ) -> None:
         """The one place that maps an outcome to an AMQP action; one metric per outcome.
 
@@ -399,6 +413,21 @@ class WebhookConsumer:
             case Delivered():
                 await message.ack()
                 lane.delivered.inc()
+                return
+            case Unmatched(routing_key=key):
+                await message.ack()
+                self.metrics.deliveries.labels(name, "unmatched").inc()
+                if key not in lane.unmatched_keys:
+                    lane.unmatched_keys.add(key)
+                    log.warning(
+                        "webhook %s: acked %s events without delivering them: no pattern of "
+                        "events = %s matches; %s keeps a binding from an earlier "
+                        "configuration (`rabbitmqctl list_bindings` shows it; remove it there)",
+                        name,
+                        key,
+                        list(lane.subscription.events),
+                        topology.main_queue(name),
+                    )
                 return
             case RetryLater() if (delay_s := self._retry_delay(lane, attempt, outcome)) is not None:
                 headers = topology.retry_headers(message, outcome, attempt + 1)

@@ -15,8 +15,9 @@ PREFIX = "patchwork_bridge"
 POLL_ERROR_REASONS = ("timeout", "connect", "http_4xx", "http_5xx", "bad_json", "bad_page")
 # Publish failures: what the broker did with a publish that was not confirmed.
 PUBLISH_FAILURE_REASONS = ("nack", "returned", "timeout", "connection")
-# Delivery outcomes, one per ack/retry/dead decision of the consumer.
-DELIVERY_OUTCOMES = ("delivered", "retried", "dead_lettered", "refused", "disabled")
+# Delivery outcomes, one per ack/retry/dead decision of the consumer; "unmatched": acked
+# undelivered, its routing key matches none of the subscription's patterns any more.
+DELIVERY_OUTCOMES = ("delivered", "retried", "dead_lettered", "refused", "disabled", "unmatched")
 # Delivery failure reasons.
 DELIVERY_FAILURE_REASONS = (
     "timeout",

@@ -122,8 +122,11 @@ class TopicMatcher:
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self._patterns = [tuple(p.split(".")) for p in patterns]
+        self._everything = ("#",) in self._patterns  # the default: no work per event
 
     def __call__(self, routing_key: str) -> bool:
+        if self._everything:
+            return True
         words = routing_key.split(".")
         return any(_match_words(p, words) for p in self._patterns)
 

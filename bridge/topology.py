@@ -226,6 +226,14 @@ class Invalid:
     status: None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """The outcome for an event none of the subscription's patterns match: a binding left
+    from an earlier configuration routed it (AMQP cannot list bindings to remove them)."""
+
+    routing_key: str
+
+
 class InvalidMessage(ValueError):
     """The body is not a JSON object, or the message has no id or routing key."""
 

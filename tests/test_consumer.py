@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -117,6 +118,33 @@ async def test_event_reaches_only_matching_subscriptions_once_each(
     assert first.headers["ce-id"] == "1"
     assert first.headers["x-patchwork-category"] == "patch-created"
     assert all(sink.closed for sink in sinks.values())
+
+
+async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
+    exchange_name: str, make_sub: MakeSub, caplog: pytest.LogCaptureFixture
+) -> None:
+    wide = make_sub("narrowed", events=["*.patch-created", "*.series-completed"])
+    async with running(make_consumer(exchange_name, [(wide, FakeSink())])):
+        pass  # the queue is now bound with both patterns, as after an earlier start
+    narrow = make_sub("narrowed", events=["*.series-completed"])
+    sink, metrics = FakeSink(), Metrics()
+    with caplog.at_level(logging.WARNING, logger="bridge.consumer"):
+        async with running(make_consumer(exchange_name, [(narrow, sink)], metrics=metrics)):
+            await publish_events(
+                exchange_name,
+                [("patch-created", 41), ("series-completed", 42), ("patch-created", 43)],
+            )
+            await wait_for(lambda: count(metrics, narrow.name, "unmatched") == 2, what="2 acked")
+            await wait_for(lambda: sink.ids == ["42"], what="the series event")
+
+    assert count(metrics, narrow.name, "delivered") == 1
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bridge.consumer" and r.levelno >= logging.WARNING
+    ]
+    assert len(warnings) == 1  # once per routing key
+    assert "netdevbpf.patch-created" in warnings[0] and "list_bindings" in warnings[0]
 
 
 async def test_failed_attempts_are_retried_until_the_receiver_accepts(
