@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -130,6 +132,9 @@ async def kill_bridge(process: asyncio.subprocess.Process) -> None:
     await asyncio.wait_for(process.wait(), 10)
 
 
+_UNACKED_COLUMNS = ("name", "messages_unacknowledged")
+
+
 class QueueWatch:
     """Ready-message and consumer counts of queues, through one connection of its own."""
 
@@ -158,6 +163,23 @@ class QueueWatch:
         assert self._control is not None
         result = await self._control.inspect(queue)
         return 0 if result is None else result.consumer_count
+
+    @staticmethod
+    async def unacked(queue: str) -> int:
+        """Messages delivered from ``queue`` and not yet acked, as the broker counts them
+        (a passive declare only tells ready messages; rabbitmqctl tells this)."""
+
+        def read() -> dict[str, int]:
+            listed = subprocess.run(
+                ["rabbitmqctl", "list_queues", "-q", "--formatter", "json", *_UNACKED_COLUMNS],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+            return {q["name"]: int(q["messages_unacknowledged"]) for q in json.loads(listed)}
+
+        return (await asyncio.to_thread(read)).get(queue, 0)
 
     async def settled_depth(self, queue: str, quiet_s: float = 0.3, timeout: float = 10) -> int:
         """The depth once it stopped changing for ``quiet_s``: what a dead publisher left."""

@@ -326,6 +326,9 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
         # Every first attempt got a 500: all 30 events wait out their 3 s in the retry queue.
         await wait_for(lambda: parked([retry]), 10, "all 30 in the retry queue")
+        # A copy is confirmed before its original is acked; killed in between, the original
+        # would come back as well (a duplicate, rightly), and spoil the exact counts below.
+        await wait_for(lambda: _none(watch.unacked(main)), 20, f"every original acked in {main}")
         await kill_bridge(webhook)
         assert {i for i, _ in receiver.requests} == ids
         assert not receiver.delivered()
@@ -344,6 +347,10 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
 
     assert all(count == 1 for count in receiver.successes.values())
     assert {i for i, status in receiver.requests if status == 500} == ids
+
+
+async def _none(count: Awaitable[int]) -> bool:
+    return await count == 0
 
 
 # 4. a receiver that fails 30% of the time ------------------------------------------------------
