@@ -130,25 +130,26 @@ class WebhookSink:
             return RetryLater("connect", self._scrub(detail))
 
     def _headers(self, delivery: Delivery) -> dict[str, str] | GiveUp:
+        # A poison message must not smuggle a header line into the request: its own
+        # values are checked as they are copied (the fixed headers were checked at start).
+        message_id = delivery.message_id
+        if _unsafe(message_id):
+            return GiveUp("invalid", f"header webhook-id of message {message_id!r}")
         timestamp_s = int(time.time())
         headers = self._fixed_headers.copy()
-        headers["webhook-id"] = delivery.message_id
+        headers["webhook-id"] = message_id
         headers["webhook-timestamp"] = str(timestamp_s)
         if self._key is not None:
             headers["webhook-signature"] = sign_with_key(
-                self._key, delivery.message_id, timestamp_s, delivery.body
+                self._key, message_id, timestamp_s, delivery.body
             )
-        event_headers = delivery.headers
         for name in CE_HEADERS:
-            value = event_headers.get(name)
-            if value is not None:
-                headers[name] = value
-        # A poison message must not smuggle a header line into the request; only the
-        # message's own values can hold one, the fixed headers were checked at start.
-        for name in _FROM_THE_MESSAGE:
-            value = headers.get(name)
-            if value is not None and (type(value) is not str or _CONTROL_CHAR.search(value)):
-                return GiveUp("invalid", f"header {name} of message {delivery.message_id!r}")
+            value = delivery.headers.get(name)
+            if value is None:
+                continue
+            if _unsafe(value):
+                return GiveUp("invalid", f"header {name} of message {message_id!r}")
+            headers[name] = value
         return headers
 
     def _outcome(self, response: aiohttp.ClientResponse, snippet: str) -> Outcome:
@@ -188,7 +189,10 @@ class WebhookSink:
 
 
 _CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
-_FROM_THE_MESSAGE = ("webhook-id", *CE_HEADERS)
+
+
+def _unsafe(value: object) -> bool:
+    return type(value) is not str or _CONTROL_CHAR.search(value) is not None
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> str:
