@@ -255,9 +255,7 @@ def delivery_from(message: AbstractIncomingMessage) -> Delivery:
     if not routing_key:
         raise InvalidMessage("no routing key")
     event_headers = {
-        k: v if type(v) is str else header_text(v)
-        for k, v in headers.items()
-        if k.startswith(_EVENT_HEADER_PREFIXES)
+        k: header_text(v) for k, v in headers.items() if k.startswith(_EVENT_HEADER_PREFIXES)
     }
     return Delivery(
         body=message.body,
@@ -361,6 +359,8 @@ def one_line(text: str) -> str:
 
 def header_text(value: Any) -> str:
     """Header values come back as str or bytes depending on the publisher's client."""
+    if type(value) is str:  # the common case, first: this runs for every header of every delivery
+        return value
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return "" if value is None else str(value)
