@@ -321,6 +321,9 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         async def consuming() -> bool:
             return await watch.consumers(main) > 0
 
+        async def all_acked() -> bool:
+            return await watch.unacked(main) == 0
+
         webhook = await bridges("webhook", env)
         await wait_for(consuming, 30, f"a consumer on {main}")
         await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
@@ -328,7 +331,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         await wait_for(lambda: parked([retry]), 10, "all 30 in the retry queue")
         # A copy is confirmed before its original is acked; killed in between, the original
         # would come back as well (a duplicate, rightly), and spoil the exact counts below.
-        await wait_for(lambda: _none(watch.unacked(main)), 20, f"every original acked in {main}")
+        await wait_for(all_acked, 20, f"every original acked in {main}")
         await kill_bridge(webhook)
         assert {i for i, _ in receiver.requests} == ids
         assert not receiver.delivered()
@@ -347,10 +350,6 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
 
     assert all(count == 1 for count in receiver.successes.values())
     assert {i for i, status in receiver.requests if status == 500} == ids
-
-
-async def _none(count: Awaitable[int]) -> bool:
-    return await count == 0
 
 
 # 4. a receiver that fails 30% of the time ------------------------------------------------------
