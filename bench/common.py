@@ -33,15 +33,15 @@ import aio_pika
 import aiohttp
 from aiohttp import web
 
-from bridge import topology
 from bridge.amqp import declare_exchange
+from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
 from bridge.events import Event, parse_event
-from bridge.fake_patchwork import CATEGORIES, FakePatchwork
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
+from bridge.producer.publisher import Publisher
 from bridge.runtime import build_roles
 from bridge.settings import Settings
-from bridge.subscriptions import Subscription, load_subscriptions
+from bridge.webhook.queues import declare_subscription, marker_queue, queue_names
+from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TZ = "Australia/Canberra"
@@ -320,7 +320,7 @@ async def declare(exchange: str, subscriptions_file: Path) -> None:
         channel = await connection.channel()
         await declare_exchange(channel, exchange)
         for subscription in load_subscriptions(subscriptions_file):
-            await topology.declare_subscription(channel, exchange, subscription, "classic")
+            await declare_subscription(channel, exchange, subscription, "classic")
     finally:
         await connection.close()
 
@@ -374,7 +374,7 @@ async def delete_topology(
         for name in names:
             # The benchmarks keep the default retry schedule, so these are all its queues.
             subscription = Subscription(name=name)
-            for queue in [*topology.queue_names(subscription), topology.marker_queue(name)]:
+            for queue in [*queue_names(subscription), marker_queue(name)]:
                 await channel.queue_delete(queue)
         await channel.exchange_delete(exchange)
     finally:

@@ -50,10 +50,10 @@ from common import (
     write_subscriptions,
 )
 
-from bridge import topology
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import USER_AGENT, Event
-from bridge.fake_patchwork import FakePatchwork
-from bridge.signing import decode_secret, sign_with_key
+from bridge.webhook.queues import main_queue
+from bridge.webhook.signing import decode_secret, sign_with_key
 
 SEGMENT = "fast"
 DRAIN_TIMEOUT_S = 300.0
@@ -184,7 +184,7 @@ class Bench:
         if self.args.only:
             order = [self.args.only]
         n = self.args.events
-        queue = topology.main_queue(self.name)
+        queue = main_queue(self.name)
         for which in order:
             await self.receiver.reset()
             await preload(self.exchange, self.events)

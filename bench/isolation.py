@@ -39,8 +39,8 @@ from common import (
     write_subscriptions,
 )
 
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import Event
-from bridge.fake_patchwork import FakePatchwork
 
 DRAIN_TIMEOUT_S = 300.0
 SETTINGS = {

@@ -31,7 +31,7 @@ from common import (
     write_subscriptions,
 )
 
-from bridge.fake_patchwork import CATEGORIES, FakePatchwork
+from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
 
 SEGMENT = "fast"
 

@@ -39,7 +39,7 @@ from common import (
     write_subscriptions,
 )
 
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 
 SEGMENT = "fast"
 STOP_TIMEOUT_S = 30.0

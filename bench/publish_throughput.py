@@ -27,9 +27,9 @@ import aio_pika
 import aiohttp
 from common import round_ratios
 
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.producer import Producer
+from bridge.producer.poller import Producer
 from bridge.settings import Settings
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -18,10 +18,10 @@ HANDLERS = {
     "producer": "bridge.runtime:cli_run",
     "webhook": "bridge.runtime:cli_run",
     "run": "bridge.runtime:cli_run",
-    "demo": "bridge.demo:cli",
-    "dlq": "bridge.dlq:cli",
-    "subscriptions": "bridge.subscriptions_cli:cli",
-    "bind": "bridge.bind:cli",
+    "demo": "bridge.demo.tour:cli",
+    "dlq": "bridge.cli.dlq:cli",
+    "subscriptions": "bridge.cli.subscriptions:cli",
+    "bind": "bridge.cli.bind:cli",
     "check-config": "bridge.runtime:cli_check_config",
 }
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aiormq import spec
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from bridge.settings import Settings
 
@@ -24,6 +26,37 @@ log = logging.getLogger(__name__)
 
 QueueType = Literal["classic", "quorum"]
 CONNECT_TIMEOUT_S = 10.0
+BROKER_TIMEOUT_S = 10.0
+"""For each declare, publish and delete: a broker that does not answer is an error, not a hang."""
+
+
+class NotConfirmed(Exception):
+    """The broker returned a publish (no such queue) instead of confirming it."""
+
+
+# Errors of a broker call: the broker refused it, the channel or connection went away, or
+# it took longer than BROKER_TIMEOUT_S.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPError,
+    ChannelInvalidStateError,
+    NotConfirmed,
+    OSError,
+    TimeoutError,
+    # aiormq's "<Connection ...> closed" when a channel is opened while reconnecting.
+    RuntimeError,
+)
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a broker call turned into an error.
+
+    aiormq may surface a cancelled RPC as a channel error, and a timeout racing a
+    cancel may surface as TimeoutError; a loop catching BROKER_ERRORS calls this
+    first so that it still stops when its owner cancels it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
@@ -142,3 +175,18 @@ async def declare_queue(
     channel: AbstractChannel, name: str, arguments: dict[str, Any]
 ) -> AbstractQueue:
     return await channel.declare_queue(name, durable=True, arguments=arguments)
+
+
+async def publish_confirmed(
+    channel: AbstractChannel, queue: str, message: aio_pika.Message
+) -> None:
+    """Publish straight to ``queue`` and wait for the broker's confirm.
+
+    ``mandatory`` makes a missing queue an error instead of a silent drop. Raises one of
+    BROKER_ERRORS (a nack is aiormq's DeliveryError, a return is NotConfirmed).
+    """
+    result = await channel.default_exchange.publish(
+        message, routing_key=queue, mandatory=True, timeout=BROKER_TIMEOUT_S
+    )
+    if not isinstance(result, spec.Basic.Ack):
+        raise NotConfirmed(f"{queue}: returned by the broker (does the queue exist?)")

@@ -10,6 +10,14 @@ from datetime import UTC, datetime
 from aiormq.exceptions import ChannelInvalidStateError, ConnectionClosed
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+DETAIL_MAX_CHARS = 300
+"""How long a detail (an error, a receiver's answer) may be in a log line or a header."""
+
+
+def one_line(text: str, limit: int = DETAIL_MAX_CHARS) -> str:
+    """``text`` as one line of at most ``limit`` characters, fit for a log line or a header."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class JsonFormatter(logging.Formatter):

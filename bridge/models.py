@@ -4,7 +4,7 @@ The one source of truth for the consumer contract: `python -m bridge.schema --wr
 turns these models into `schemas/*.json`, and the producer validates every event
 against them before publishing. They mirror Patchwork's serializers
 (`patchwork/api/event.py` and `patchwork/api/embedded.py`) and the responses
-recorded from a real Patchwork in `bridge/data/events/`.
+recorded from a real Patchwork in `bridge/demo/data/events/`.
 
 Rules: every field Patchwork sends is required; types are strict (`"1"` is not an
 int, `true` is not an int); a field is nullable only where Patchwork sends null;

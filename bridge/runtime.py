@@ -18,7 +18,7 @@ from bridge.metrics import Metrics
 from bridge.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
-    from bridge.subscriptions import Subscription
+    from bridge.webhook.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
     roles: list[Role] = []
     subscriptions = _subscriptions(settings) if settings.subscriptions is not None else []
     if command in ("producer", "run"):
-        from bridge.producer import Producer
+        from bridge.producer.poller import Producer
         from bridge.schema import SchemaWatch
 
         roles.append(
@@ -59,7 +59,7 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
             )
         )
     if command == "webhook" or (command == "run" and subscriptions):
-        from bridge.consumer import build_consumer
+        from bridge.webhook.consumer import build_consumer
 
         roles.append(build_consumer(settings, metrics))
     elif command == "run":
@@ -68,7 +68,7 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
 
 
 def _subscriptions(settings: Settings) -> list[Subscription]:
-    from bridge.subscriptions import load_subscriptions
+    from bridge.webhook.subscriptions import load_subscriptions
 
     assert settings.subscriptions is not None
     return load_subscriptions(settings.subscriptions)
@@ -81,7 +81,7 @@ def _declare_queues_of(
     events of a first start are queued even if the webhook role is not up yet."""
 
     async def declare(channel: AbstractChannel) -> None:
-        from bridge.topology import declare_subscription
+        from bridge.webhook.queues import declare_subscription
 
         for subscription in subscriptions:
             await declare_subscription(

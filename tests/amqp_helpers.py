@@ -21,16 +21,16 @@ import aio_pika
 import pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from bridge import topology
-from bridge.consumer import WebhookConsumer
 from bridge.events import APP_ID, amqp_headers, parse_event
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, Outcome
-from bridge.subscriptions import Subscription
+from bridge.webhook.consumer import WebhookConsumer
+from bridge.webhook.queues import QueueControl, marker_queue, queue_names
+from bridge.webhook.subscriptions import Subscription
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-EVENTS_DIR = Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
+EVENTS_DIR = Path(__file__).resolve().parents[1] / "bridge" / "demo" / "data" / "events"
 SOURCE = "http://127.0.0.1:8000/api/1.4"
 
 
@@ -96,7 +96,7 @@ async def publish_raw(queue: str, body: bytes, message_id: str | None = None) ->
 
 async def queue_depth(connection: AbstractConnection, queue: str) -> int | None:
     """Ready messages in ``queue``, None if it does not exist."""
-    control = topology.QueueControl(connection)
+    control = QueueControl(connection)
     try:
         result = await control.inspect(queue)
     finally:
@@ -222,7 +222,7 @@ async def delete_subscription_queues(
     channel = await connection.channel()
     try:
         for sub in subscriptions:
-            for queue in [*topology.queue_names(sub), topology.marker_queue(sub.name)]:
+            for queue in [*queue_names(sub), marker_queue(sub.name)]:
                 with suppress(Exception):
                     await channel.queue_delete(queue)
     finally:

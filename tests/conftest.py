@@ -8,11 +8,15 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RECORDED_EVENTS = (
-    __import__("pathlib").Path(__file__).resolve().parents[1] / "bridge" / "data" / "events"
+    __import__("pathlib").Path(__file__).resolve().parents[1]
+    / "bridge"
+    / "demo"
+    / "data"
+    / "events"
 )
 
 

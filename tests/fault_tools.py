@@ -21,7 +21,7 @@ from pathlib import Path
 import aio_pika
 from aiohttp import web
 
-from bridge import topology
+from bridge.webhook.queues import QueueControl
 from tests.amqp_helpers import AMQP_URL
 
 # How a receiver answers one request: a status, after an optional stall in seconds.
@@ -140,11 +140,11 @@ class QueueWatch:
 
     def __init__(self) -> None:
         self._connection: aio_pika.abc.AbstractConnection | None = None
-        self._control: topology.QueueControl | None = None
+        self._control: QueueControl | None = None
 
     async def __aenter__(self) -> QueueWatch:
         self._connection = await aio_pika.connect(AMQP_URL, timeout=10)
-        self._control = topology.QueueControl(self._connection)
+        self._control = QueueControl(self._connection)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import aio_pika
 import pytest
 
-from bridge.bind import BindError, bind, cli
+from bridge.cli.bind import BindError, bind, cli
 from bridge.settings import load_settings
 from tests.conftest import AMQP_URL
 

@@ -15,7 +15,7 @@ import pytest
 from bridge.metrics import DELIVERY_FAILURE_REASONS
 from bridge.sinks.base import Delivered, Delivery, GiveUp, RetryLater
 from bridge.sinks.command import CommandSink
-from bridge.subscriptions import Subscription
+from bridge.webhook.subscriptions import Subscription
 
 BODY = b'{"id": 42, "category": "series-completed", "project": {"link_name": "netdevbpf"}}'
 

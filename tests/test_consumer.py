@@ -14,15 +14,30 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from bridge import topology
 from bridge.amqp import connection_name
-from bridge.consumer import build_consumer
+from bridge.cli.subscriptions import run_subscriptions
 from bridge.metrics import Metrics
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, RetryLater
 from bridge.sinks.registry import load_sink
-from bridge.subscriptions import Subscription
-from bridge.subscriptions_cli import run_subscriptions
+from bridge.webhook.consumer import build_consumer
+from bridge.webhook.messages import (
+    ATTEMPTS,
+    DEAD_AT,
+    LAST_ERROR,
+    LAST_REASON,
+    LAST_STATUS,
+    ROUTING_KEY,
+)
+from bridge.webhook.queues import (
+    QueueControl,
+    TopologyError,
+    dead_queue,
+    main_queue,
+    marker_queue,
+    retry_queue,
+)
+from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
     FakeSink,
     HangingSink,
@@ -128,7 +143,7 @@ async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
         pass  # the queue is now bound with both patterns, as after an earlier start
     narrow = make_sub("narrowed", events=["*.series-completed"])
     sink, metrics = FakeSink(), Metrics()
-    with caplog.at_level(logging.WARNING, logger="bridge.consumer"):
+    with caplog.at_level(logging.WARNING, logger="bridge.webhook.consumer"):
         async with running(make_consumer(exchange_name, [(narrow, sink)], metrics=metrics)):
             await publish_events(
                 exchange_name,
@@ -141,7 +156,7 @@ async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "bridge.consumer" and r.levelno >= logging.WARNING
+        if r.name == "bridge.webhook.consumer" and r.levelno >= logging.WARNING
     ]
     assert len(warnings) == 1  # once per routing key
     assert "netdevbpf.patch-created" in warnings[0] and "list_bindings" in warnings[0]
@@ -179,14 +194,14 @@ async def test_retry_after_parks_the_event_on_the_next_ladder_step(
     async with running(make_consumer(exchange_name, [(busy, sink)])):
         await publish_events(exchange_name, [("patch-created", 8)])
         # 3 s is not a ladder step: the receiver's wish is rounded up to 5 s, not down.
-        parked = topology.retry_queue(busy.name, 5.0)
+        parked = retry_queue(busy.name, 5.0)
         assert parked.endswith(".retry.5s")
 
         async def is_parked() -> bool:
             return await queue_depth(amqp, parked) == 1
 
         await wait_for(is_parked, what=f"the event in {parked}")
-        assert await queue_depth(amqp, topology.retry_queue(busy.name, 0.2)) == 0
+        assert await queue_depth(amqp, retry_queue(busy.name, 0.2)) == 0
     assert sink.ids == ["8"]
 
 
@@ -204,20 +219,20 @@ async def test_exhausted_retries_land_in_the_dead_letter_queue_with_the_last_fai
         await wait_for(lambda: count(metrics, broken.name, "dead_lettered") == 1, what="dead")
 
     assert [d.attempt for d in sink.deliveries] == [1, 2, 3]
-    [dead] = await get_all(amqp, topology.dead_queue(broken.name))
+    [dead] = await get_all(amqp, dead_queue(broken.name))
     assert dead.message_id == "9"
     assert json.loads(dead.body) == json.loads(recorded_event("series-completed", 9))
     assert dead.content_type == "application/json"
     headers = dead.headers
-    assert headers[topology.LAST_STATUS] == 500
-    assert headers[topology.LAST_REASON] == "http_5xx"
-    assert headers[topology.LAST_ERROR] == "HTTP 500 Internal Server Error"
-    assert headers[topology.ATTEMPTS] == 3
-    assert headers[topology.ROUTING_KEY] == "netdevbpf.series-completed"
-    assert datetime.fromisoformat(headers[topology.DEAD_AT]).tzinfo is not None
+    assert headers[LAST_STATUS] == 500
+    assert headers[LAST_REASON] == "http_5xx"
+    assert headers[LAST_ERROR] == "HTTP 500 Internal Server Error"
+    assert headers[ATTEMPTS] == 3
+    assert headers[ROUTING_KEY] == "netdevbpf.series-completed"
+    assert datetime.fromisoformat(headers[DEAD_AT]).tzinfo is not None
     assert headers["ce-id"] == "9"
     assert not any(k.startswith("x-death") for k in headers)
-    assert await queue_depth(amqp, topology.main_queue(broken.name)) == 0
+    assert await queue_depth(amqp, main_queue(broken.name)) == 0
 
 
 async def test_give_up_dead_letters_at_once(
@@ -230,10 +245,10 @@ async def test_give_up_dead_letters_at_once(
         await wait_for(lambda: count(metrics, refused.name, "dead_lettered") == 1, what="dead")
 
     assert sink.ids == ["10"]
-    [dead] = await get_all(amqp, topology.dead_queue(refused.name))
-    assert dead.headers[topology.LAST_REASON] == "ssrf"
-    assert dead.headers[topology.ATTEMPTS] == 1
-    assert topology.LAST_STATUS not in dead.headers
+    [dead] = await get_all(amqp, dead_queue(refused.name))
+    assert dead.headers[LAST_REASON] == "ssrf"
+    assert dead.headers[ATTEMPTS] == 1
+    assert LAST_STATUS not in dead.headers
     assert failures(metrics, refused.name, "ssrf") == 1
 
 
@@ -245,7 +260,7 @@ async def test_poison_messages_are_dead_lettered_and_the_next_event_is_delivered
     consumer = make_consumer(
         exchange_name, [(target, sink)], queue_type=queue_type, metrics=metrics
     )
-    main = topology.main_queue(target.name)
+    main = main_queue(target.name)
     async with running(consumer):
         await publish_raw(main, b"<html>502</html>", message_id="p1")
         await publish_raw(main, b"[1, 2]", message_id="p2")
@@ -256,15 +271,15 @@ async def test_poison_messages_are_dead_lettered_and_the_next_event_is_delivered
         await wait_for(lambda: sink.ids == ["12"], what="the good event")
         await wait_for(lambda: count(metrics, target.name, "refused") == 4, what="4 refusals")
 
-    dead = await get_all(amqp, topology.dead_queue(target.name))
-    assert {m.headers[topology.LAST_REASON] for m in dead} == {"invalid"}
-    assert sorted(m.headers[topology.LAST_ERROR] for m in dead) == [
+    dead = await get_all(amqp, dead_queue(target.name))
+    assert {m.headers[LAST_REASON] for m in dead} == {"invalid"}
+    assert sorted(m.headers[LAST_ERROR] for m in dead) == [
         "body is a JSON list, not an object",
         "body is not UTF-8 JSON",
         "body is not UTF-8 JSON",
         "no message_id",
     ]
-    assert {m.headers[topology.ATTEMPTS] for m in dead} == {0}
+    assert {m.headers[ATTEMPTS] for m in dead} == {0}
     assert failures(metrics, target.name, "invalid") == 4
 
 
@@ -290,7 +305,7 @@ async def test_gone_receiver_disables_until_enabled_and_nothing_is_lost(
     exchange_name: str, make_sub: MakeSub, queue_type: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     gone = make_sub("gone")
-    main = topology.main_queue(gone.name)
+    main = main_queue(gone.name)
     settings = Settings(exchange=exchange_name, queue_type=queue_type)  # type: ignore[arg-type]
     metrics = Metrics()
     first = FakeSink(lambda d: Disable("http_410", "HTTP 410 Gone", status=410))
@@ -315,11 +330,11 @@ async def test_gone_receiver_disables_until_enabled_and_nothing_is_lost(
     )
     async with running(consumer):
         assert enabled(metrics, gone.name) == 0
-        assert (await topology.QueueControl(amqp).inspect(main)).consumer_count == 0
+        assert (await QueueControl(amqp).inspect(main)).consumer_count == 0
         await run_subscriptions(settings, [gone], "enable", gone.name)
         await wait_for(lambda: second.delivered_ids() == {"21", "22", "23"}, what="all 3 events")
         assert enabled(metrics, gone.name) == 1
-    assert await queue_depth(amqp, topology.marker_queue(gone.name)) is None
+    assert await queue_depth(amqp, marker_queue(gone.name)) is None
 
 
 async def test_disable_from_the_cli_stops_a_running_consumer(
@@ -334,7 +349,7 @@ async def test_disable_from_the_cli_stops_a_running_consumer(
         await publish_events(exchange_name, [("patch-created", 31)])
 
         async def waiting() -> bool:
-            return await queue_depth(amqp, topology.main_queue(paused.name)) == 1
+            return await queue_depth(amqp, main_queue(paused.name)) == 1
 
         await wait_for(waiting, what="the event to wait in its queue")
         await run_subscriptions(settings, [paused], "list", None)
@@ -360,7 +375,7 @@ async def test_events_waiting_in_retry_queues_survive_a_consumer_restart(
 
     # Nobody consumes while the retry TTL runs out: the broker moves them back by itself.
     async def back_in_main() -> bool:
-        return await queue_depth(amqp, topology.main_queue(later.name)) == 5
+        return await queue_depth(amqp, main_queue(later.name)) == 5
 
     await wait_for(back_in_main, what="the retries back in the main queue")
     fixed = FakeSink()
@@ -389,7 +404,7 @@ async def test_hanging_receiver_holds_only_its_own_slots(
     assert len(quick.deliveries) == 40
     assert in_flight(metrics, slow.name) == 0
     # Cancelled on shutdown, never acked: the hanging receiver's events are all still queued.
-    assert await queue_depth(amqp, topology.main_queue(slow.name)) == 40
+    assert await queue_depth(amqp, main_queue(slow.name)) == 40
 
 
 async def test_competing_consumers_deliver_every_event_once_in_total(
@@ -448,10 +463,10 @@ async def test_queue_of_another_type_stops_start_up_with_a_clear_error(
 ) -> None:
     clash = make_sub("clash")
     channel = await amqp.channel()
-    await channel.declare_queue(topology.main_queue(clash.name), durable=True)  # classic
+    await channel.declare_queue(main_queue(clash.name), durable=True)  # classic
     await channel.close()
     consumer = make_consumer(exchange_name, [(clash, FakeSink())], queue_type="quorum")
-    with pytest.raises(topology.TopologyError, match="check BRIDGE_QUEUE_TYPE"):
+    with pytest.raises(TopologyError, match="check BRIDGE_QUEUE_TYPE"):
         async with running(consumer):
             pass
 

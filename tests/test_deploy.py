@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge import topology
 from bridge.http import start_server
 from bridge.metrics import Metrics
-from bridge.subscriptions import Subscription, load_subscriptions
+from bridge.webhook.queues import dead_queue, main_queue, marker_queue, queue_names
+from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -93,13 +93,13 @@ def queue_patterns() -> list[str]:
 
 def test_queue_patterns_select_the_queues_the_consumer_declares() -> None:
     subscription = Subscription(name="kernelci", url="https://ci.example.org/hook")
-    watched = topology.queue_names(subscription)  # what the queue depth sampler reports
-    main, dead = topology.main_queue("kernelci"), topology.dead_queue("kernelci")
+    watched = queue_names(subscription)  # what the queue depth sampler reports
+    main, dead = main_queue("kernelci"), dead_queue("kernelci")
     kinds = {
         "main": [main],
         "retry": [q for q in watched if q not in (main, dead)],
         "dead": [dead],
-        "marker": [topology.marker_queue("kernelci")],
+        "marker": [marker_queue("kernelci")],
     }
     assert kinds["retry"] and main in watched and dead in watched
 

@@ -12,14 +12,15 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from bridge import topology
 from bridge.__main__ import main
-from bridge.dlq import run_dlq
+from bridge.cli.common import CliError
+from bridge.cli.dlq import run_dlq
 from bridge.metrics import Metrics
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import GiveUp
-from bridge.subscriptions import Subscription
-from bridge.subscriptions_cli import CliError
+from bridge.webhook.messages import BRIDGE_HEADERS
+from bridge.webhook.queues import dead_queue, main_queue
+from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
     FakeSink,
     delete_subscription_queues,
@@ -47,7 +48,7 @@ async def dead(
         await publish_events(exchange_name, EVENTS)
 
         async def all_dead() -> bool:
-            return await queue_depth(amqp, topology.dead_queue(sub.name)) == 3
+            return await queue_depth(amqp, dead_queue(sub.name)) == 3
 
         await wait_for(all_dead, what="3 dead letters")
     yield sub
@@ -71,7 +72,7 @@ async def test_list_shows_dead_letters_without_removing_them(
     assert lines[0].endswith("error=HTTP 400 Bad Request")
     assert "dead_at=20" in lines[0]
     assert lines[1].startswith("2  netdevbpf.series-completed  ")
-    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 3
+    assert await queue_depth(amqp, dead_queue(dead.name)) == 3
 
     # Looking twice shows the same letters in the same order.
     again = (await dlq(exchange_name, dead, "list", 50)).splitlines()
@@ -83,12 +84,12 @@ async def test_replay_sends_dead_letters_back_for_a_fresh_set_of_attempts(
     dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     out = await dlq(exchange_name, dead, "replay", 2)
-    assert out.splitlines()[-1] == f"replayed 2 dead letters to {topology.main_queue(dead.name)}"
-    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 1
-    replayed = await get_all(amqp, topology.main_queue(dead.name))
+    assert out.splitlines()[-1] == f"replayed 2 dead letters to {main_queue(dead.name)}"
+    assert await queue_depth(amqp, dead_queue(dead.name)) == 1
+    replayed = await get_all(amqp, main_queue(dead.name))
     assert [m.message_id for m in replayed] == ["1", "2"]
     for message in replayed:
-        assert not set(message.headers) & set(topology.BRIDGE_HEADERS)
+        assert not set(message.headers) & set(BRIDGE_HEADERS)
         assert message.headers["ce-id"] == message.message_id
 
     # The rest (no limit); a receiver that works now gets them with attempt 1.
@@ -99,15 +100,15 @@ async def test_replay_sends_dead_letters_back_for_a_fresh_set_of_attempts(
     [delivery] = sink.deliveries
     assert delivery.attempt == 1
     assert delivery.routing_key == "dpdk.patch-relation-changed"
-    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 0
+    assert await queue_depth(amqp, dead_queue(dead.name)) == 0
 
 
 async def test_purge_deletes_all_dead_letters_and_says_how_many(
     dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     out = await dlq(exchange_name, dead, "purge")
-    assert out == f"purged 3 dead letters from {topology.dead_queue(dead.name)}\n"
-    assert await queue_depth(amqp, topology.dead_queue(dead.name)) == 0
+    assert out == f"purged 3 dead letters from {dead_queue(dead.name)}\n"
+    assert await queue_depth(amqp, dead_queue(dead.name)) == 0
 
 
 async def test_unknown_subscription_is_refused(exchange_name: str) -> None:
@@ -155,4 +156,4 @@ async def test_command_line_lists_dead_letters(
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     assert out.decode().splitlines()[0].startswith("1  netdevbpf.patch-created  attempts=1")
-    assert err.decode().strip() == f"1 dead letters shown from {topology.dead_queue(dead.name)}"
+    assert err.decode().strip() == f"1 dead letters shown from {dead_queue(dead.name)}"

@@ -1,6 +1,6 @@
 """examples/ci_consumer.py, run as a CI operator would run it, against the Patchwork double.
 
-Messages are published by the producer's own `bridge.publisher.Publisher`,
+Messages are published by the producer's own `bridge.producer.publisher.Publisher`,
 from items the double serves, so the example reads exactly what the bus carries.
 """
 
@@ -14,11 +14,11 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 
-from bridge.bind import bind
+from bridge.cli.bind import bind
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import Event, parse_event
-from bridge.fake_patchwork import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
+from bridge.producer.publisher import Publisher
 from bridge.settings import load_settings
 from tests.conftest import AMQP_URL
 

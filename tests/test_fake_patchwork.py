@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.fake_patchwork import FakePatchwork, link_header
+from bridge.demo.patchwork_double import FakePatchwork, link_header
 
 T0 = datetime(2026, 11, 24, 13, 14, 28, 163041)
 
@@ -291,7 +291,7 @@ async def test_requests_are_recorded(fake, http):
 
 
 async def test_cli_serves_seeded_events_and_adds_more_until_sigterm(http):
-    command = [sys.executable, "-m", "bridge.fake_patchwork", "--port", "0", "--seed", "50"]
+    command = [sys.executable, "-m", "bridge.demo.patchwork_double", "--port", "0", "--seed", "50"]
     with subprocess.Popen(
         [*command, "--rate", "50"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     ) as process:

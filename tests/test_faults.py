@@ -18,14 +18,14 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from bridge import topology
 from bridge.amqp import connection_name
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.logs import quiet_libraries
 from bridge.metrics import Metrics
 from bridge.runtime import build_roles
 from bridge.settings import Settings
-from bridge.subscriptions import Subscription, load_subscriptions
+from bridge.webhook.queues import dead_queue, main_queue, retry_queue
+from bridge.webhook.subscriptions import Subscription, load_subscriptions
 from tests.amqp_helpers import (
     cut_connection,
     delete_subscription_queues,
@@ -308,8 +308,8 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
     )
     (subscription,) = load_subscriptions(path)
     cleanup.append(subscription)
-    main = topology.main_queue(subscription.name)
-    retry = topology.retry_queue(subscription.name, 3.0)
+    main = main_queue(subscription.name)
+    retry = retry_queue(subscription.name, 3.0)
     env = bridge_env(exchange=exchange_name, subscriptions=str(path))
     log = tmp_path / "webhook.log"  # where bridges() sends its output
     ids = {str(i) for i in range(1000, 1030)}
@@ -345,7 +345,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         webhook = await bridges("webhook", env)
         await wait_for(lambda: receiver.delivered() == ids, 30, "all 30 after the restart")
         assert await stop_bridge(webhook) == 0, tail(log)
-        assert await watch.depth(topology.dead_queue(subscription.name)) == 0
+        assert await watch.depth(dead_queue(subscription.name)) == 0
         assert await watch.depth(main) == 0 and await watch.depth(retry) == 0
 
     assert all(count == 1 for count in receiver.successes.values())

@@ -17,12 +17,12 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge import topology
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.http import start_server
 from bridge.metrics import Metrics
-from bridge.producer import Producer
+from bridge.producer.poller import Producer
 from bridge.settings import Settings
+from bridge.webhook.queues import dead_queue, main_queue
 from tests.amqp_helpers import AMQP_URL, wait_for
 from tests.test_run_process import delete_topology
 
@@ -119,7 +119,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
                     and total(
                         scraped,
                         "patchwork_bridge_queue_messages_ready",
-                        queue=topology.dead_queue(bad),
+                        queue=dead_queue(bad),
                     )
                     == dpdk
                 )
@@ -156,7 +156,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
         == 3 * dpdk
     )
     assert total(scraped, f"{p}webhook_delivery_duration_seconds_count", subscription=good) == 20
-    assert total(scraped, f"{p}queue_messages_ready", queue=topology.main_queue(good)) == 0
+    assert total(scraped, f"{p}queue_messages_ready", queue=main_queue(good)) == 0
     assert (f"{p}cursor_lag_seconds", frozenset()) in scraped
     assert total(scraped, f"{p}subscription_enabled", subscription=good) == 1
     assert total(scraped, f"{p}broker_connected", role="producer") == 1

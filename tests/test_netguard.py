@@ -14,7 +14,12 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.netguard import ForbiddenAddress, GuardedResolver, check_literal_host, refusal_reason
+from bridge.webhook.netguard import (
+    ForbiddenAddress,
+    GuardedResolver,
+    check_literal_host,
+    refusal_reason,
+)
 
 # Written out from the IANA special-purpose registries (RFC 6890 and successors), independently
 # of the module's own table.

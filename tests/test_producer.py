@@ -15,9 +15,9 @@ import aio_pika
 import pytest
 
 from bridge.amqp import connection_name
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.producer import Producer
+from bridge.producer.poller import Producer
 from bridge.settings import Settings
 from tests.amqp_helpers import cut_connection, drain, wait_for
 

@@ -16,7 +16,7 @@ import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 
-from bridge.fake_patchwork import FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 from tests.amqp_helpers import wait_for
 
 TZ = "Australia/Canberra"

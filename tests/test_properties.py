@@ -24,12 +24,13 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.cursor import Cursor
+from bridge.demo.patchwork_double import CATEGORIES
 from bridge.events import BadPage, ce_time, parse_event, split_array
-from bridge.fake_patchwork import CATEGORIES
-from bridge.patchwork import PAGE_SIZE, PatchworkClient
+from bridge.producer.cursor import Cursor
+from bridge.producer.patchwork import PAGE_SIZE, PatchworkClient
+from bridge.producer.window import Window
 from bridge.settings import Settings, SettingsError
-from bridge.subscriptions import (
+from bridge.webhook.subscriptions import (
     MAX_RETRY_DELAY_S,
     Subscription,
     TopicMatcher,
@@ -37,7 +38,6 @@ from bridge.subscriptions import (
     load_subscriptions,
     matches,
 )
-from bridge.window import Window
 
 FAST = settings(max_examples=60, deadline=None)
 # Examples share the test's tmp_path: each writes its own file, nothing carries over.

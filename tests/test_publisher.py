@@ -9,11 +9,11 @@ from zoneinfo import ZoneInfo
 import aio_pika
 import pytest
 
-from bridge import publisher as publisher_module
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import Event, parse_event
-from bridge.fake_patchwork import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.publisher import Publisher
+from bridge.producer import publisher as publisher_module
+from bridge.producer.publisher import Publisher
 from tests.amqp_helpers import drain
 
 TZ = ZoneInfo("Australia/Canberra")

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from bridge import topology
 from bridge.metrics import Metrics
-from bridge.queue_depth import QueueDepthSampler
+from bridge.webhook.queue_depth import QueueDepthSampler
+from bridge.webhook.queues import dead_queue, main_queue, retry_queue
 from tests.amqp_helpers import (
     HangingSink,
     delete_subscription_queues,
@@ -53,7 +53,7 @@ async def test_sampler_sets_ready_messages_and_consumers_per_queue(
     missing = f"test-depth-{unique}-missing"
     metrics = Metrics()
     sampler = QueueDepthSampler(amqp, [missing, full, busy], metrics, interval_s=1.0)
-    with caplog.at_level(logging.WARNING, logger="bridge.queue_depth"):
+    with caplog.at_level(logging.WARNING, logger="bridge.webhook.queue_depth"):
         await sampler.sample_once()
         await sampler.sample_once()
 
@@ -90,8 +90,8 @@ async def test_consumer_samples_its_main_retry_and_dead_queues(
     stuck = subscription(f"depth-{unique}", concurrency=1, retry_schedule=[0.5])
     metrics = Metrics()
     consumer = make_consumer(exchange_name, [(stuck, HangingSink())], metrics=metrics)
-    main, dead = topology.main_queue(stuck.name), topology.dead_queue(stuck.name)
-    retry = topology.retry_queue(stuck.name, 0.5)
+    main, dead = main_queue(stuck.name), dead_queue(stuck.name)
+    retry = retry_queue(stuck.name, 0.5)
     try:
         async with running(consumer):
             await publish_events(exchange_name, [("patch-created", i) for i in range(1, 5)])

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from standardwebhooks import Webhook
 
-from bridge.receiver import Received, start_receiver
+from bridge.demo.receiver import Received, start_receiver
 
 SECRET = "whsec_" + base64.b64encode(b"receiver-test-secret-32-bytes-ok").decode()
 BODY = json.dumps({"id": 7, "category": "patch-created", "project": {"link_name": "netdev"}})
@@ -153,7 +153,7 @@ async def test_command_line_receiver_prints_one_line_per_delivery_and_stops_on_s
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bridge.receiver",
+        "bridge.demo.receiver",
         "--host",
         "127.0.0.1",
         "--port",

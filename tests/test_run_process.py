@@ -17,9 +17,9 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 from standardwebhooks import Webhook
 
-from bridge import topology
-from bridge.fake_patchwork import FakePatchwork
-from bridge.subscriptions import load_subscriptions
+from bridge.demo.patchwork_double import FakePatchwork
+from bridge.webhook.queues import dead_queue
+from bridge.webhook.subscriptions import load_subscriptions
 from tests.amqp_helpers import delete_subscription_queues, get_all, queue_depth, wait_for
 
 TZ = "Europe/Berlin"
@@ -160,14 +160,14 @@ url = "{urls["loopback"]}"
             return got >= flaky_wanted and len(requests) >= len(flaky_wanted) + len(throttled)
 
         async def dead_letters_complete() -> bool:
-            dead_500 = await queue_depth(amqp, topology.dead_queue(names["always-500"]))
-            dead_loopback = await queue_depth(amqp, topology.dead_queue(names["loopback"]))
+            dead_500 = await queue_depth(amqp, dead_queue(names["always-500"]))
+            dead_loopback = await queue_depth(amqp, dead_queue(names["loopback"]))
             return dead_500 == len(dpdk_wanted) and dead_loopback == len(events)
 
         await wait_for(flaky_has_all, 60)
         await wait_for(dead_letters_complete, 60)
-        dead_500 = await get_all(amqp, topology.dead_queue(names["always-500"]))
-        dead_loopback = await get_all(amqp, topology.dead_queue(names["loopback"]))
+        dead_500 = await get_all(amqp, dead_queue(names["always-500"]))
+        dead_loopback = await get_all(amqp, dead_queue(names["loopback"]))
     finally:
         process.send_signal(signal.SIGTERM)
         log = (await asyncio.wait_for(process.communicate(), 40))[1].decode()

@@ -21,14 +21,17 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import amqp_headers, parse_event
-from bridge.fake_patchwork import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.models import EVENT_MODELS, OBJECT_MODELS
 from bridge.schema import SCHEMAS_DIR, EventValidator, SchemaWatch, main, stale_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED_DIRS = [ROOT / "bridge" / "data" / "events", ROOT.parent / "shared/patchwork-api/events"]
+RECORDED_DIRS = [
+    ROOT / "bridge" / "demo" / "data" / "events",
+    ROOT.parent / "shared/patchwork-api/events",
+]
 RECORDED = sorted(p for d in RECORDED_DIRS if d.is_dir() for p in d.glob("*.json"))
 LIST_PAGE = ROOT.parent / "shared/patchwork-api/events-list-page.json"
 TOOLS = SCHEMAS_DIR / "tools"
@@ -186,7 +189,7 @@ def test_changing_any_field_type_breaks_the_schema(name: str, item: dict[str, An
 
 
 def test_extra_fields_are_allowed_at_every_level():
-    item = load(ROOT / "bridge/data/events/check-created.json")
+    item = load(ROOT / "bridge/demo/data/events/check-created.json")
     for path in [("new",), ("project", "new"), ("payload", "new"), ("payload", "check", "new")]:
         extended = replaced(item, path, {"anything": [1, "two"]})
         assert category_schema("check-created").is_valid(extended)
@@ -204,9 +207,9 @@ def test_extra_fields_are_allowed_at_every_level():
     ],
 )
 def test_values_patchwork_never_sends_are_violations(path: tuple[str, ...], value: Any):
-    item = load(ROOT / "bridge/data/events/check-created.json")
+    item = load(ROOT / "bridge/demo/data/events/check-created.json")
     if path[1:2] == ("series",):
-        item = load(ROOT / "bridge/data/events/series-completed.json")
+        item = load(ROOT / "bridge/demo/data/events/series-completed.json")
     broken = replaced(item, path, value)
     assert not category_schema(item["category"]).is_valid(broken)
     assert VALIDATOR.check(item["category"], broken) == [".".join(path)]
@@ -246,17 +249,17 @@ def test_fields_are_nullable_exactly_where_patchwork_sends_null():
 
 
 def test_nulls_patchwork_sends_are_valid():
-    item = load(ROOT / "bridge/data/events/patch-delegated.json")
+    item = load(ROOT / "bridge/demo/data/events/patch-delegated.json")
     undelegated = replaced(item, ("payload", "current_delegate"), None)
     assert VALIDATOR.check("patch-delegated", undelegated) == []
-    series = load(ROOT / "bridge/data/events/series-created.json")
+    series = load(ROOT / "bridge/demo/data/events/series-created.json")
     unnamed = replaced(series, ("payload", "series", "name"), None)
     assert category_schema("series-created").is_valid(unnamed)
     assert VALIDATOR.check("series-created", unnamed) == []
 
 
 def test_unknown_category_is_a_normal_event():
-    item = load(ROOT / "bridge/data/events/patch-created.json")
+    item = load(ROOT / "bridge/demo/data/events/patch-created.json")
     renamed = {**item, "category": "patch-teleported", "payload": {"whatever": 1}}
     assert VALIDATOR.check("patch-teleported", renamed) == []
     assert DISPATCH.is_valid(renamed)
@@ -265,7 +268,7 @@ def test_unknown_category_is_a_normal_event():
 
 
 def test_validator_reports_each_broken_field_once():
-    item = load(ROOT / "bridge/data/events/patch-state-changed.json")
+    item = load(ROOT / "bridge/demo/data/events/patch-state-changed.json")
     broken = replaced(without(item, ("payload", "patch", "mbox")), ("id",), "287")
     assert VALIDATOR.check("patch-state-changed", broken) == ["id", "payload.patch.mbox"]
 
@@ -278,7 +281,7 @@ def test_schema_watch_counts_every_bad_event_and_logs_each_field_once(
 ):
     metrics = Metrics()
     watch = SchemaWatch(metrics)
-    good = load(ROOT / "bridge/data/events/series-completed.json")
+    good = load(ROOT / "bridge/demo/data/events/series-completed.json")
     no_version = without(good, ("payload", "series", "version"))
     caplog.set_level(logging.WARNING, logger="bridge.schema")
 

@@ -76,13 +76,19 @@ def test_check_config_accepts_good_settings(tmp_path):
 
 def test_json_log_lines_carry_message_level_and_extra_fields():
     record = logging.LogRecord(
-        "bridge.producer", logging.WARNING, __file__, 1, "poll failed (%s)", ("timeout",), None
+        "bridge.producer.poller",
+        logging.WARNING,
+        __file__,
+        1,
+        "poll failed (%s)",
+        ("timeout",),
+        None,
     )
     record.subscription = "kernelci"
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "poll failed (timeout)"
     assert line["level"] == "warning"
-    assert line["logger"] == "bridge.producer"
+    assert line["logger"] == "bridge.producer.poller"
     assert line["subscription"] == "kernelci"
     assert line["time"].endswith("+00:00")
 

@@ -15,7 +15,7 @@ from bridge.sinks.base import Sink
 from bridge.sinks.command import CommandSink
 from bridge.sinks.registry import load_sink, sink_names
 from bridge.sinks.webhook import WebhookSink
-from bridge.subscriptions import (
+from bridge.webhook.subscriptions import (
     DEFAULT_RETRY_SCHEDULE_S,
     Subscription,
     TopicMatcher,

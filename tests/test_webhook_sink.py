@@ -17,10 +17,11 @@ from cloudevents.core.formats.json import JSONFormat
 from standardwebhooks import Webhook
 
 from bridge.events import USER_AGENT, ce_headers, parse_event
+from bridge.logs import DETAIL_MAX_CHARS
 from bridge.metrics import DELIVERY_FAILURE_REASONS
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater
-from bridge.sinks.webhook import DETAIL_MAX_CHARS, WebhookSink
-from bridge.subscriptions import Subscription
+from bridge.sinks.webhook import WebhookSink
+from bridge.webhook.subscriptions import Subscription
 from tests.conftest import RECORDED_EVENTS
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

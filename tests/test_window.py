@@ -8,9 +8,9 @@ from datetime import datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.cursor import Cursor
 from bridge.events import Event, parse_event
-from bridge.window import Window
+from bridge.producer.cursor import Cursor
+from bridge.producer.window import Window
 
 T0 = datetime(2026, 11, 24, 13, 0, 0)
 

@@ -20,14 +20,14 @@ import contextlib
 import os
 import signal
 
+from bridge.logs import one_line
 from bridge.sinks.base import Delivered, Delivery, GiveUp, Outcome, RetryLater
-from bridge.subscriptions import Subscription
+from bridge.webhook.subscriptions import Subscription
 
 EX_TEMPFAIL = 75
 STDERR_TAIL_BYTES = 4096
 STDERR_GRACE_S = 1.0
 """After the program exits, how long its stderr may stay open (a background child holding it)."""
-DETAIL_MAX_CHARS = 300
 
 
 class CommandSink:
@@ -92,9 +92,7 @@ class CommandSink:
         quoted = " ".join(stderr_tail.decode("utf-8", errors="replace").split())
         if quoted:
             said += f": {quoted}"
-        if len(said) > DETAIL_MAX_CHARS:
-            said = said[: DETAIL_MAX_CHARS - 3] + "..."
-        return RetryLater("sink_error", said)
+        return RetryLater("sink_error", one_line(said))
 
     async def close(self) -> None:
         """Kill programs still running (their deliveries are being cancelled) and reap them."""

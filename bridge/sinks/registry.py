@@ -15,7 +15,7 @@ from bridge.settings import SettingsError
 from bridge.sinks.base import Sink
 
 if TYPE_CHECKING:
-    from bridge.subscriptions import Subscription
+    from bridge.webhook.subscriptions import Subscription
 
 GROUP = "patchwork_bridge.sinks"
 

@@ -15,15 +15,15 @@ import aiohttp
 from yarl import URL
 
 from bridge.events import USER_AGENT
-from bridge.netguard import ForbiddenAddress, GuardedResolver, check_literal_host
-from bridge.retry import parse_retry_after
-from bridge.signing import decode_secret, sign_with_key
+from bridge.logs import one_line
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater
-from bridge.subscriptions import Subscription
+from bridge.webhook.netguard import ForbiddenAddress, GuardedResolver, check_literal_host
+from bridge.webhook.retry import parse_retry_after
+from bridge.webhook.signing import decode_secret, sign_with_key
+from bridge.webhook.subscriptions import Subscription
 
 BODY_READ_CAP_BYTES = 64 * 1024
 """How much of a response we read, only to quote it in the log; the rest is never downloaded."""
-DETAIL_MAX_CHARS = 300
 CONNECT_TIMEOUT_MAX_S = 5.0
 CE_HEADERS = ("ce-specversion", "ce-id", "ce-source", "ce-type", "ce-subject", "ce-time")
 
@@ -176,10 +176,7 @@ class WebhookSink:
         """One line, bounded, without the secret, the token or the URL's query string."""
         for secret in self._redact:
             text = text.replace(secret, "***")
-        text = " ".join(text.split())
-        if len(text) > DETAIL_MAX_CHARS:
-            text = text[: DETAIL_MAX_CHARS - 3] + "..."
-        return text
+        return one_line(text)
 
     async def close(self) -> None:
         self._closed = True

@@ -1,6 +1,6 @@
 """``patchwork-bridge demo``: the whole path on one machine with nothing but RabbitMQ.
 
-Recorded Patchwork events (bundled in ``bridge/data``) are served by a local
+Recorded Patchwork events (bundled in ``bridge/demo/data``) are served by a local
 Patchwork double; the real producer polls it and publishes to a throw-away
 exchange; the real webhook consumer delivers them, signed, to a local receiver
 that prints each one. Everything the demo declared is deleted at the end.
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import aio_pika
 
-from bridge import topology
 from bridge.amqp import connect
-from bridge.fake_patchwork import FakePatchwork, seed
+from bridge.demo.patchwork_double import FakePatchwork, seed
+from bridge.demo.receiver import Received, start_receiver
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
-from bridge.receiver import Received, start_receiver
 from bridge.runtime import build_roles
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.subscriptions import load_subscriptions
+from bridge.webhook.queues import marker_queue, queue_names
+from bridge.webhook.subscriptions import load_subscriptions
 
 TIMEOUT_S = 60.0
 
@@ -117,8 +117,8 @@ async def _clean_up(settings: Settings, *, delete_exchange: bool) -> None:
         channel = await connection.channel()
         for subscription in load_subscriptions(settings.subscriptions):
             for name in [
-                *topology.queue_names(subscription),
-                topology.marker_queue(subscription.name),
+                *queue_names(subscription),
+                marker_queue(subscription.name),
             ]:
                 await channel.queue_delete(name)
         if delete_exchange:

@@ -5,7 +5,7 @@ imply) and, when ``WEBHOOK_SECRET`` is set and ``standardwebhooks`` is installed
 whether the Standard Webhooks signature verifies. It is a demonstration, not a
 production receiver: it keeps nothing.
 
-    python -m bridge.receiver --host 0.0.0.0 --port 8080
+    python -m bridge.demo.receiver --host 0.0.0.0 --port 8080
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ async def _serve(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bridge.receiver",
+        prog="python -m bridge.demo.receiver",
         description="Print one line per webhook delivery; verify signatures if WEBHOOK_SECRET "
         "is set.",
     )

@@ -1,12 +1,12 @@
 """An in-process Patchwork double: the events API with every quirk the bridge must survive.
 
-Built from the responses recorded from a real Patchwork (``bridge/data/``), it serves
+Built from the responses recorded from a real Patchwork (``bridge/demo/data/``), it serves
 ``/api/{version}/events/`` the way Patchwork 1.3/1.4 under Django REST framework does:
 naive server-local dates, inclusive ``since``, exclusive ``before``, ``per_page`` capped at
 250, ``Link`` paging, HTTP 404 past the last page, HTTP 500 for a zone-suffixed date, ``[]``
 for an invalid filter, and events that become visible after newer ones were already read.
-Tests, ``patchwork-bridge demo`` and the benchmarks use it; ``python -m bridge.fake_patchwork``
-serves one on its own (docker-compose's demo profile).
+Tests, ``patchwork-bridge demo`` and the benchmarks use it;
+``python -m bridge.demo.patchwork_double`` serves one on its own (docker-compose's demo profile).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def render(obj: Any) -> bytes:
 
 
 def _load(name: str, api_version: str) -> Any:
-    text = resources.files("bridge").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("bridge.demo").joinpath("data", name).read_text(encoding="utf-8")
     return json.loads(text.replace(f"/api/{RECORDED_VERSION}/", f"/api/{api_version}/"))
 
 
@@ -188,7 +188,7 @@ class FakePatchwork:
         self._url: str | None = None
         self._templates = {
             path.name.removesuffix(".json"): _load(f"events/{path.name}", api_version)
-            for path in resources.files("bridge").joinpath("data", "events").iterdir()
+            for path in resources.files("bridge.demo").joinpath("data", "events").iterdir()
             if path.name.endswith(".json")
         }
         self._series = _load("series-detail.json", api_version)
@@ -599,7 +599,7 @@ def _descending(order: str | None) -> bool:
     return not fields or fields[0].startswith("-")
 
 
-# -- command line: python -m bridge.fake_patchwork -------------------------------------
+# -- command line: python -m bridge.demo.patchwork_double -------------------------------------
 
 
 def seed(fake: FakePatchwork, n: int) -> None:
@@ -657,7 +657,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bridge.fake_patchwork",
+        prog="python -m bridge.demo.patchwork_double",
         description="Serve a Patchwork events API double seeded from recorded events.",
     )
     parser.add_argument("--host", default="127.0.0.1")

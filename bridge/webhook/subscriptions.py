@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bridge.settings import SettingsError
-from bridge.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 from bridge.sinks.registry import sink_names
+from bridge.webhook.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
 MAX_RETRY_DELAY_S = 4_294_967.0

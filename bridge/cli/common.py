@@ -1,12 +1,7 @@
-"""``patchwork-bridge subscriptions list|enable|disable NAME``: the switch per subscription.
-
-The state lives on the broker (an empty ``bridge.webhook.<name>.disabled`` queue),
-so it survives restarts and every running consumer follows it within a few seconds.
-"""
+"""What the operator commands share: one short-lived connection, exit codes, subscription lookup."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,11 +9,9 @@ from contextlib import asynccontextmanager
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from bridge.amqp import CONNECT_TIMEOUT_S
-from bridge.consumer import MARKER_CHECK_INTERVAL_S
+from bridge.amqp import BROKER_ERRORS, CONNECT_TIMEOUT_S
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.subscriptions import Subscription, load_subscriptions
-from bridge.topology import BROKER_ERRORS, QueueControl, main_queue
+from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 PROG = "patchwork-bridge"
 
@@ -59,42 +52,6 @@ async def connected(settings: Settings, command: str) -> AsyncIterator[AbstractC
         yield connection
     finally:
         await connection.close()
-
-
-async def run_subscriptions(
-    settings: Settings, subscriptions: list[Subscription], action: str, name: str | None
-) -> None:
-    """The command itself, with settings and subscriptions already loaded (tests call this)."""
-    chosen = subscriptions if action == "list" else [pick(subscriptions, name or "")]
-    async with connected(settings, f"subscriptions {action}") as connection:
-        control = QueueControl(connection)
-        try:
-            if action == "list":
-                for s in chosen:
-                    state = "disabled" if await control.is_disabled(s.name) else "enabled"
-                    print(f"{s.name}\t{state}\t{s.sink}\t{' '.join(s.events)}")
-                return
-            disable = action == "disable"
-            await control.set_disabled(chosen[0].name, disable, settings.queue_type)
-        except BROKER_ERRORS as exc:
-            raise CliError(f"RabbitMQ refused the {action} ({type(exc).__name__}: {exc})") from None
-        finally:
-            await control.close()
-    if disable:
-        print(
-            f"{name}: disabled; running consumers stop within {MARKER_CHECK_INTERVAL_S:g}s and "
-            f"events wait in {main_queue(name or '')}"
-        )
-    else:
-        print(f"{name}: enabled; running consumers resume within {MARKER_CHECK_INTERVAL_S:g}s")
-
-
-async def cli(args: argparse.Namespace) -> int:
-    return await run_operator_command(
-        lambda settings, subscriptions: run_subscriptions(
-            settings, subscriptions, args.subscriptions_command, getattr(args, "name", None)
-        )
-    )
 
 
 async def run_operator_command(

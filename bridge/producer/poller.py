@@ -13,14 +13,14 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bridge.amqp import connect_with_retry, declare_exchange, is_connected
-from bridge.cursor import Cursor, CursorStore, CursorWriter
 from bridge.events import BadEvent, Event, parse_event
 from bridge.metrics import Metrics
-from bridge.patchwork import Page, PatchworkClient, PatchworkError
-from bridge.publisher import Publisher
+from bridge.producer.cursor import Cursor, CursorStore, CursorWriter
+from bridge.producer.patchwork import Page, PatchworkClient, PatchworkError
+from bridge.producer.publisher import Publisher
+from bridge.producer.window import Window
 from bridge.settings import Settings
-from bridge.waiting import sleep_unless
-from bridge.window import Window
+from bridge.ticker import sleep_unless
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 from aio_pika.abc import AbstractConnection
 
+from bridge.amqp import BROKER_ERRORS, raise_if_cancelled
 from bridge.metrics import Metrics
-from bridge.topology import BROKER_ERRORS, QueueControl, raise_if_cancelled
-from bridge.waiting import sleep_unless
+from bridge.ticker import sleep_unless
+from bridge.webhook.queues import QueueControl
 
 log = logging.getLogger(__name__)
 

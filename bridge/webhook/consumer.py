@@ -3,7 +3,7 @@
 Each subscription has its own channel (prefetch = its ``concurrency``) and its own
 sink, so a receiver that hangs holds only its own slots. ``_settle`` is the one
 place that turns an outcome into an AMQP action and a metric. Retries wait in
-broker queues (see ``bridge.topology``), so they survive a restart of this process.
+broker queues (see ``bridge.webhook.queues``), so they survive a restart of this process.
 """
 
 from __future__ import annotations
@@ -20,24 +20,44 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from prometheus_client import Counter, Histogram
 
-from bridge import topology
-from bridge.amqp import connect_with_retry, declare_exchange, is_connected
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    connect_with_retry,
+    declare_exchange,
+    is_connected,
+    publish_confirmed,
+    raise_if_cancelled,
+)
+from bridge.logs import one_line
 from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
-from bridge.queue_depth import QueueDepthSampler
-from bridge.retry import delay_for_attempt, delay_ladder, round_up_to_ladder
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
 from bridge.sinks.registry import load_sink
-from bridge.subscriptions import Subscription, TopicMatcher, load_subscriptions
-from bridge.topology import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
+from bridge.ticker import sleep_unless
+from bridge.webhook.messages import (
     Invalid,
+    InvalidMessage,
+    Unmatched,
+    attempt_of,
+    copy_message,
+    dead_headers,
+    delivery_from,
+    retry_headers,
+)
+from bridge.webhook.queue_depth import QueueDepthSampler
+from bridge.webhook.queues import (
     QueueControl,
     TopologyError,
-    Unmatched,
+    dead_queue,
+    declare_subscription,
+    main_queue,
+    marker_queue,
+    queue_names,
+    retry_queue,
 )
-from bridge.waiting import sleep_unless
+from bridge.webhook.retry import delay_for_attempt, delay_ladder, round_up_to_ladder
+from bridge.webhook.subscriptions import Subscription, TopicMatcher, load_subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +164,7 @@ class WebhookConsumer:
                 raise
             sampler = QueueDepthSampler(
                 self._connection,
-                [q for lane in self._lanes for q in topology.queue_names(lane.subscription)],
+                [q for lane in self._lanes for q in queue_names(lane.subscription)],
                 self.metrics,
                 self.settings.queue_depth_interval,
             )
@@ -185,8 +205,8 @@ class WebhookConsumer:
                 log.warning(
                     "webhook %s: disabled (marker queue %s exists); events wait in %s",
                     lane.name,
-                    topology.marker_queue(lane.name),
-                    topology.main_queue(lane.name),
+                    marker_queue(lane.name),
+                    main_queue(lane.name),
                 )
             else:
                 await self._consume(lane)
@@ -244,7 +264,7 @@ class WebhookConsumer:
         async with asyncio.timeout(BROKER_TIMEOUT_S):
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=lane.subscription.concurrency)
-        lane.queue = await topology.declare_subscription(
+        lane.queue = await declare_subscription(
             channel, self.settings.exchange, lane.subscription, self.settings.queue_type
         )
 
@@ -291,8 +311,8 @@ class WebhookConsumer:
                 lane.name,
                 outcome.reason,
                 outcome.status,
-                topology.one_line(outcome.detail),
-                topology.main_queue(lane.name),
+                one_line(outcome.detail),
+                main_queue(lane.name),
                 lane.name,
             )
 
@@ -305,7 +325,7 @@ class WebhookConsumer:
                 for lane in self._lanes:
                     await self._sync_marker(lane)
             except BROKER_ERRORS as exc:
-                topology.raise_if_cancelled()
+                raise_if_cancelled()
                 if not failing:
                     log.warning("webhook: cannot check disabled markers (%s); will retry", exc)
                 failing = True
@@ -346,9 +366,9 @@ class WebhookConsumer:
         try:
             outcome: Outcome | Invalid | Unmatched
             try:
-                delivery = topology.delivery_from(message)
-            except topology.InvalidMessage as exc:
-                outcome = topology.Invalid(str(exc))
+                delivery = delivery_from(message)
+            except InvalidMessage as exc:
+                outcome = Invalid(str(exc))
             else:
                 if lane.wants(delivery.routing_key):
                     started = time.monotonic()
@@ -356,9 +376,9 @@ class WebhookConsumer:
                     lane.duration.observe(time.monotonic() - started)
                 else:
                     outcome = Unmatched(delivery.routing_key)
-            await self._settle(lane, message, topology.attempt_of(message), outcome)
+            await self._settle(lane, message, attempt_of(message), outcome)
         except BROKER_ERRORS as exc:
-            topology.raise_if_cancelled()
+            raise_if_cancelled()
             log.warning(
                 "webhook %s: could not settle event %s (%s: %s); the broker will redeliver it",
                 lane.name,
@@ -368,7 +388,7 @@ class WebhookConsumer:
             )
             await _hand_back(message)
         except Exception:
-            topology.raise_if_cancelled()
+            raise_if_cancelled()
             log.exception("webhook %s: bug while settling event %s", lane.name, message.message_id)
             await _hand_back(message)
 
@@ -426,12 +446,12 @@ class WebhookConsumer:
                         name,
                         key,
                         list(lane.subscription.events),
-                        topology.main_queue(name),
+                        main_queue(name),
                     )
                 return
             case RetryLater() if (delay_s := self._retry_delay(lane, attempt, outcome)) is not None:
-                headers = topology.retry_headers(message, outcome, attempt + 1)
-                await self._move(lane, message, topology.retry_queue(name, delay_s), headers)
+                headers = retry_headers(message, outcome, attempt + 1)
+                await self._move(lane, message, retry_queue(name, delay_s), headers)
                 label = "retried"
                 log.info(
                     "webhook %s: event %s attempt %d failed (%s: %s); retry in %gs",
@@ -449,8 +469,8 @@ class WebhookConsumer:
             case RetryLater() | GiveUp() | Invalid():
                 # Invalid was never handed to the sink: no attempt is spent on it.
                 attempts = attempt - 1 if isinstance(outcome, Invalid) else attempt
-                headers = topology.dead_headers(message, outcome, attempts)
-                await self._move(lane, message, topology.dead_queue(name), headers)
+                headers = dead_headers(message, outcome, attempts)
+                await self._move(lane, message, dead_queue(name), headers)
                 label = "refused" if isinstance(outcome, Invalid) else "dead_lettered"
                 log.warning(
                     "webhook %s: event %s dead-lettered after %d attempts (%s: %s)",
@@ -478,9 +498,7 @@ class WebhookConsumer:
     ) -> None:
         """Publish a copy to ``queue``, wait for the confirm, then ack the original."""
         assert lane.queue is not None
-        await topology.publish_confirmed(
-            lane.queue.channel, queue, topology.copy_message(message, headers)
-        )
+        await publish_confirmed(lane.queue.channel, queue, copy_message(message, headers))
         await _ack(message)
 
 

@@ -16,10 +16,22 @@ from typing import TextIO
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge import topology
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, publish_confirmed
+from bridge.cli.common import CliError, connected, pick, run_operator_command
 from bridge.settings import Settings
-from bridge.subscriptions import Subscription
-from bridge.subscriptions_cli import CliError, connected, pick, run_operator_command
+from bridge.webhook.messages import (
+    ATTEMPTS,
+    DEAD_AT,
+    LAST_ERROR,
+    LAST_REASON,
+    LAST_STATUS,
+    ROUTING_KEY,
+    copy_message,
+    header_text,
+    replay_headers,
+)
+from bridge.webhook.queues import dead_queue, main_queue
+from bridge.webhook.subscriptions import Subscription
 
 
 def describe(message: AbstractIncomingMessage) -> str:
@@ -27,20 +39,20 @@ def describe(message: AbstractIncomingMessage) -> str:
     headers = message.headers or {}
 
     def field(key: str) -> str:
-        return topology.header_text(headers.get(key)) or "-"
+        return header_text(headers.get(key)) or "-"
 
-    key = field(topology.ROUTING_KEY) if topology.ROUTING_KEY in headers else message.routing_key
+    key = field(ROUTING_KEY) if ROUTING_KEY in headers else message.routing_key
     return (
-        f"{message.message_id or '-'}  {key or '-'}  attempts={field(topology.ATTEMPTS)}  "
-        f"status={field(topology.LAST_STATUS)}  reason={field(topology.LAST_REASON)}  "
-        f"dead_at={field(topology.DEAD_AT)}  error={field(topology.LAST_ERROR)}"
+        f"{message.message_id or '-'}  {key or '-'}  attempts={field(ATTEMPTS)}  "
+        f"status={field(LAST_STATUS)}  reason={field(LAST_REASON)}  "
+        f"dead_at={field(DEAD_AT)}  error={field(LAST_ERROR)}"
     )
 
 
 async def _dead_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
-    queue_name = topology.dead_queue(name)
+    queue_name = dead_queue(name)
     try:
-        async with asyncio.timeout(topology.BROKER_TIMEOUT_S):
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
             return await channel.get_queue(queue_name, ensure=True)
     except ChannelNotFoundEntity:
         raise CliError(f"{queue_name} does not exist (has the webhook consumer run yet?)") from None
@@ -53,7 +65,7 @@ async def list_dead(connection: AbstractConnection, name: str, limit: int, out: 
         queue = await _dead_queue(channel, name)
         shown = 0
         while shown < limit:
-            message = await queue.get(no_ack=False, fail=False, timeout=topology.BROKER_TIMEOUT_S)
+            message = await queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
             if message is None:
                 break
             print(describe(message), file=out)
@@ -77,14 +89,14 @@ async def replay_dead(
         queue = await _dead_queue(channel, name)
         waiting = queue.declaration_result.message_count or 0
         budget = waiting if limit is None else min(limit, waiting)
-        main = topology.main_queue(name)
+        main = main_queue(name)
         moved = 0
         while moved < budget:
-            message = await queue.get(no_ack=False, fail=False, timeout=topology.BROKER_TIMEOUT_S)
+            message = await queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
             if message is None:
                 break
-            headers = topology.replay_headers(message)
-            await topology.publish_confirmed(channel, main, topology.copy_message(message, headers))
+            headers = replay_headers(message)
+            await publish_confirmed(channel, main, copy_message(message, headers))
             await message.ack()
             print(f"replayed {describe(message)}", file=out)
             moved += 1
@@ -97,7 +109,7 @@ async def purge_dead(connection: AbstractConnection, name: str) -> int:
     channel = await connection.channel(publisher_confirms=False)
     try:
         queue = await _dead_queue(channel, name)
-        result = await queue.purge(timeout=topology.BROKER_TIMEOUT_S)
+        result = await queue.purge(timeout=BROKER_TIMEOUT_S)
         return result.message_count or 0
     finally:
         await _close(channel)
@@ -106,7 +118,7 @@ async def purge_dead(connection: AbstractConnection, name: str) -> int:
 async def _close(channel: AbstractChannel) -> None:
     """Close, unless the broker already did (it closes a channel that asked for a missing queue)."""
     if not channel.is_closed:
-        with contextlib.suppress(*topology.BROKER_ERRORS):
+        with contextlib.suppress(*BROKER_ERRORS):
             await channel.close()
 
 
@@ -120,7 +132,7 @@ async def run_dlq(
 ) -> None:
     """The command itself, with settings and subscriptions already loaded (tests call this)."""
     subscription = pick(subscriptions, name)
-    queue_name = topology.dead_queue(subscription.name)
+    queue_name = dead_queue(subscription.name)
     async with connected(settings, f"dlq {action}") as connection:
         try:
             if action == "list":
@@ -128,13 +140,13 @@ async def run_dlq(
                 print(f"{shown} dead letters shown from {queue_name}", file=sys.stderr)
             elif action == "replay":
                 moved = await replay_dead(connection, subscription.name, limit, out)
-                print(f"replayed {moved} dead letters to {topology.main_queue(name)}", file=out)
+                print(f"replayed {moved} dead letters to {main_queue(name)}", file=out)
             elif action == "purge":
                 purged = await purge_dead(connection, subscription.name)
                 print(f"purged {purged} dead letters from {queue_name}", file=out)
             else:
                 raise CliError(f"unknown dlq action {action!r}")
-        except topology.BROKER_ERRORS as exc:
+        except BROKER_ERRORS as exc:
             raise CliError(f"dlq {action} {name}: {type(exc).__name__}: {exc}") from None
 
 

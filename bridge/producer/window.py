@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from bridge.cursor import Cursor
 from bridge.events import Event
+from bridge.producer.cursor import Cursor
 
 
 class Window:

@@ -1,0 +1,1 @@
+"""Operator commands: dead letters, queues for CI systems, subscriptions, configuration checks."""

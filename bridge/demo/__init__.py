@@ -1,0 +1,1 @@
+"""The demo: a Patchwork double, a printing receiver and the recorded events they serve."""

@@ -1,0 +1,1 @@
+"""The producer side: poll Patchwork, publish each event once, move the cursor after confirms."""

@@ -1,0 +1,163 @@
+"""The messages on the webhook queues: how one is read, and the copies moved between queues.
+
+A copy carries the event's body and properties unchanged, plus ``x-bridge-*`` headers
+that say which attempt it is for and, on a dead letter, why it failed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.logs import one_line
+from bridge.sinks.base import Delivery, GiveUp, RetryLater
+
+# Headers the bridge adds to copies it moves between its queues.
+ATTEMPT = "x-bridge-attempt"
+"""The attempt the copy is for: 2 for the first retry. Absent means 1."""
+ROUTING_KEY = "x-bridge-routing-key"
+"""The event's ``<project>.<category>``; a copy travels with the queue name as its key."""
+LAST_STATUS = "x-bridge-last-status"
+LAST_REASON = "x-bridge-last-reason"
+LAST_ERROR = "x-bridge-last-error"
+ATTEMPTS = "x-bridge-attempts"
+DEAD_AT = "x-bridge-dead-at"
+BRIDGE_HEADERS = (ATTEMPT, LAST_STATUS, LAST_REASON, LAST_ERROR, ATTEMPTS, DEAD_AT)
+
+# Added by the broker on dead-lettering and by quorum queues on redelivery; a copy
+# starts clean so they do not pile up across retries.
+_BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
+_EVENT_HEADER_PREFIXES = ("ce-", "x-patchwork-")
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """The outcome for a message no sink can handle: dead-lettered without an attempt."""
+
+    detail: str
+    reason: str = "invalid"
+    status: None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """The outcome for an event none of the subscription's patterns match: a binding left
+    from an earlier configuration routed it (AMQP cannot list bindings to remove them)."""
+
+    routing_key: str
+
+
+class InvalidMessage(ValueError):
+    """The body is not a JSON object, or the message has no id or routing key."""
+
+
+def delivery_from(message: AbstractIncomingMessage) -> Delivery:
+    """The sink's view of a message; raises InvalidMessage for a poison message."""
+    try:
+        # Decoded first: json.loads would also take UTF-16 or UTF-32 bytes (and decodes
+        # UTF-8 faster this way).
+        body = json.loads(message.body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
+        raise InvalidMessage("body is not UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidMessage(f"body is a JSON {type(body).__name__}, not an object")
+    if not message.message_id:
+        raise InvalidMessage("no message_id")
+    headers = message.headers or {}
+    routing_key = header_text(headers.get(ROUTING_KEY)) or message.routing_key
+    if not routing_key:
+        raise InvalidMessage("no routing key")
+    event_headers = {
+        k: header_text(v) for k, v in headers.items() if k.startswith(_EVENT_HEADER_PREFIXES)
+    }
+    return Delivery(
+        body=message.body,
+        message_id=message.message_id,
+        routing_key=routing_key,
+        headers=event_headers,
+        attempt=attempt_of(message),
+    )
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get(ATTEMPT)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The message's headers without those the broker adds, plus the event's routing key."""
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if not k.startswith(_BROKER_HEADER_PREFIXES)
+    }
+    headers.setdefault(ROUTING_KEY, message.routing_key or "")
+    return headers
+
+
+def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """Same body and properties, new headers; persistent whatever the original said."""
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        type=message.type,
+        timestamp=message.timestamp,
+        app_id=message.app_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+def retry_headers(
+    message: AbstractIncomingMessage, outcome: RetryLater, next_attempt: int
+) -> dict[str, Any]:
+    return _failure_headers(message, outcome) | {ATTEMPT: next_attempt}
+
+
+def dead_headers(
+    message: AbstractIncomingMessage, outcome: RetryLater | GiveUp | Invalid, attempts: int
+) -> dict[str, Any]:
+    """What an operator needs to judge a dead letter (``dlq list`` shows these)."""
+    headers = _failure_headers(message, outcome)
+    headers.pop(ATTEMPT, None)
+    headers[ATTEMPTS] = attempts
+    headers[DEAD_AT] = datetime.now(UTC).isoformat(timespec="seconds")
+    return headers
+
+
+def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """A dead letter sent back starts again at attempt 1, with no failure recorded."""
+    headers = carried_headers(message)
+    for key in BRIDGE_HEADERS:
+        headers.pop(key, None)
+    return headers
+
+
+def _failure_headers(
+    message: AbstractIncomingMessage, outcome: RetryLater | GiveUp | Invalid
+) -> dict[str, Any]:
+    headers = carried_headers(message)
+    headers[LAST_REASON] = outcome.reason
+    headers[LAST_ERROR] = one_line(outcome.detail)
+    if outcome.status is None:
+        headers.pop(LAST_STATUS, None)
+    else:
+        headers[LAST_STATUS] = outcome.status
+    return headers
+
+
+def header_text(value: Any) -> str:
+    """Header values come back as str or bytes depending on the publisher's client."""
+    if type(value) is str:  # the common case, first: this runs for every header of every delivery
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return "" if value is None else str(value)

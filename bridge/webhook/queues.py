@@ -1,0 +1,155 @@
+"""The webhook consumer's queues: their names, their declaration, and marker changes.
+
+Per subscription ``<name>``: ``bridge.webhook.<name>`` (main, bound to the exchange
+with the subscription's patterns), one ``.retry.<delay>s`` queue per step of the
+retry ladder (queue-wide TTL, dead-lettered back to the main queue, so a long delay
+never blocks a short one), ``.dead`` (dead letters) and, while the subscription is
+disabled, an empty ``.disabled`` marker queue. Everything lives on the broker, so
+it survives restarts and is shared by competing consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+from aiormq import spec
+from aiormq.abc import AbstractChannel as AbstractChannelUnderlay
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, QueueType, declare_queue, queue_arguments
+from bridge.webhook.retry import delay_ladder
+from bridge.webhook.subscriptions import Subscription
+
+PREFIX = "bridge.webhook"
+
+
+class TopologyError(Exception):
+    """A queue cannot be declared as configured (most often: it exists with another type)."""
+
+
+def main_queue(name: str) -> str:
+    return f"{PREFIX}.{name}"
+
+
+def dead_queue(name: str) -> str:
+    return f"{PREFIX}.{name}.dead"
+
+
+def marker_queue(name: str) -> str:
+    return f"{PREFIX}.{name}.disabled"
+
+
+def retry_queue(name: str, delay_s: float) -> str:
+    """Named by the delay in seconds, to the millisecond (``retry.0.2s``, ``retry.300s``).
+
+    The name fixes the TTL, so every process declares the same queue the same way.
+    """
+    text = f"{ttl_ms(delay_s) / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{PREFIX}.{name}.retry.{text}s"
+
+
+def ttl_ms(delay_s: float) -> int:
+    return max(0, round(delay_s * 1000))
+
+
+def retry_queues(subscription: Subscription) -> dict[float, str]:
+    """Each delay of the subscription's ladder and the queue that waits that long."""
+    return {d: retry_queue(subscription.name, d) for d in delay_ladder(subscription.retry_schedule)}
+
+
+def queue_names(subscription: Subscription) -> list[str]:
+    """Main, retry and dead queues: the ones whose depth an operator watches."""
+    name = subscription.name
+    return [main_queue(name), *retry_queues(subscription).values(), dead_queue(name)]
+
+
+async def declare_subscription(
+    channel: AbstractChannel, exchange: str, subscription: Subscription, queue_type: QueueType
+) -> AbstractQueue:
+    """Declare and bind all queues of one subscription; returns the main queue to consume.
+
+    Idempotent, so any number of processes may run it. Raises TopologyError naming
+    the queue when the broker refuses (e.g. it exists as a classic queue and
+    BRIDGE_QUEUE_TYPE says quorum).
+    """
+    name = subscription.name
+    main = main_queue(name)
+    current = main
+    try:
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            queue = await declare_queue(channel, main, queue_arguments(queue_type))
+            for pattern in subscription.events:
+                await queue.bind(exchange, pattern)
+            for delay_s, retry_name in retry_queues(subscription).items():
+                current = retry_name
+                arguments = queue_arguments(
+                    queue_type,
+                    dead_letter_exchange="",
+                    dead_letter_routing_key=main,
+                    message_ttl_ms=ttl_ms(delay_s),
+                )
+                await declare_queue(channel, retry_name, arguments)
+            current = dead_queue(name)
+            await declare_queue(channel, current, queue_arguments(queue_type))
+    except BROKER_ERRORS as exc:
+        raise TopologyError(
+            f"cannot declare queue {current} ({type(exc).__name__}: {exc}); "
+            f"if it exists with another type, check BRIDGE_QUEUE_TYPE"
+        ) from None
+    return queue
+
+
+class QueueControl:
+    """Passive declares and marker changes on a plain channel of its own.
+
+    The broker closes a channel that passively declares a missing queue. An aio-pika
+    robust channel would reopen itself in the background and fail the calls made
+    meanwhile, so this uses a plain channel and opens a fresh one when it was closed.
+    Calls are serialised: one RPC at a time on the channel.
+    """
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+        self._channel: aio_pika.Channel | None = None
+        self._lock = asyncio.Lock()
+
+    async def inspect(self, queue: str) -> spec.Queue.DeclareOk | None:
+        """Ready-message and consumer counts of ``queue``, or None if it does not exist."""
+        async with self._lock, asyncio.timeout(BROKER_TIMEOUT_S):
+            channel = await self._underlay()
+            try:
+                return await channel.queue_declare(queue, passive=True)
+            except ChannelNotFoundEntity:
+                return None
+
+    async def is_disabled(self, name: str) -> bool:
+        """Whether the subscription's marker queue exists."""
+        return await self.inspect(marker_queue(name)) is not None
+
+    async def set_disabled(self, name: str, disabled: bool, queue_type: QueueType) -> None:
+        """Persist the disabled state: the marker queue exists exactly while disabled."""
+        async with self._lock, asyncio.timeout(BROKER_TIMEOUT_S):
+            channel = await self._underlay()
+            if disabled:
+                await channel.queue_declare(
+                    marker_queue(name), durable=True, arguments=queue_arguments(queue_type)
+                )
+            else:
+                await channel.queue_delete(marker_queue(name))
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*BROKER_ERRORS):
+                async with asyncio.timeout(BROKER_TIMEOUT_S):
+                    await self._channel.close()
+        self._channel = None
+
+    async def _underlay(self) -> AbstractChannelUnderlay:
+        if self._channel is None or self._channel.is_closed:
+            channel = aio_pika.Channel(self._connection, publisher_confirms=False)
+            await channel.initialize()
+            self._channel = channel
+        return await self._channel.get_underlay_channel()
