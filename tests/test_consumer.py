@@ -37,6 +37,7 @@ from bridge.webhook.queues import (
     marker_queue,
     retry_queue,
 )
+from bridge.webhook.settle import SETTLE_BUG_TRIES
 from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
     FakeSink,
@@ -299,6 +300,43 @@ async def test_sink_that_raises_is_retried_as_a_sink_error(
         await wait_for(lambda: count(metrics, buggy.name, "delivered") == 1, what="delivery")
     assert [d.attempt for d in sink.deliveries] == [1, 2]
     assert failures(metrics, buggy.name, "sink_error") == 1
+
+
+async def test_a_bug_while_settling_ends_in_dead_after_bounded_tries(
+    exchange_name: str,
+    make_sub: MakeSub,
+    queue_type: str,
+    amqp: aio_pika.abc.AbstractConnection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from bridge.webhook import consumer as consumer_module
+
+    def broken(message: object) -> object:
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(consumer_module, "delivery_from", broken)
+    target = make_sub("settle-bug")
+    sink, metrics = FakeSink(), Metrics()
+    consumer = make_consumer(
+        exchange_name, [(target, sink)], queue_type=queue_type, metrics=metrics
+    )
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", 14), ("patch-created", 15)])
+        await wait_for(
+            lambda: count(metrics, target.name, "dead_lettered") == 2, 30, "both in .dead"
+        )
+        assert await queue_depth(amqp, main_queue(target.name)) == 0
+
+    assert sink.ids == []
+    dead = await get_all(amqp, dead_queue(target.name))
+    assert sorted(m.message_id for m in dead) == ["14", "15"]
+    assert {m.headers[LAST_REASON] for m in dead} == {"bug"}
+    assert {m.headers[LAST_ERROR] for m in dead} == {"KeyError: 'a bug of ours'"}
+    # Two retries each, then dead: bounded, and a traceback once for the kind of bug.
+    assert count(metrics, target.name, "retried") == 2 * (SETTLE_BUG_TRIES - 1)
+    tracebacks = [r for r in caplog.records if "bug while settling" in r.getMessage()]
+    assert len(tracebacks) == 1 and tracebacks[0].exc_info is not None
 
 
 async def test_gone_receiver_disables_until_enabled_and_nothing_is_lost(

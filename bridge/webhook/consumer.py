@@ -38,12 +38,14 @@ from bridge.ticker import sleep_unless
 from bridge.webhook.messages import (
     Invalid,
     InvalidMessage,
+    SettleBug,
     Unmatched,
     attempt_of,
     copy_message,
     dead_headers,
     delivery_from,
     retry_headers,
+    settle_bugs_of,
 )
 from bridge.webhook.queue_depth import QueueDepthSampler
 from bridge.webhook.queues import (
@@ -56,7 +58,8 @@ from bridge.webhook.queues import (
     queue_names,
     retry_queue,
 )
-from bridge.webhook.retry import delay_for_attempt, delay_ladder, round_up_to_ladder
+from bridge.webhook.retry import delay_ladder
+from bridge.webhook.settle import Ack, DeadLetter, DisableSubscription, Retry, Settled, decide
 from bridge.webhook.subscriptions import Subscription, TopicMatcher, load_subscriptions
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,8 @@ DRAIN_TIMEOUT_S = 10.0
 SINK_GRACE_S = 5.0
 """A sink gets its subscription's timeout plus this before the consumer gives up on it."""
 HAND_BACK_PAUSE_S = 1.0
-"""Before requeueing a message we could not settle, so a broken queue cannot spin."""
+"""Before returning a message we could not settle, so a broken queue cannot spin. Each
+return counts against the queue's delivery limit, which bounds them."""
 
 
 def failure_label(reason: str) -> str:
@@ -272,10 +276,16 @@ class WebhookConsumer:
 
     async def _consume(self, lane: _Lane) -> None:
         assert lane.queue is not None
-        lane.consumer_tag = await lane.queue.consume(
-            partial(self._on_message, lane), timeout=BROKER_TIMEOUT_S
-        )
-        self.metrics.subscription_enabled.labels(lane.name).set(1)
+        # Enabled from before the first delivery can arrive (it may, before consume returns).
+        enabled = self.metrics.subscription_enabled.labels(lane.name)
+        enabled.set(1)
+        try:
+            lane.consumer_tag = await lane.queue.consume(
+                partial(self._on_message, lane), timeout=BROKER_TIMEOUT_S
+            )
+        except BaseException:
+            enabled.set(0)
+            raise
 
     async def _stop_consuming(self, lane: _Lane) -> None:
         """Cancel the consumer; its unacked messages stay ours to settle."""
@@ -363,20 +373,9 @@ class WebhookConsumer:
             lane.in_flight.discard(task)
 
     async def _handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
+        attempt = attempt_of(message)
         try:
-            outcome: Outcome | Invalid | Unmatched
-            try:
-                delivery = delivery_from(message)
-            except InvalidMessage as exc:
-                outcome = Invalid(str(exc))
-            else:
-                if lane.wants(delivery.routing_key):
-                    started = time.monotonic()
-                    outcome = await self._deliver(lane, delivery)
-                    lane.duration.observe(time.monotonic() - started)
-                else:
-                    outcome = Unmatched(delivery.routing_key)
-            await self._settle(lane, message, attempt_of(message), outcome)
+            await self._settle(lane, message, attempt, await self._outcome(lane, message))
         except BROKER_ERRORS as exc:
             raise_if_cancelled()
             log.warning(
@@ -387,9 +386,46 @@ class WebhookConsumer:
                 exc,
             )
             await _hand_back(message)
-        except Exception:
+        except Exception as exc:
             raise_if_cancelled()
+            await self._settle_bug(lane, message, attempt, exc)
+
+    async def _outcome(self, lane: _Lane, message: AbstractIncomingMessage) -> Settled:
+        try:
+            delivery = delivery_from(message)
+        except InvalidMessage as exc:
+            return Invalid(str(exc))
+        if not lane.wants(delivery.routing_key):
+            return Unmatched(delivery.routing_key)
+        started = time.monotonic()
+        outcome = await self._deliver(lane, delivery)
+        lane.duration.observe(time.monotonic() - started)
+        return outcome
+
+    async def _settle_bug(
+        self, lane: _Lane, message: AbstractIncomingMessage, attempt: int, exc: Exception
+    ) -> None:
+        """A bug of ours while settling: a traceback once per kind, then a bounded retry.
+
+        The message is retried a few times and then dead-lettered with the error's
+        summary; if even that raises, it goes back to the broker, whose delivery
+        limit (see ``bridge.amqp.queue_arguments``) dead-letters it in the end.
+        """
+        kind = type(exc).__name__
+        if f"bug:{kind}" not in lane.logged_errors:
+            lane.logged_errors.add(f"bug:{kind}")
             log.exception("webhook %s: bug while settling event %s", lane.name, message.message_id)
+        bug = SettleBug(f"{kind}: {exc}", settle_bugs_of(message) + 1)
+        try:
+            await self._settle(lane, message, attempt, bug)
+        except Exception as again:
+            raise_if_cancelled()
+            log.warning(
+                "webhook %s: could not set event %s aside either (%s); handing it back",
+                lane.name,
+                message.message_id,
+                type(again).__name__,
+            )
             await _hand_back(message)
 
     async def _deliver(self, lane: _Lane, delivery: Delivery) -> Outcome:
@@ -417,42 +453,28 @@ class WebhookConsumer:
         return outcome
 
     async def _settle(
-        self,
-        lane: _Lane,
-        message: AbstractIncomingMessage,
-        attempt: int,
-        outcome: Outcome | Invalid | Unmatched,
+        self, lane: _Lane, message: AbstractIncomingMessage, attempt: int, outcome: Settled
     ) -> None:
-        """The one place that maps an outcome to an AMQP action; one metric per outcome.
+        """Carry out ``decide``'s action; one metric per outcome.
 
         A copy is always confirmed by the broker before the original is acked, so a
-        crash in between leaves a duplicate, never a loss.
+        crash in between leaves a duplicate, never a loss. The ack (or the nack of a
+        disable) comes last, so a bug raised before it leaves the message ours to settle.
         """
         name = lane.name
-        match outcome:
-            case Delivered():
-                await _ack(message)
+        action = decide(outcome, attempt, lane.subscription.retry_schedule, lane.ladder)
+        match action:
+            case Ack(label="delivered"):
                 lane.delivered.inc()
-                return
-            case Unmatched(routing_key=key):
                 await _ack(message)
-                self.metrics.deliveries.labels(name, "unmatched").inc()
-                if key not in lane.unmatched_keys:
-                    lane.unmatched_keys.add(key)
-                    log.warning(
-                        "webhook %s: acked %s events without delivering them: no pattern of "
-                        "events = %s matches; %s keeps a binding from an earlier "
-                        "configuration (`rabbitmqctl list_bindings` shows it; remove it there)",
-                        name,
-                        key,
-                        list(lane.subscription.events),
-                        main_queue(name),
-                    )
                 return
-            case RetryLater() if (delay_s := self._retry_delay(lane, attempt, outcome)) is not None:
-                headers = retry_headers(message, outcome, attempt + 1)
-                await self._move(lane, message, retry_queue(name, delay_s), headers)
-                label = "retried"
+            case Ack():
+                assert isinstance(outcome, Unmatched)
+                self._note_unmatched(lane, outcome.routing_key)
+            case Retry(delay_s=delay_s, next_attempt=next_attempt):
+                assert isinstance(outcome, RetryLater | SettleBug)
+                headers = retry_headers(message, outcome, next_attempt)
+                await self._copy(lane, message, retry_queue(name, delay_s), headers)
                 log.info(
                     "webhook %s: event %s attempt %d failed (%s: %s); retry in %gs",
                     name,
@@ -462,16 +484,13 @@ class WebhookConsumer:
                     outcome.detail,
                     delay_s,
                 )
-            case Disable():
+            case DisableSubscription():
+                assert isinstance(outcome, Disable)
                 await self._disable(lane, outcome)
-                await message.nack(requeue=True)
-                label = "disabled"
-            case RetryLater() | GiveUp() | Invalid():
-                # Invalid was never handed to the sink: no attempt is spent on it.
-                attempts = attempt - 1 if isinstance(outcome, Invalid) else attempt
+            case DeadLetter(attempts=attempts):
+                assert not isinstance(outcome, Delivered | Disable | Unmatched)
                 headers = dead_headers(message, outcome, attempts)
-                await self._move(lane, message, dead_queue(name), headers)
-                label = "refused" if isinstance(outcome, Invalid) else "dead_lettered"
+                await self._copy(lane, message, dead_queue(name), headers)
                 log.warning(
                     "webhook %s: event %s dead-lettered after %d attempts (%s: %s)",
                     name,
@@ -480,26 +499,34 @@ class WebhookConsumer:
                     outcome.reason,
                     outcome.detail,
                 )
-        self.metrics.deliveries.labels(name, label).inc()
-        if not isinstance(outcome, Delivered):
+        self.metrics.deliveries.labels(name, action.label).inc()
+        if not isinstance(outcome, Delivered | Unmatched):
             self.metrics.delivery_failures.labels(name, failure_label(outcome.reason)).inc()
+        if isinstance(action, DisableSubscription):
+            await message.nack(requeue=True)  # it waits in the main queue, in its place
+        else:
+            await _ack(message)
 
-    def _retry_delay(self, lane: _Lane, attempt: int, outcome: RetryLater) -> float | None:
-        """The ladder step to wait, or None when the subscription's attempts are used up."""
-        scheduled_s = delay_for_attempt(lane.subscription.retry_schedule, attempt)
-        if scheduled_s is None:
-            return None
-        # The receiver's Retry-After (already capped by the sink) wins over the schedule.
-        wanted_s = scheduled_s if outcome.delay_s is None else outcome.delay_s
-        return round_up_to_ladder(wanted_s, lane.ladder)
+    def _note_unmatched(self, lane: _Lane, key: str) -> None:
+        if key in lane.unmatched_keys:
+            return
+        lane.unmatched_keys.add(key)
+        log.warning(
+            "webhook %s: acked %s events without delivering them: no pattern of "
+            "events = %s matches; %s keeps a binding from an earlier "
+            "configuration (`rabbitmqctl list_bindings` shows it; remove it there)",
+            lane.name,
+            key,
+            list(lane.subscription.events),
+            main_queue(lane.name),
+        )
 
-    async def _move(
+    async def _copy(
         self, lane: _Lane, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
     ) -> None:
-        """Publish a copy to ``queue``, wait for the confirm, then ack the original."""
+        """Publish a copy to ``queue`` and wait for the broker's confirm."""
         assert lane.queue is not None
         await publish_confirmed(lane.queue.channel, queue, copy_message(message, headers))
-        await _ack(message)
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

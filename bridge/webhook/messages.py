@@ -27,7 +27,9 @@ LAST_REASON = "x-bridge-last-reason"
 LAST_ERROR = "x-bridge-last-error"
 ATTEMPTS = "x-bridge-attempts"
 DEAD_AT = "x-bridge-dead-at"
-BRIDGE_HEADERS = (ATTEMPT, LAST_STATUS, LAST_REASON, LAST_ERROR, ATTEMPTS, DEAD_AT)
+SETTLE_BUGS = "x-bridge-settle-bugs"
+"""How often settling this message raised a bug of ours; bounds the tries (see settle.py)."""
+BRIDGE_HEADERS = (ATTEMPT, LAST_STATUS, LAST_REASON, LAST_ERROR, ATTEMPTS, DEAD_AT, SETTLE_BUGS)
 
 # Added by the broker on dead-lettering and by quorum queues on redelivery; a copy
 # starts clean so they do not pile up across retries.
@@ -50,6 +52,18 @@ class Unmatched:
     from an earlier configuration routed it (AMQP cannot list bindings to remove them)."""
 
     routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleBug:
+    """The outcome for a message whose settling raised a bug of ours: retried a few times,
+    then dead-lettered with the error's one-line summary (see ``bridge.webhook.settle``)."""
+
+    detail: str
+    tries: int
+    """Settling attempts that raised so far, this one included."""
+    reason: str = "bug"
+    status: None = None
 
 
 class InvalidMessage(ValueError):
@@ -85,8 +99,17 @@ def delivery_from(message: AbstractIncomingMessage) -> Delivery:
 
 
 def attempt_of(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get(ATTEMPT)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+    return _count_header(message, ATTEMPT, 1)
+
+
+def settle_bugs_of(message: AbstractIncomingMessage) -> int:
+    return _count_header(message, SETTLE_BUGS, 0)
+
+
+def _count_header(message: AbstractIncomingMessage, key: str, default: int) -> int:
+    value = (message.headers or {}).get(key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= default
+    return value if ok else default  # type: ignore[return-value]
 
 
 def carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -116,14 +139,20 @@ def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> a
     )
 
 
+Failure = RetryLater | GiveUp | Invalid | SettleBug
+
+
 def retry_headers(
-    message: AbstractIncomingMessage, outcome: RetryLater, next_attempt: int
+    message: AbstractIncomingMessage, outcome: RetryLater | SettleBug, next_attempt: int
 ) -> dict[str, Any]:
-    return _failure_headers(message, outcome) | {ATTEMPT: next_attempt}
+    headers = _failure_headers(message, outcome) | {ATTEMPT: next_attempt}
+    if isinstance(outcome, SettleBug):
+        headers[SETTLE_BUGS] = outcome.tries
+    return headers
 
 
 def dead_headers(
-    message: AbstractIncomingMessage, outcome: RetryLater | GiveUp | Invalid, attempts: int
+    message: AbstractIncomingMessage, outcome: Failure, attempts: int
 ) -> dict[str, Any]:
     """What an operator needs to judge a dead letter (``dlq list`` shows these)."""
     headers = _failure_headers(message, outcome)
@@ -141,9 +170,7 @@ def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
     return headers
 
 
-def _failure_headers(
-    message: AbstractIncomingMessage, outcome: RetryLater | GiveUp | Invalid
-) -> dict[str, Any]:
+def _failure_headers(message: AbstractIncomingMessage, outcome: Failure) -> dict[str, Any]:
     headers = carried_headers(message)
     headers[LAST_REASON] = outcome.reason
     headers[LAST_ERROR] = one_line(outcome.detail)
