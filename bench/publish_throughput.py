@@ -25,14 +25,13 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 import aiohttp
-from common import round_ratios
+from common import AMQP_URL, round_ratios
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.settings import Settings
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TZ = ZoneInfo("Australia/Canberra")
 CONTRACT = "plain script, contract headers"
 

@@ -198,7 +198,7 @@ class PatchCommentCreatedPayload(PatchworkObject):
 # -- events ---------------------------------------------------------------------------------
 
 
-class Event(PatchworkObject):
+class EventItem(PatchworkObject):
     """Any event: the envelope every category shares. Unknown categories are valid events."""
 
     id: int
@@ -212,84 +212,84 @@ class Event(PatchworkObject):
     """Keys depend on the category."""
 
 
-class CoverCreatedEvent(Event):
+class CoverCreatedEvent(EventItem):
     """A cover letter arrived."""
 
     category: Literal["cover-created"]
     payload: CoverCreatedPayload
 
 
-class PatchCreatedEvent(Event):
+class PatchCreatedEvent(EventItem):
     """A patch arrived; its series may still be incomplete."""
 
     category: Literal["patch-created"]
     payload: PatchCreatedPayload
 
 
-class PatchCompletedEvent(Event):
+class PatchCompletedEvent(EventItem):
     """A patch and all earlier patches of its series have arrived."""
 
     category: Literal["patch-completed"]
     payload: PatchCompletedPayload
 
 
-class PatchStateChangedEvent(Event):
+class PatchStateChangedEvent(EventItem):
     """A maintainer changed a patch's state."""
 
     category: Literal["patch-state-changed"]
     payload: PatchStateChangedPayload
 
 
-class PatchDelegatedEvent(Event):
+class PatchDelegatedEvent(EventItem):
     """A patch's delegate changed."""
 
     category: Literal["patch-delegated"]
     payload: PatchDelegatedPayload
 
 
-class PatchRelationChangedEvent(Event):
+class PatchRelationChangedEvent(EventItem):
     """A patch's related patches changed."""
 
     category: Literal["patch-relation-changed"]
     payload: PatchRelationChangedPayload
 
 
-class CheckCreatedEvent(Event):
+class CheckCreatedEvent(EventItem):
     """A CI reported a check on a patch."""
 
     category: Literal["check-created"]
     payload: CheckCreatedPayload
 
 
-class SeriesCreatedEvent(Event):
+class SeriesCreatedEvent(EventItem):
     """A new series started; its patches are still arriving."""
 
     category: Literal["series-created"]
     payload: SeriesCreatedPayload
 
 
-class SeriesCompletedEvent(Event):
+class SeriesCompletedEvent(EventItem):
     """Every patch of a series has arrived: what a CI tests. May fire twice for one series."""
 
     category: Literal["series-completed"]
     payload: SeriesCompletedPayload
 
 
-class CoverCommentCreatedEvent(Event):
+class CoverCommentCreatedEvent(EventItem):
     """A reply to a cover letter arrived (or was edited, which is a new event)."""
 
     category: Literal["cover-comment-created"]
     payload: CoverCommentCreatedPayload
 
 
-class PatchCommentCreatedEvent(Event):
+class PatchCommentCreatedEvent(EventItem):
     """A reply to a patch arrived (or was edited, which is a new event)."""
 
     category: Literal["patch-comment-created"]
     payload: PatchCommentCreatedPayload
 
 
-EVENT_MODELS: dict[str, type[Event]] = {
+EVENT_MODELS: dict[str, type[EventItem]] = {
     "cover-created": CoverCreatedEvent,
     "patch-created": PatchCreatedEvent,
     "patch-completed": PatchCompletedEvent,

@@ -25,7 +25,7 @@ from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from pydantic_core import SchemaValidator
 
 from bridge.metrics import Metrics
-from bridge.models import EVENT_MODELS, OBJECT_MODELS, Event
+from bridge.models import EVENT_MODELS, OBJECT_MODELS, EventItem
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def dispatch_schema() -> dict[str, Any]:
     """`event.json`: the envelope for any event, plus the category's schema for the 11 known."""
-    models: list[type[BaseModel]] = [Event, *EVENT_MODELS.values()]
+    models: list[type[BaseModel]] = [EventItem, *EVENT_MODELS.values()]
     _, top = models_json_schema(
         [(model, "validation") for model in models], schema_generator=_Generator
     )
@@ -174,7 +174,7 @@ def dispatch_schema() -> dict[str, Any]:
                 "Any body on the bus or in a webhook: Patchwork's event as /api/events/ returns it."
                 " Known categories must match their own schema; unknown ones only the envelope."
             ),
-            "$ref": "#/$defs/Event",
+            "$ref": "#/$defs/EventItem",
             "allOf": [
                 {
                     "if": {

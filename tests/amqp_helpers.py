@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -28,8 +27,8 @@ from bridge.sinks.base import Delivered, Delivery, Outcome
 from bridge.webhook.consumer import WebhookConsumer
 from bridge.webhook.queues import QueueControl, marker_queue, queue_names
 from bridge.webhook.subscriptions import Subscription
+from tests.broker import AMQP_URL, rabbitmqctl
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 EVENTS_DIR = Path(__file__).resolve().parents[1] / "bridge" / "demo" / "data" / "events"
 SOURCE = "http://127.0.0.1:8000/api/1.4"
 
@@ -233,13 +232,9 @@ async def delete_subscription_queues(
 def _connection_pids(connection_name: str) -> list[str]:
     # The text output, not --formatter json: its pids are node-local ("#PID<12576.1.0>")
     # and close_connection rejects them.
-    out = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "client_properties", "-q"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    result = rabbitmqctl("list_connections", "pid", "client_properties", "-q")
+    result.check_returncode()
+    out = result.stdout
     wanted = f'{{"connection_name","{connection_name}"}}'
     return [line.split("\t", 1)[0] for line in out.splitlines() if wanted in line]
 
@@ -250,11 +245,7 @@ async def cut_connection(connection_name: str) -> int:
     def cut() -> int:
         closed = 0
         for pid in _connection_pids(connection_name):
-            result = subprocess.run(
-                ["rabbitmqctl", "close_connection", pid, "test: connection cut"],
-                capture_output=True,
-                timeout=60,
-            )
+            result = rabbitmqctl("close_connection", pid, "test: connection cut")
             # A connection that closed on its own meanwhile is not an error.
             closed += result.returncode == 0
         return closed

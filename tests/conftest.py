@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -9,8 +10,11 @@ import aio_pika
 import pytest
 
 from bridge.demo.patchwork_double import FakePatchwork
+from tests.broker import AMQP_URL
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Every Settings() and every role run as a process talks to the broker under test.
+os.environ["BRIDGE_AMQP_URL"] = AMQP_URL
+
 RECORDED_EVENTS = (
     __import__("pathlib").Path(__file__).resolve().parents[1]
     / "bridge"
@@ -76,3 +80,14 @@ async def ci_queue(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncI
     for queue in (name, f"{name}.dead"):
         await channel.queue_delete(queue)
     await channel.close()
+
+
+BROKER_FIXTURES = frozenset({"amqp", "exchange_name", "bound_queue", "ci_queue"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that talks to RabbitMQ ``broker``: through a broker fixture here, or
+    by its module's ``pytestmark``. ``pytest -m "not broker"`` runs the rest in seconds."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)

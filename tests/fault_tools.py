@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import aio_pika
 from aiohttp import web
 
 from bridge.webhook.queues import QueueControl
-from tests.amqp_helpers import AMQP_URL
+from tests.broker import AMQP_URL, rabbitmqctl
 
 # How a receiver answers one request: a status, after an optional stall in seconds.
 Answer = Callable[[str], tuple[int, float]]
@@ -170,13 +169,9 @@ class QueueWatch:
         (a passive declare only tells ready messages; rabbitmqctl tells this)."""
 
         def read() -> dict[str, int]:
-            listed = subprocess.run(
-                ["rabbitmqctl", "list_queues", "-q", "--formatter", "json", *_UNACKED_COLUMNS],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout
+            result = rabbitmqctl("list_queues", "-q", "--formatter", "json", *_UNACKED_COLUMNS)
+            result.check_returncode()
+            listed = result.stdout
             return {q["name"]: int(q["messages_unacknowledged"]) for q in json.loads(listed)}
 
         return (await asyncio.to_thread(read)).get(queue, 0)

@@ -5,25 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 
 import aio_pika
 import pytest
 
 from bridge.cli.bind import BindError, bind, cli
 from bridge.settings import load_settings
-from tests.conftest import AMQP_URL
+from tests.broker import AMQP_URL, rabbitmqctl
 
 
 def queue_facts(*names: str) -> dict[str, dict]:
     """Type and durability as RabbitMQ reports them."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "name", "type", "durable", "-q", "--formatter", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    result = rabbitmqctl("list_queues", "name", "type", "durable", "-q", "--formatter", "json")
+    result.check_returncode()
+    out = result.stdout
     return {q["name"]: q for q in json.loads(out or "[]") if q["name"] in names}
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.amqp_helpers import AMQP_URL
+from tests.broker import AMQP_URL
+
+pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[1]
 

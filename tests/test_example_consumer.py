@@ -20,7 +20,7 @@ from bridge.events import Event, parse_event
 from bridge.metrics import Metrics
 from bridge.producer.publisher import Publisher
 from bridge.settings import load_settings
-from tests.conftest import AMQP_URL
+from tests.broker import AMQP_URL
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ci_consumer.py"
 TZ = ZoneInfo("Australia/Canberra")

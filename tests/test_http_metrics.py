@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -23,7 +24,8 @@ from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.settings import Settings
 from bridge.webhook.queues import dead_queue, main_queue
-from tests.amqp_helpers import AMQP_URL, wait_for
+from tests.amqp_helpers import wait_for
+from tests.broker import AMQP_URL
 from tests.test_run_process import delete_topology
 
 
@@ -171,8 +173,8 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
 class CuttableProxy:
     """A TCP proxy to RabbitMQ that the test can cut and restore, as a network would."""
 
-    def __init__(self, target_port: int = 5672) -> None:
-        self.target_port = target_port
+    def __init__(self) -> None:
+        self.target_port = urlsplit(AMQP_URL).port or 5672
         self.server: asyncio.Server | None = None
         self.port = free_port()
         self.pipes: set[asyncio.Task] = set()
@@ -207,13 +209,16 @@ class CuttableProxy:
             self.pipes.add(task)
 
 
+@pytest.mark.broker
 async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, tmp_path):
     proxy = CuttableProxy()
     await proxy.open()
     patchwork = FakePatchwork()
     await patchwork.start()
     settings = Settings(
-        amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+        amqp_url=urlunsplit(
+            urlsplit(AMQP_URL)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}")
+        ),
         exchange=f"test-{unique}",
         patchwork_url=patchwork.url,
         state_dir=tmp_path,

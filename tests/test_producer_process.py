@@ -19,6 +19,8 @@ from cloudevents.core.formats.json import JSONFormat
 from bridge.demo.patchwork_double import FakePatchwork
 from tests.amqp_helpers import wait_for
 
+pytestmark = pytest.mark.broker
+
 TZ = "Australia/Canberra"
 
 

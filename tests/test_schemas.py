@@ -217,7 +217,7 @@ def test_values_patchwork_never_sends_are_violations(path: tuple[str, ...], valu
 
 # Where Patchwork sends null (models and serializers upstream); nowhere else.
 NULLABLE = {
-    "Event.actor",
+    "EventItem.actor",
     "Patch.list_archive_url",
     "Cover.list_archive_url",
     "Comment.list_archive_url",
@@ -240,7 +240,7 @@ def test_fields_are_nullable_exactly_where_patchwork_sends_null():
     definitions = load(SCHEMAS_DIR / "event.json")["$defs"]
     nullable = {
         # Every category's event repeats the envelope's fields: name them after the envelope.
-        f"{'Event' if name.endswith('Event') else name}.{field}"
+        f"{'EventItem' if name.endswith(('Event', 'EventItem')) else name}.{field}"
         for name, definition in definitions.items()
         for field, schema in definition["properties"].items()
         if accepts_null(schema)

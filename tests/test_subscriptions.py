@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.settings import SettingsError
-from bridge.sinks.base import Sink
+from bridge.sinks.base import is_sink
 from bridge.sinks.command import CommandSink
 from bridge.sinks.registry import load_sink, sink_names
 from bridge.sinks.webhook import WebhookSink
@@ -297,8 +297,8 @@ def test_built_in_sinks_are_found_through_entry_points() -> None:
     assert {"webhook", "command"} <= set(sink_names())
     webhook = load_sink(Subscription(name="w", url="https://ci.example.org/"))
     command = load_sink(Subscription(name="c", sink="command", command=["true"]))
-    assert isinstance(webhook, WebhookSink) and isinstance(webhook, Sink)
-    assert isinstance(command, CommandSink) and isinstance(command, Sink)
+    assert isinstance(webhook, WebhookSink) and is_sink(webhook)
+    assert isinstance(command, CommandSink) and is_sink(command)
 
 
 def test_unknown_sink_is_a_settings_error_naming_the_subscription() -> None:

@@ -7,8 +7,11 @@ retries on the subscription's schedule.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol
+
+from pydantic import SecretStr
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +67,49 @@ class Disable:
 Outcome = Delivered | RetryLater | GiveUp | Disable
 
 
-@runtime_checkable
-class Sink(Protocol):
-    """Built per subscription at start-up; owns its resources (sessions, processes) till close().
+class SinkSpec(Protocol):
+    """What a sink factory is given: one subscription's settings, already validated.
 
-    A sink may set ``enforces_timeout = True`` when every ``deliver`` returns within the
-    subscription's timeout on its own; otherwise the consumer cancels it a little later.
+    The subscriptions file's ``[[webhook]]`` tables satisfy it; a sink reads what it
+    needs and ignores the rest. Secrets stay ``SecretStr`` until the sink uses them.
     """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def command(self) -> Sequence[str] | None: ...
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+    @property
+    def secret(self) -> SecretStr | None: ...
+    @property
+    def bearer_token(self) -> SecretStr | None: ...
+    @property
+    def timeout(self) -> float:
+        """Seconds for one whole attempt."""
+
+    @property
+    def concurrency(self) -> int:
+        """Deliveries at once, at most."""
+
+    @property
+    def allow_private_network(self) -> bool: ...
+
+
+class Sink(Protocol):
+    """Built per subscription at start-up; owns its resources (sessions, processes) till close()."""
+
+    enforces_timeout: bool
+    """True when every ``deliver`` returns within the subscription's timeout on its own;
+    otherwise the consumer cancels it a little later. A sink without it counts as False."""
 
     async def deliver(self, delivery: Delivery) -> Outcome: ...
 
     async def close(self) -> None: ...
+
+
+def is_sink(obj: object) -> bool:
+    """Whether ``obj`` has a sink's methods (``enforces_timeout`` is optional for plugins)."""
+    return callable(getattr(obj, "deliver", None)) and callable(getattr(obj, "close", None))

@@ -21,8 +21,7 @@ import os
 import signal
 
 from bridge.logs import one_line
-from bridge.sinks.base import Delivered, Delivery, GiveUp, Outcome, RetryLater
-from bridge.webhook.subscriptions import Subscription
+from bridge.sinks.base import Delivered, Delivery, GiveUp, Outcome, RetryLater, SinkSpec
 
 EX_TEMPFAIL = 75
 STDERR_TAIL_BYTES = 4096
@@ -33,7 +32,10 @@ STDERR_GRACE_S = 1.0
 class CommandSink:
     """Runs ``subscription.command``, at most ``concurrency`` copies at a time."""
 
-    def __init__(self, subscription: Subscription) -> None:
+    enforces_timeout = False
+    """The consumer's deadline bounds a run; ``close`` kills what is still running."""
+
+    def __init__(self, subscription: SinkSpec) -> None:
         if not subscription.command:
             raise ValueError("a command sink needs a command")
         self._argv = list(subscription.command)

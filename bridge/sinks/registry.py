@@ -1,7 +1,7 @@
 """Find a subscription's sink among the ``patchwork_bridge.sinks`` entry points.
 
 A plugin package registers ``name = "module:Factory"`` in that group; the
-factory is called with the ``Subscription`` and returns a ``Sink``. The
+factory is called with a ``bridge.sinks.base.SinkSpec`` and returns a ``Sink``. The
 built-ins (``webhook``, ``command``) are registered the same way, in this
 package's pyproject.toml.
 """
@@ -9,13 +9,10 @@ package's pyproject.toml.
 from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from bridge.settings import SettingsError
-from bridge.sinks.base import Sink
-
-if TYPE_CHECKING:
-    from bridge.webhook.subscriptions import Subscription
+from bridge.sinks.base import Sink, SinkSpec, is_sink
 
 GROUP = "patchwork_bridge.sinks"
 
@@ -29,7 +26,13 @@ def sink_names() -> list[str]:
     return sorted(_entry_points())
 
 
-def load_sink(subscription: Subscription) -> Sink:
+class NamedSinkSpec(SinkSpec, Protocol):
+    @property
+    def sink(self) -> str:
+        """The entry point's name."""
+
+
+def load_sink(subscription: NamedSinkSpec) -> Sink:
     """Build the subscription's sink; SettingsError naming the subscription if that fails.
 
     Sinks open no connection here (they do that lazily, inside the running loop),
@@ -49,6 +52,6 @@ def load_sink(subscription: Subscription) -> Sink:
     except (ValueError, TypeError) as exc:
         # Sinks raise these for settings they cannot use; their messages hold no secrets.
         raise SettingsError(f"{where}: {subscription.sink}: {exc}") from None
-    if not isinstance(sink, Sink):
+    if not is_sink(sink):
         raise SettingsError(f"{where}: {entry_point.value} did not build a Sink")
     return sink

@@ -16,11 +16,10 @@ from yarl import URL
 
 from bridge.events import USER_AGENT
 from bridge.logs import one_line
-from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater
+from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, SinkSpec
 from bridge.webhook.netguard import ForbiddenAddress, GuardedResolver, check_literal_host
 from bridge.webhook.retry import parse_retry_after
 from bridge.webhook.signing import decode_secret, sign_with_key
-from bridge.webhook.subscriptions import Subscription
 
 BODY_READ_CAP_BYTES = 64 * 1024
 """How much of a response we read, only to quote it in the log; the rest is never downloaded."""
@@ -34,7 +33,7 @@ class WebhookSink:
     enforces_timeout = True
     """aiohttp's total timeout bounds every attempt, reading the answer included."""
 
-    def __init__(self, subscription: Subscription) -> None:
+    def __init__(self, subscription: SinkSpec) -> None:
         if subscription.url is None:
             raise ValueError("a webhook needs a url")
         self._subscription = subscription
