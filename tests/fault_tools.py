@@ -107,6 +107,7 @@ def bridge_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BRIDGE_")}
     env.update({f"BRIDGE_{k.upper()}": v for k, v in settings.items()})
     env.setdefault("BRIDGE_HTTP_PORT", "0")
+    env.setdefault("BRIDGE_AMQP_URL", AMQP_URL)
     return env
 
 

@@ -43,7 +43,13 @@ async def test_demo_delivers_every_event_and_cleans_up(unique):
 @pytest.mark.timeout(120)
 async def test_example_ci_consumer_prints_the_series_of_the_demo(unique):
     exchange, queue = f"test-{unique}", f"test-{unique}-ci"
-    env = {**os.environ, "EXCHANGE": exchange, "QUEUE": queue, "BRIDGE_EXCHANGE": exchange}
+    env = {
+        **os.environ,
+        "AMQP_URL": AMQP_URL,
+        "EXCHANGE": exchange,
+        "QUEUE": queue,
+        "BRIDGE_EXCHANGE": exchange,
+    }
     consumer = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "examples" / "ci_consumer.py"),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -18,6 +18,7 @@ from cloudevents.core.formats.json import JSONFormat
 
 from bridge.demo.patchwork_double import FakePatchwork
 from tests.amqp_helpers import wait_for
+from tests.broker import AMQP_URL
 
 pytestmark = pytest.mark.broker
 
@@ -35,7 +36,7 @@ class PikaReader(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         channel = connection.channel()
         channel.exchange_declare(self.exchange, "topic", durable=True)
         channel.queue_declare(self.queue, durable=True)
