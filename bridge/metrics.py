@@ -17,6 +17,8 @@ POLL_ERROR_REASONS = ("timeout", "connect", "http_4xx", "http_5xx", "bad_json", 
 PUBLISH_FAILURE_REASONS = ("nack", "returned", "timeout", "connection")
 # Delivery outcomes, one per ack/retry/dead decision of the consumer; "unmatched": acked
 # undelivered, its routing key matches none of the subscription's patterns any more.
+GAP_OUTCOMES = ("opened", "filled", "expired")
+EVENT_READS = ("new", "gap", "sweep", "count")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead_lettered", "refused", "disabled", "unmatched")
 # Delivery failure reasons.
 DELIVERY_FAILURE_REASONS = (
@@ -86,6 +88,40 @@ class Metrics:
         self.last_poll_success = Gauge(
             f"{p}_last_successful_poll_timestamp_seconds",
             "Unix time of the last poll that fetched and published without error.",
+            registry=r,
+        )
+
+        self.event_visibility_delay = Histogram(
+            f"{p}_event_visibility_delay_seconds",
+            "First seen minus the event's date (in Patchwork's zone), per event published.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            registry=r,
+        )
+        self.id_gaps = Counter(
+            f"{p}_id_gaps",
+            "Ids missing between ids seen (late events): opened, filled, or expired unfilled.",
+            ["outcome"],
+            registry=r,
+        )
+        self.open_gaps = Gauge(
+            f"{p}_id_gaps_open", "Ids the producer is waiting for now.", registry=r
+        )
+        self.poll_events_read = Histogram(
+            f"{p}_poll_events_read",
+            "Events Patchwork served for one poll, all its reads together.",
+            buckets=(0, 1, 5, 10, 30, 100, 250, 500, 1000, 2500, 10000),
+            registry=r,
+        )
+        self.patchwork_events_read = Counter(
+            f"{p}_patchwork_events_read",
+            "Events Patchwork served, by read: new, gap, sweep (a whole-window read), count.",
+            ["read"],
+            registry=r,
+        )
+        self.patchwork_request_duration = Histogram(
+            f"{p}_patchwork_request_duration_seconds",
+            "One request to Patchwork's events API, answer read.",
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
 

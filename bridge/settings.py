@@ -41,6 +41,7 @@ class Settings(BaseSettings):
 
     poll_interval: float = Field(10.0, gt=0)
     poll_overlap: float = Field(300.0, ge=0)
+    poll_sweep_interval: float = Field(60.0, ge=0)
     start: str = "now"
     state_dir: Path = Path("bridge-state")
     publish_in_flight: int = Field(2000, ge=1)

@@ -1,18 +1,19 @@
-"""The overlap window: late-visible events are caught, nothing confirmed is sent twice."""
+"""The window: what each poll reads, and which events are new. Late events are id gaps."""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.events import Event, parse_event
-from bridge.producer.cursor import Cursor
-from bridge.producer.window import Window
+from bridge.producer.cursor import Cursor, Gap
+from bridge.producer.window import GAP_RECHECK_MAX_S, MAX_GAP_READS, Window
 
 T0 = datetime(2026, 11, 24, 13, 0, 0)
+SWEEP_S = 10.0
 
 
 def event(event_id: int, when: datetime) -> Event:
@@ -25,29 +26,95 @@ def event(event_id: int, when: datetime) -> Event:
     return parse_event(item, json.dumps(item))
 
 
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_first_poll_asks_from_the_floor_or_from_the_beginning():
     assert Window(Cursor(), 60).since() is None
     assert Window(Cursor(floor="2026-01-01T00:00:00"), 60).since() == "2026-01-01T00:00:00"
 
 
-def test_since_is_the_high_water_mark_minus_the_overlap_in_naive_server_time():
+def test_a_poll_reads_from_the_newest_date_published_inclusive():
     window = Window(Cursor(), 60)
-    window.confirm([event(1, T0)])
-    assert window.since() == "2026-11-24T12:59:00"
+    window.confirm([event(1, T0), event(2, at(0.5))])
+    assert window.since() == at(0.5).isoformat()
+    assert window.gap_reads() == []  # contiguous ids: nothing to read again
 
 
-def test_since_never_goes_before_the_floor():
-    window = Window(Cursor(floor="2026-11-24T12:59:30"), 60)
-    window.confirm([event(1, T0)])
-    assert window.since() == "2026-11-24T12:59:30"
+def test_a_missing_id_opens_a_gap_read_between_its_neighbours_dates():
+    window = Window(Cursor(), 300, clock=Clock())
+    window.confirm([event(10, at(0)), event(12, at(2)), event(13, at(3))])
+    assert window.open_gaps == 1
+    # One second of slack on each side: a date is set just before the id.
+    assert window.gap_reads() == [(at(-1).isoformat(), at(3).isoformat())]
+    assert window.take_changes().opened == 1
 
 
-def test_late_event_with_an_older_date_is_new_but_confirmed_ones_are_not():
-    window = Window(Cursor(), 60)
-    window.confirm([event(1, T0), event(3, T0 + timedelta(seconds=5))])
-    late = event(2, T0 + timedelta(seconds=1))
+def test_the_late_event_fills_its_gap_and_is_new_once():
+    window = Window(Cursor(), 300, clock=Clock())
+    window.confirm([event(10, at(0)), event(12, at(2))])
+    late = event(11, at(1))
     assert window.is_new(late)
-    assert not window.is_new(event(3, T0 + timedelta(seconds=5)))
+    window.confirm([event(10, at(0)), late, event(12, at(2))])
+    assert not window.is_new(late)
+    assert window.open_gaps == 0 and window.gap_reads() == []
+    assert window.take_changes().filled == 1
+
+
+def test_a_young_gap_is_read_every_poll_an_old_one_less_often():
+    clock = Clock()
+    window = Window(Cursor(), 3600, clock=clock)
+    window.confirm([event(1, at(0)), event(3, at(1))])
+    assert len(window.gap_reads()) == 1
+    clock.now += 1
+    assert len(window.gap_reads()) == 1  # a quarter of 1 s old: due again
+    clock.now += 1000
+    assert len(window.gap_reads()) == 1
+    clock.now += 1  # checked at age 1001 s: next in 30 s, not sooner
+    assert window.gap_reads() == []
+    clock.now += GAP_RECHECK_MAX_S
+    assert len(window.gap_reads()) == 1
+
+
+def test_many_gaps_far_apart_become_one_read_from_the_oldest():
+    window = Window(Cursor(), 3600, clock=Clock())
+    window.confirm([event(i * 2, at(i * 10)) for i in range(1, MAX_GAP_READS + 3)])
+    reads = window.gap_reads()
+    assert reads == [(at(9).isoformat(), at((MAX_GAP_READS + 2) * 10 + 1).isoformat())]
+
+
+def test_gaps_close_unfilled_after_the_overlap_and_are_counted():
+    clock = Clock()
+    window = Window(Cursor(), 300, clock=clock)
+    window.confirm([event(1, at(0)), event(3, at(1))])
+    clock.now += 299
+    assert window.prune() == 0
+    clock.now += 2
+    assert window.prune() == 1
+    assert window.open_gaps == 0
+    assert window.take_changes().expired == 1
+
+
+def test_a_gap_older_than_the_overlap_by_date_closes_when_the_newest_date_moves_on():
+    window = Window(Cursor(), 60, clock=Clock())
+    window.confirm([event(1, at(0)), event(3, at(1))])
+    window.confirm([event(4, at(120))])
+    assert window.prune() == 1
+
+
+def test_a_first_id_opens_no_gaps_below_it():
+    window = Window(Cursor(), 60, clock=Clock())
+    window.confirm([event(500, T0)])
+    assert window.open_gaps == 0
 
 
 def test_unconfirmed_earlier_event_holds_the_high_water_mark():
@@ -58,44 +125,115 @@ def test_unconfirmed_earlier_event_holds_the_high_water_mark():
     assert not window.is_new(event(5, T0 + timedelta(hours=1)))
 
 
-def test_cursor_round_trips_through_json():
-    window = Window(Cursor(floor="2026-11-01T00:00:00"), 60)
-    window.confirm([event(1, T0), event(2, T0 + timedelta(microseconds=163041))])
-    restored = Window(Cursor.from_json(window.cursor().to_json()), 60)
-    assert restored.since() == window.since()
-    assert not restored.is_new(event(2, T0))
-    assert restored.high_water == "2026-11-24T13:00:00.163041"
+def test_the_sweep_covers_the_overlap_below_the_newest_date():
+    window = Window(Cursor(), 60)
+    assert window.sweep_range() is None
+    window.confirm([event(1, at(0)), event(2, at(30)), event(3, at(90))])
+    since, before = window.sweep_range()
+    assert (since, before) == (at(30).isoformat(), at(90).isoformat())
+    assert window.known_between(since, before) == 1  # event 2; 3 is at `before`, excluded
+
+
+def test_pruning_forgets_ids_older_than_the_overlap_never_the_newest():
+    window = Window(Cursor(), 60)
+    window.confirm([event(1, at(0)), event(2, at(100))])
+    window.prune()
+    assert window.is_new(event(1, at(0)))
+    assert not window.is_new(event(2, at(100)))
+
+
+def test_cursor_round_trips_gaps_and_all():
+    clock = Clock()
+    window = Window(Cursor(floor="2026-11-01T00:00:00"), 60, clock=clock)
+    window.confirm([event(1, T0), event(3, T0 + timedelta(microseconds=163041))])
+    restored = Window(Cursor.from_json(window.cursor().to_json()), 60, clock=clock)
+    assert restored.since() == window.since() == "2026-11-24T13:00:00.163041"
+    assert not restored.is_new(event(3, T0))
+    assert restored.cursor().gaps == {
+        2: Gap(T0.isoformat(), "2026-11-24T13:00:00.163041", clock.now)
+    }
+    assert restored.gap_reads() == window.gap_reads()
+
+
+def test_a_version_1_cursor_is_read_as_having_no_gaps():
+    text = json.dumps(
+        {"version": 1, "high_water": T0.isoformat(), "floor": None, "seen": [[7, T0.isoformat()]]}
+    )
+    cursor = Cursor.from_json(text)
+    assert cursor.max_id is None and cursor.gaps == {}
+    assert not Window(cursor, 60).is_new(event(7, T0))
+
+
+# -- the whole loop, as the poller drives it -------------------------------------------------
+
+
+def between(visible: list[Event], since: str | None, before: str | None) -> list[Event]:
+    return sorted(
+        (
+            e
+            for e in visible
+            if (since is None or e.when >= datetime.fromisoformat(since))
+            and (before is None or e.when < datetime.fromisoformat(before))
+        ),
+        key=lambda e: e.when,
+    )
+
+
+def poll(window: Window, visible: list[Event], sweep: bool = False) -> list[int]:
+    """One poll as the poller plans it: the new read, then the gap reads, or, when a
+    sweep counts a difference, one read of the whole overlap. Returns the ids published."""
+    published: list[int] = []
+    reads = [(window.since(), None), *window.gap_reads()]
+    span = window.sweep_range() if sweep else None
+    if span is not None and len(between(visible, *span)) != window.known_between(*span):
+        reads = [(span[0], None)]
+    for since, before in reads:
+        page = between(visible, since, before)
+        published += [e.id for e in page if window.is_new(e)]
+        window.confirm(page)
+    window.prune()
+    return published
 
 
 @given(
     st.lists(
-        st.tuples(st.integers(0, 3600), st.integers(0, 30)),  # (date offset s, visibility delay s)
+        st.tuples(
+            st.floats(0, 5),  # seconds after the previous insert
+            st.floats(-0.5, 0),  # date set this much before the insert
+            st.integers(0, 30),  # commit delay, seconds: visible this much later
+            st.booleans(),  # rolled back: the id is burned, never visible
+        ),
         min_size=1,
-        max_size=60,
-        unique_by=lambda t: t,
+        max_size=80,
     ),
-    st.integers(1, 20),
+    st.floats(0.2, 10),
 )
-def test_polling_with_an_overlap_longer_than_the_delay_sees_every_event_once(schedule, step_s):
-    """Simulate events that become visible up to 30 s after their date, polled every step."""
-    overlap_s = 31
-    events = [event(i, T0 + timedelta(seconds=d)) for i, (d, _) in enumerate(schedule)]
-    visible_at = {
-        e.id: e.when + timedelta(seconds=lag) for e, (_, lag) in zip(events, schedule, strict=True)
-    }
-    window = Window(Cursor(), overlap_s)
+@settings(deadline=None)
+def test_every_id_visible_within_the_overlap_is_published_exactly_once(inserts, step_s):
+    """Any commit order: what becomes visible within the overlap is published once, and
+    ids that never fill are waited for no longer than the overlap. A late event above
+    every id seen (nothing newer to show its gap) is left to the sweep."""
+    overlap_s = 31.0
+    clock = Clock(0.0)
+    window = Window(Cursor(), overlap_s, clock=clock)
+    events, visible_at, t = [], {}, 0.0
+    for event_id, (gap_s, early_s, delay_s, rolled_back) in enumerate(inserts, start=1):
+        t += gap_s
+        if rolled_back:
+            continue
+        e = event(event_id, at(t + early_s))
+        events.append(e)
+        visible_at[e.id] = t + delay_s
     published: list[int] = []
-    now = T0
-    end = T0 + timedelta(seconds=3600 + 31 + step_s)
-    while now <= end:
-        since = window.since()
-        page = sorted(
-            (e for e in events if visible_at[e.id] <= now and (since is None or e.date >= since)),
-            key=lambda e: e.when,
-        )
-        fresh = [e for e in page if window.is_new(e)]
-        published += [e.id for e in fresh]
-        window.confirm(page)
-        window.prune()
-        now += timedelta(seconds=step_s)
+    end = t + overlap_s + 2 * step_s
+    next_sweep = 0.0
+    while clock.now <= end + GAP_RECHECK_MAX_S:
+        visible = [e for e in events if visible_at[e.id] <= clock.now]
+        sweep = clock.now >= next_sweep
+        if sweep:
+            next_sweep = clock.now + SWEEP_S
+        published += poll(window, visible, sweep)
+        clock.now += step_s
+    assert len(published) == len(set(published))
     assert sorted(published) == sorted(e.id for e in events)
+    assert window.open_gaps == 0

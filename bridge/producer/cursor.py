@@ -15,11 +15,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 adds the newest id and the open id gaps; a version 1 file is read as having none."""
 
 
 class CursorError(Exception):
     """The cursor file exists but cannot be read; we refuse to guess where to resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """An id not seen yet while ids around it are: an event whose writer has not committed."""
+
+    below: str
+    """``date`` of the seen event just below the missing id (verbatim)."""
+    above: str
+    """``date`` of the seen event just above it."""
+    opened_at: float
+    """When it was first noticed, in seconds since the epoch (wall time: survives restarts)."""
 
 
 @dataclass
@@ -30,6 +43,10 @@ class Cursor:
     """Never ask for events before this date (BRIDGE_START=<date>)."""
     seen: dict[int, str] = field(default_factory=dict)
     """Confirmed event ids inside the overlap window, with their dates."""
+    max_id: int | None = None
+    """The newest id confirmed; ids missing below it are gaps."""
+    gaps: dict[int, Gap] = field(default_factory=dict)
+    """Open gaps by missing id."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -38,6 +55,8 @@ class Cursor:
                 "high_water": self.high_water,
                 "floor": self.floor,
                 "seen": [[event_id, date] for event_id, date in self.seen.items()],
+                "max_id": self.max_id,
+                "gaps": [[i, g.below, g.above, g.opened_at] for i, g in self.gaps.items()],
             },
             separators=(",", ":"),
         )
@@ -45,12 +64,21 @@ class Cursor:
     @classmethod
     def from_json(cls, text: str) -> Cursor:
         data = json.loads(text)
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in (1, FORMAT_VERSION):
             raise CursorError(f"unknown cursor format {data.get('version')!r}")
         for key in ("high_water", "floor"):
             if data[key] is not None:
                 datetime.fromisoformat(data[key])
-        return cls(data["high_water"], data["floor"], {int(i): str(d) for i, d in data["seen"]})
+        seen = {int(i): str(d) for i, d in data["seen"]}
+        gaps = {}
+        for event_id, below, above, opened_at in data.get("gaps", []):
+            datetime.fromisoformat(below)
+            datetime.fromisoformat(above)
+            gaps[int(event_id)] = Gap(str(below), str(above), float(opened_at))
+        max_id = data.get("max_id")
+        if max_id is not None and (not isinstance(max_id, int) or isinstance(max_id, bool)):
+            raise ValueError(f"max_id {max_id!r} is not an id")
+        return cls(data["high_water"], data["floor"], seen, max_id, gaps)
 
 
 class CursorStore:

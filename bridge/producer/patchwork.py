@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from bridge.events import USER_AGENT, BadPage, split_array
 from bridge.settings import Settings
@@ -34,6 +35,8 @@ class Page:
     """(parsed item, exact item text) in the order Patchwork served them."""
     next_url: str | None
     url: str = field(repr=False, default="")
+    last_page: int | None = None
+    """The page number of ``rel="last"``, when the server sends it."""
 
 
 class PatchworkClient:
@@ -47,10 +50,8 @@ class PatchworkClient:
         self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if settings.patchwork_token is not None:
             self._headers["Authorization"] = f"Token {settings.patchwork_token.get_secret_value()}"
-        # The events filter takes one project; for several we ask for all and filter here,
-        # because every events query costs Patchwork a full scan and a COUNT.
-        projects = settings.patchwork_projects
-        self._project_param = projects[0] if len(projects) == 1 else None
+        # No project filter even for one project: ids come from one sequence for all
+        # projects, and the window finds late events as gaps in that sequence.
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PatchworkClient:
@@ -64,22 +65,35 @@ class PatchworkClient:
             await self._session.close()
             self._session = None
 
-    def _params(self, since: str | None, order: str, per_page: int) -> dict[str, str]:
+    def _params(
+        self, since: str | None, order: str, per_page: int, before: str | None = None
+    ) -> dict[str, str]:
         params = {"order": order, "per_page": str(per_page)}
+        # Naive server-local time, verbatim: a zone suffix makes Patchwork answer 500.
         if since is not None:
-            # Naive server-local time, verbatim: a zone suffix makes Patchwork answer 500.
-            params["since"] = since
-        if self._project_param is not None:
-            params["project"] = self._project_param
+            params["since"] = since  # inclusive
+        if before is not None:
+            params["before"] = before  # exclusive
         return params
 
-    async def pages(self, since: str | None) -> AsyncIterator[Page]:
-        """Every page of events with ``date >= since`` in ascending date order."""
-        page = await self._get(self._events_url, self._params(since, "date", PAGE_SIZE))
+    async def pages(self, since: str | None, before: str | None = None) -> AsyncIterator[Page]:
+        """Every page of events with ``since <= date < before`` in ascending date order."""
+        page = await self._get(self._events_url, self._params(since, "date", PAGE_SIZE, before))
         yield page
         while page.next_url is not None:
             page = await self._get(page.next_url, None)
             yield page
+
+    async def count(self, since: str, before: str) -> int | None:
+        """How many events have ``since <= date < before``, for one event's serving cost.
+
+        Read from the ``rel="last"`` link of a one-event page (Patchwork counts the rows
+        for every page anyway). None when the server sends no such link (older ones).
+        """
+        page = await self._get(self._events_url, self._params(since, "date", 1, before))
+        if page.last_page is not None:
+            return page.last_page if page.items else 0
+        return len(page.items) if page.next_url is None else None
 
     async def newest(self, count: int) -> list[tuple[Any, str]]:
         """The ``count`` newest visible events, newest first (none when Patchwork has none)."""
@@ -99,7 +113,9 @@ class PatchworkClient:
                         f"HTTP {response.status} from {_path(url)}",
                     )
                 text = await response.text(encoding="utf-8", errors="strict")
-                next_url = response.links.get("next", {}).get("url")
+                links = response.links
+                next_url = links.get("next", {}).get("url")
+                last_url = links.get("last", {}).get("url")
         except TimeoutError:
             raise PatchworkError("timeout", f"no answer from {_path(url)} in time") from None
         except UnicodeDecodeError:
@@ -112,7 +128,7 @@ class PatchworkClient:
             items = await _split(text)
         except BadPage as exc:
             raise PatchworkError("bad_json", f"{_path(url)}: {exc}") from None
-        return Page(items, str(next_url) if next_url else None, url)
+        return Page(items, str(next_url) if next_url else None, url, _page_number(last_url))
 
 
 async def _split(text: str) -> list[tuple[Any, str]]:
@@ -120,6 +136,13 @@ async def _split(text: str) -> list[tuple[Any, str]]:
     if len(text) > 4_000_000:
         return await asyncio.to_thread(split_array, text)
     return split_array(text)
+
+
+def _page_number(url: object) -> int | None:
+    if url is None:
+        return None
+    page = URL(str(url)).query.get("page", "1")
+    return int(page) if page.isdigit() else None
 
 
 def _path(url: str) -> str:

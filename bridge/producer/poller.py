@@ -70,6 +70,11 @@ class Producer:
         self._writer = CursorWriter(self._store, self._snapshot)
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
+        self._overlap_s = settings.poll_overlap
+        self._sweep_interval_s = settings.poll_sweep_interval
+        self._next_sweep = 0.0
+        self._served = 0
+        """Events Patchwork served us so far (count requests count as one)."""
         self._last_success: float | None = None
         self._warned: dict[tuple[str, str], None] = {}
 
@@ -141,14 +146,76 @@ class Producer:
     async def _poll_once(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
     ) -> int:
-        """Fetch the window page by page; publish page N while fetching page N+1."""
+        """Read what is new, then the open gaps (or, on a sweep that counts a difference,
+        the whole overlap); publish each page while the next one is fetched."""
+        assert self._window is not None
+        read_before = self._served
+        published = 0
+        for since, before, kind in await self._plan(client, stop):
+            published += await self._read(client, publisher, stop, since, before, kind)
+        self._window.prune()
+        changes = self._window.take_changes()
+        for outcome, n in (
+            ("opened", changes.opened),
+            ("filled", changes.filled),
+            ("expired", changes.expired),
+        ):
+            if n:
+                self._metrics.id_gaps.labels(outcome).inc(n)
+        if changes.expired:
+            log.info(
+                "%d id gaps closed unfilled after %gs (rolled-back mails, hidden comments)",
+                changes.expired,
+                self._settings.poll_overlap,
+            )
+        self._metrics.open_gaps.set(self._window.open_gaps)
+        self._metrics.poll_events_read.observe(self._served - read_before)
+        self._update_lag()
+        return published
+
+    async def _plan(
+        self, client: PatchworkClient, stop: asyncio.Event
+    ) -> list[tuple[str | None, str | None, str]]:
+        """(since, before, kind) of each read of this poll."""
+        assert self._window is not None
+        new = (self._window.since(), None, "new")
+        sweep = self._window.sweep_range()
+        now = time.monotonic()
+        if sweep is not None and self._sweep_interval_s and now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_interval_s
+            # Patchwork counts the range for one event's cost; read it only on a difference.
+            counted = await _until_stopped(client.count(*sweep), stop)
+            self._served += 1
+            self._metrics.patchwork_events_read.labels("count").inc()
+            known = self._window.known_between(*sweep)
+            if counted != known:
+                log.info(
+                    "sweep: Patchwork has %s events since %s, %d of them published; "
+                    "reading them all again",
+                    "an unknown number of" if counted is None else counted,
+                    sweep[0],
+                    known,
+                )
+                return [(sweep[0], None, "sweep")]
+        return [new, *((s, b, "gap") for s, b in self._window.gap_reads())]
+
+    async def _read(
+        self,
+        client: PatchworkClient,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        since: str | None,
+        before: str | None,
+        kind: str,
+    ) -> int:
         assert self._window is not None
         # Ids taken from the previous page: Patchwork's pages shift while we read them, so
         # an event can end one page and start the next. Older pages are in the window.
         previous: set[int] = set()
         published = 0
         confirming: asyncio.Task[int] | None = None
-        pages = client.pages(self._window.since())
+        served = self._metrics.patchwork_events_read.labels(kind)
+        pages = client.pages(since, before)
         try:
             while True:
                 page = await _until_stopped(anext(pages, None), stop)
@@ -157,6 +224,8 @@ class Producer:
                     confirming = None
                 if page is None:
                     break
+                self._served += len(page.items)
+                served.inc(len(page.items))
                 events, fresh = self._sort_page(page, previous)
                 previous = {event.id for event in events}
                 confirming = asyncio.create_task(self._publish_page(publisher, events, fresh))
@@ -167,9 +236,7 @@ class Producer:
                 # Let publishes already sent finish, even on stop or error, so the cursor
                 # records them and a restart does not send them again.
                 published += await asyncio.shield(confirming)
-            await pages.aclose()
-        self._window.prune()
-        self._update_lag()
+            await pages.aclose()  # type: ignore[attr-defined]
         return published
 
     def _sort_page(self, page: Page, previous: set[int]) -> tuple[list[Event], list[Event]]:
@@ -192,6 +259,12 @@ class Producer:
             if self._check_event is not None:
                 self._check_event(event.category, item)
             fresh.append(event)
+        if fresh:
+            now = datetime.now(self._tz).replace(tzinfo=None)
+            for event in fresh:
+                self._metrics.event_visibility_delay.observe(
+                    max(0.0, (now - event.when).total_seconds())
+                )
         return events, fresh
 
     async def _publish_page(
@@ -203,7 +276,6 @@ class Producer:
             self._window.confirm(result.confirmed, advance=False)
             raise PublishFailed(result.failed)
         self._window.confirm(events)
-        self._window.prune()
         self._writer.request()
         return len(fresh)
 
@@ -236,15 +308,19 @@ class Producer:
                 floor,
             )
             return Cursor(floor=floor)
-        newest_event = usable[0]
-        window = Window(Cursor(high_water=newest_event.date), self._settings.poll_overlap)
-        pages = client.pages(window.since())
-        try:
-            while (page := await _until_stopped(anext(pages, None), stop)) is not None:
-                window.confirm(_usable_events(page.items), advance=False)
-        finally:
-            await pages.aclose()
-        log.info("no cursor: starting after %s, the newest event now", newest_event.date)
+        # "Now" is the newest visible event: what was visible then counts as published,
+        # nothing else. No read of the overlap: anything committed while such a read ran
+        # would be marked seen without being published. Ids missing among these newest
+        # events are gaps, published if they fill in time.
+        # The floor keeps the sweep and the gap reads from reaching below what was seen.
+        oldest = min(usable, key=lambda e: e.when).date
+        window = Window(Cursor(floor=oldest), self._overlap_s)
+        window.confirm(usable)
+        log.info(
+            "no cursor: starting after %s, the newest event now (id %d)",
+            usable[0].date,
+            max(e.id for e in usable),
+        )
         return window.cursor()
 
     def _snapshot(self) -> Cursor:

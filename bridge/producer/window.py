@@ -1,29 +1,64 @@
-"""The overlap window: which events a poll must ask for again, and which of them are new.
+"""What each poll asks Patchwork for, and which events it returns are new. Pure logic, no I/O.
 
-Patchwork makes events visible out of date order (concurrent writers commit
-late), so asking only ``since=<newest date>`` loses events. Every poll asks
-again for the last ``overlap`` seconds and drops the ids already confirmed.
-Pure logic: no I/O, so it is tested with tables and hypothesis.
+Patchwork makes events visible out of date order: concurrent writers commit late.
+Ids come from one sequence at insert, inside the writer's transaction, so a late
+event is a **gap** in the ids read so far. A poll therefore reads from the newest
+date already published (``since`` is inclusive; ids already out are dropped) and
+reaches back only where a gap is open: between the dates of the events just below
+and above it. A gap is waited for at most ``overlap`` seconds (a rolled-back mail
+burns its id for good), and never reaches back further than ``overlap`` before the
+newest date. A slow sweep of the whole ``overlap`` (see ``sweep_range``) catches what
+a Patchwork whose ids do not behave like that would still show late.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from bridge.events import Event
-from bridge.producer.cursor import Cursor
+from bridge.producer.cursor import Cursor, Gap
+
+GAP_SLACK = timedelta(seconds=1)
+"""Added on both sides of a gap's dates: an event's date is set just before its id."""
+GAP_RECHECK_MAX_S = 30.0
+"""A gap is read again every poll while young, then less often, at most this far apart."""
+MAX_GAP_READS = 3
+"""Gap reads per poll at most; more are merged into one read from the oldest."""
+MAX_OPEN_GAPS = 10_000
+"""Beyond this many open gaps, the newest are not tracked (the sweep still covers them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GapChange:
+    """What one ``confirm`` did to the gaps, for the metrics."""
+
+    opened: int = 0
+    filled: int = 0
+    expired: int = 0
 
 
 class Window:
-    def __init__(self, cursor: Cursor, overlap_s: float) -> None:
+    def __init__(
+        self, cursor: Cursor, overlap_s: float, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        """``clock`` is wall time in seconds (``time.time``): gaps' ages survive restarts."""
+        self._clock = clock or time.time
         self._overlap = timedelta(seconds=overlap_s)
+        self._overlap_s = overlap_s
         self._floor = cursor.floor
         self._high_water = cursor.high_water
         self._high_water_dt = _parse(cursor.high_water)
         self._seen: dict[int, tuple[datetime, str]] = {
-            event_id: (_parse(date), date) for event_id, date in cursor.seen.items()
+            event_id: (_when(date), date) for event_id, date in cursor.seen.items()
         }
+        self._max_id = cursor.max_id
+        self._gaps: dict[int, Gap] = dict(cursor.gaps)
+        self._next_check: dict[int, float] = {}
+        self.changes = GapChange()
+        """Gap counts since the last ``take_changes``."""
 
     @property
     def high_water(self) -> str | None:
@@ -33,52 +68,156 @@ class Window:
     def high_water_dt(self) -> datetime | None:
         return self._high_water_dt
 
+    @property
+    def open_gaps(self) -> int:
+        return len(self._gaps)
+
     def since(self) -> str | None:
-        """The ``since`` of the next poll: the window's start, never before the floor."""
-        if self._high_water_dt is None:
-            return self._floor
-        start = self._high_water_dt - self._overlap
+        """The ``since`` of the next poll's read of new events: the newest date published."""
+        return self._high_water if self._high_water is not None else self._floor
+
+    def sweep_range(self) -> tuple[str, str] | None:
+        """``(since, before)`` of the whole overlap below the newest date, for the sweep."""
+        if self._high_water_dt is None or self._high_water is None:
+            return None
+        return self._window_start().isoformat(), self._high_water
+
+    def known_between(self, since: str, before: str) -> int:
+        """Events already published with ``since <= date < before``; the sweep compares
+        this with Patchwork's count of the same range."""
+        lo, hi = _when(since), _when(before)
+        return sum(1 for when, _ in self._seen.values() if lo <= when < hi)
+
+    def gap_reads(self) -> list[tuple[str, str]]:
+        """``(since, before)`` ranges to read now for the open gaps that are due.
+
+        Each due gap is marked checked: a young gap is read every poll, an old one
+        less often (a quarter of its age, at most ``GAP_RECHECK_MAX_S``).
+        """
+        now = self._clock()
+        due = [
+            (event_id, gap)
+            for event_id, gap in self._gaps.items()
+            if self._next_check.get(event_id, 0.0) <= now
+        ]
+        if not due:
+            return []
+        for event_id, gap in due:
+            age_s = max(0.0, now - gap.opened_at)
+            self._next_check[event_id] = now + min(GAP_RECHECK_MAX_S, age_s / 4)
+        spans = sorted(
+            (_when(gap.below) - GAP_SLACK, _when(gap.above) + GAP_SLACK) for _, gap in due
+        )
+        merged: list[list[datetime]] = []
+        for lo, hi in spans:
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        if len(merged) > MAX_GAP_READS:
+            merged = [[merged[0][0], max(hi for _, hi in merged)]]
         floor_dt = _parse(self._floor)
-        if floor_dt is not None and floor_dt > start:
-            return self._floor
-        return start.isoformat()
+        return [
+            (max(lo, floor_dt).isoformat() if floor_dt else lo.isoformat(), hi.isoformat())
+            for lo, hi in merged
+        ]
 
     def is_new(self, event: Event) -> bool:
         return event.id not in self._seen
 
     def confirm(self, events: Iterable[Event], *, advance: bool = True) -> None:
-        """Record events the broker has confirmed.
+        """Record events the broker has confirmed (and those not ours to publish).
 
-        ``advance=False`` when an earlier event of the same page was not confirmed:
-        the high-water mark must not pass it, or a long page could push it out of
-        the next poll's window and lose it.
+        Their ids fill gaps; ids missing between them and the newest id known open
+        gaps. ``advance=False`` when an earlier event of the same page was not
+        confirmed: the high-water mark must not pass it, or the next poll would not
+        read it again.
         """
-        for event in events:
+        batch = sorted(events, key=lambda e: e.id)
+        if not batch:
+            return
+        now = self._clock()
+        filled = opened = 0
+        for event in batch:
             self._seen[event.id] = (event.when, event.date)
-            if not advance:
+            if self._gaps.pop(event.id, None) is not None:
+                self._next_check.pop(event.id, None)
+                filled += 1
+        if self._max_id is None:
+            self._max_id = batch[0].id - 1  # nothing is known below the first id seen
+        below_id = self._max_id
+        below = self._seen.get(below_id)
+        for event in batch:
+            if event.id <= self._max_id:
                 continue
-            if self._high_water_dt is None or event.when > self._high_water_dt:
-                self._high_water_dt = event.when
-                self._high_water = event.date
+            if below is not None:
+                for missing in range(below_id + 1, event.id):
+                    if len(self._gaps) >= MAX_OPEN_GAPS:
+                        break
+                    self._gaps[missing] = Gap(below[1], event.date, now)
+                    opened += 1
+            below_id, below = event.id, (event.when, event.date)
+        self._max_id = max(self._max_id, batch[-1].id)
+        if advance:
+            newest = max(batch, key=lambda e: e.when)
+            if self._high_water_dt is None or newest.when > self._high_water_dt:
+                self._high_water_dt = newest.when
+                self._high_water = newest.date
+        self.changes = GapChange(
+            self.changes.opened + opened, self.changes.filled + filled, self.changes.expired
+        )
 
     def prune(self) -> int:
-        """Forget ids older than the window: the next poll cannot return them again."""
-        since = _parse(self.since())
-        if since is None:
+        """Forget ids older than the overlap, and close gaps waited for long enough.
+
+        Returns the number of gaps closed unfilled.
+        """
+        if self._high_water_dt is None:
             return 0
-        old = [event_id for event_id, (when, _) in self._seen.items() if when < since]
-        for event_id in old:
+        start = self._window_start()
+        for event_id in [i for i, (when, _) in self._seen.items() if when < start]:
             del self._seen[event_id]
-        return len(old)
+        now = self._clock()
+        expired = [
+            event_id
+            for event_id, gap in self._gaps.items()
+            if now - gap.opened_at > self._overlap_s or _when(gap.above) < start
+        ]
+        for event_id in expired:
+            del self._gaps[event_id]
+            self._next_check.pop(event_id, None)
+        if expired:
+            self.changes = GapChange(
+                self.changes.opened, self.changes.filled, self.changes.expired + len(expired)
+            )
+        return len(expired)
+
+    def take_changes(self) -> GapChange:
+        changes, self.changes = self.changes, GapChange()
+        return changes
 
     def cursor(self) -> Cursor:
         return Cursor(
-            self._high_water, self._floor, {i: date for i, (_, date) in self._seen.items()}
+            self._high_water,
+            self._floor,
+            {i: date for i, (_, date) in self._seen.items()},
+            self._max_id,
+            dict(self._gaps),
         )
 
     def __len__(self) -> int:
         return len(self._seen)
 
+    def _window_start(self) -> datetime:
+        assert self._high_water_dt is not None
+        start = self._high_water_dt - self._overlap
+        floor_dt = _parse(self._floor)
+        return max(start, floor_dt) if floor_dt is not None else start
+
+
+def _when(date: str) -> datetime:
+    return datetime.fromisoformat(date).replace(tzinfo=None)
+
 
 def _parse(date: str | None) -> datetime | None:
-    return None if date is None else datetime.fromisoformat(date).replace(tzinfo=None)
+    return None if date is None else _when(date)
