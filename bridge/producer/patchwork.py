@@ -7,11 +7,13 @@ poll loop decides when to retry. Nothing here retries by itself.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from prometheus_client import Histogram
 from yarl import URL
 
 from bridge.events import USER_AGENT, BadPage, split_array
@@ -42,7 +44,9 @@ class Page:
 class PatchworkClient:
     """Owns one aiohttp session; ``close()`` it (or use ``async with``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, request_duration: Histogram | None = None) -> None:
+        """``request_duration`` observes each request, answer read, in seconds."""
+        self._request_duration = request_duration
         self._events_url = f"{settings.api_base}/events/"
         self._timeout = aiohttp.ClientTimeout(
             total=settings.patchwork_timeout, connect=min(10.0, settings.patchwork_timeout)
@@ -105,6 +109,7 @@ class PatchworkClient:
             self._session = aiohttp.ClientSession(
                 timeout=self._timeout, headers=self._headers, raise_for_status=False
             )
+        started = time.monotonic()
         try:
             async with self._session.get(url, params=params, allow_redirects=False) as response:
                 if not 200 <= response.status < 300:
@@ -124,6 +129,8 @@ class PatchworkClient:
             raise PatchworkError("bad_page", f"body of {_path(url)} cut short: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise PatchworkError("connect", f"{type(exc).__name__} for {_path(url)}") from None
+        if self._request_duration is not None:
+            self._request_duration.observe(time.monotonic() - started)
         try:
             items = await _split(text)
         except BadPage as exc:

@@ -102,7 +102,9 @@ class Producer:
             publisher = Publisher(
                 exchange, self._source, self._tz, self._metrics, self._settings.publish_in_flight
             )
-            async with PatchworkClient(self._settings) as client:
+            async with PatchworkClient(
+                self._settings, self._metrics.patchwork_request_duration
+            ) as client:
                 await self._poll_loop(client, publisher, stop)
         finally:
             await self._connection.close()
