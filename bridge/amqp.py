@@ -146,17 +146,32 @@ async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExcha
     return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
+DELIVERY_LIMIT = 100
+"""Quorum queues: deliveries of one message (a return on a closed channel, a nack with
+requeue, a crash of the consumer) before the broker dead-letters it. RabbitMQ 4.0 sets 20
+and then *drops* the message when the queue has no dead-letter target; ours always have
+one (``.dead``), and 100 lets a crash-looping consumer restart for a long while first."""
+DEAD_DELIVERY_LIMIT = 1_000_000
+"""Quorum dead-letter queues: in effect never. ``dlq list`` returns each message it shows,
+which counts as a delivery; -1 (no limit) means "no limit" on 4.x but "drop at once" on
+3.x, and a dead queue cannot dead-letter to itself (the broker drops the cycle)."""
+
+
 def queue_arguments(
     queue_type: QueueType,
     *,
     dead_letter_exchange: str | None = None,
     dead_letter_routing_key: str | None = None,
     message_ttl_ms: int | None = None,
+    dead_letters: bool = False,
 ) -> dict[str, Any]:
     """Arguments for a durable queue of the given type.
 
-    Quorum queues dead-letter at-least-once only with ``reject-publish`` overflow,
-    so a message moved between our queues is never dropped on the way.
+    Every quorum queue states its delivery limit: ``DELIVERY_LIMIT`` for a queue with a
+    dead-letter target, ``DEAD_DELIVERY_LIMIT`` for a queue of dead letters
+    (``dead_letters=True``); nothing is left to the broker's default. Quorum queues
+    dead-letter at-least-once only with ``reject-publish`` overflow, so a message moved
+    between our queues is never dropped on the way.
     """
     args: dict[str, Any] = {"x-queue-type": queue_type}
     if dead_letter_exchange is not None:
@@ -165,9 +180,15 @@ def queue_arguments(
         args["x-dead-letter-routing-key"] = dead_letter_routing_key
     if message_ttl_ms is not None:
         args["x-message-ttl"] = message_ttl_ms
-    if queue_type == "quorum" and dead_letter_exchange is not None:
-        args["x-dead-letter-strategy"] = "at-least-once"
-        args["x-overflow"] = "reject-publish"
+    if queue_type == "quorum":
+        if dead_letters:
+            args["x-delivery-limit"] = DEAD_DELIVERY_LIMIT
+        elif dead_letter_exchange is not None:
+            args["x-delivery-limit"] = DELIVERY_LIMIT
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+        else:
+            raise ValueError("a quorum queue needs a dead-letter target or dead_letters=True")
     return args
 
 

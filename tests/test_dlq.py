@@ -157,3 +157,32 @@ async def test_command_line_lists_dead_letters(
     assert process.returncode == 0, err.decode()
     assert out.decode().splitlines()[0].startswith("1  netdevbpf.patch-created  attempts=1")
     assert err.decode().strip() == f"1 dead letters shown from {dead_queue(dead.name)}"
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_fifty_lists_leave_every_dead_letter_in_place(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, unique: str, queue_type: str
+) -> None:
+    """Each list returns what it shows, which a quorum queue counts as a delivery; RabbitMQ
+    4.0 would drop a message after 20 of them if the dead queue did not say otherwise."""
+    sub = subscription(f"dlq50-{unique}")
+    sink = FakeSink(lambda d: GiveUp("http_4xx", "HTTP 400 Bad Request", status=400))
+    events = [("patch-created", 100 + i) for i in range(10)]
+    consumer = make_consumer(exchange_name, [(sub, sink)], queue_type=queue_type)
+    try:
+        async with running(consumer):
+            await publish_events(exchange_name, events)
+
+            async def all_dead() -> bool:
+                return await queue_depth(amqp, dead_queue(sub.name)) == 10
+
+            await wait_for(all_dead, what="10 dead letters")
+        settings = Settings(exchange=exchange_name, queue_type=queue_type)  # type: ignore[arg-type]
+        for _ in range(50):
+            await run_dlq(settings, [sub], "list", sub.name, None, io.StringIO())
+        assert await queue_depth(amqp, dead_queue(sub.name)) == 10
+        assert sorted(m.message_id for m in await get_all(amqp, dead_queue(sub.name))) == sorted(
+            str(i) for _, i in events
+        )
+    finally:
+        await delete_subscription_queues(amqp, [sub])

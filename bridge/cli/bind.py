@@ -67,7 +67,9 @@ async def bind(settings: Settings, queue: str, patterns: Sequence[str]) -> Bound
             async with connection:
                 channel = await connection.channel()
                 exchange = await declare_exchange(channel, settings.exchange)
-                await declare_queue(channel, dead, queue_arguments(settings.queue_type))
+                await declare_queue(
+                    channel, dead, queue_arguments(settings.queue_type, dead_letters=True)
+                )
                 main = await declare_queue(
                     channel,
                     queue,

@@ -42,9 +42,15 @@ def describe(message: AbstractIncomingMessage) -> str:
         return header_text(headers.get(key)) or "-"
 
     key = field(ROUTING_KEY) if ROUTING_KEY in headers else message.routing_key
+    reason = field(LAST_REASON)
+    attempts = field(ATTEMPTS)
+    if LAST_REASON not in headers and "x-first-death-reason" in headers:
+        # Moved by the broker, not by us: past the main queue's delivery limit.
+        reason = field("x-first-death-reason").replace("_", "-")
+        attempts = f"{field('x-delivery-count')} deliveries"
     return (
-        f"{message.message_id or '-'}  {key or '-'}  attempts={field(ATTEMPTS)}  "
-        f"status={field(LAST_STATUS)}  reason={field(LAST_REASON)}  "
+        f"{message.message_id or '-'}  {key or '-'}  attempts={attempts}  "
+        f"status={field(LAST_STATUS)}  reason={reason}  "
         f"dead_at={field(DEAD_AT)}  error={field(LAST_ERROR)}"
     )
 

@@ -80,7 +80,17 @@ async def declare_subscription(
     current = main
     try:
         async with asyncio.timeout(BROKER_TIMEOUT_S):
-            queue = await declare_queue(channel, main, queue_arguments(queue_type))
+            # Quorum: past the delivery limit the broker moves an event to .dead (x-death
+            # says delivery_limit), never a silent drop on RabbitMQ 4. Classic queues have
+            # no delivery limit, and keep the arguments they always had.
+            main_arguments = (
+                queue_arguments(
+                    queue_type, dead_letter_exchange="", dead_letter_routing_key=dead_queue(name)
+                )
+                if queue_type == "quorum"
+                else queue_arguments(queue_type)
+            )
+            queue = await declare_queue(channel, main, main_arguments)
             for pattern in subscription.events:
                 await queue.bind(exchange, pattern)
             for delay_s, retry_name in retry_queues(subscription).items():
@@ -93,7 +103,7 @@ async def declare_subscription(
                 )
                 await declare_queue(channel, retry_name, arguments)
             current = dead_queue(name)
-            await declare_queue(channel, current, queue_arguments(queue_type))
+            await declare_queue(channel, current, queue_arguments(queue_type, dead_letters=True))
     except BROKER_ERRORS as exc:
         raise TopologyError(
             f"cannot declare queue {current} ({type(exc).__name__}: {exc}); "
@@ -135,7 +145,10 @@ class QueueControl:
             channel = await self._underlay()
             if disabled:
                 await channel.queue_declare(
-                    marker_queue(name), durable=True, arguments=queue_arguments(queue_type)
+                    marker_queue(name),
+                    durable=True,
+                    # Empty; its existence is the state. Holds nothing to dead-letter.
+                    arguments=queue_arguments(queue_type, dead_letters=True),
                 )
             else:
                 await channel.queue_delete(marker_queue(name))
