@@ -20,7 +20,7 @@ from bridge.producer.patchwork import Page, PatchworkClient, PatchworkError
 from bridge.producer.publisher import Publisher
 from bridge.producer.window import Window
 from bridge.settings import Settings
-from bridge.ticker import sleep_unless
+from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
 

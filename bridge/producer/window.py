@@ -116,10 +116,13 @@ class Window:
                 merged.append([lo, hi])
         if len(merged) > MAX_GAP_READS:
             merged = [[merged[0][0], max(hi for _, hi in merged)]]
-        floor_dt = _parse(self._floor)
+        # Never below the window's start: ids older than it are forgotten, and a read
+        # there would publish them again.
+        start = self._window_start() if self._high_water_dt is not None else _parse(self._floor)
         return [
-            (max(lo, floor_dt).isoformat() if floor_dt else lo.isoformat(), hi.isoformat())
+            (max(lo, start).isoformat() if start else lo.isoformat(), hi.isoformat())
             for lo, hi in merged
+            if start is None or hi > start
         ]
 
     def is_new(self, event: Event) -> bool:

@@ -34,7 +34,7 @@ from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
 from bridge.sinks.registry import load_sink
-from bridge.ticker import sleep_unless
+from bridge.waiting import sleep_unless
 from bridge.webhook.messages import (
     Invalid,
     InvalidMessage,

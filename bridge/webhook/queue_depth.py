@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractConnection
 
 from bridge.amqp import BROKER_ERRORS, raise_if_cancelled
 from bridge.metrics import Metrics
-from bridge.ticker import sleep_unless
+from bridge.waiting import sleep_unless
 from bridge.webhook.queues import QueueControl
 
 log = logging.getLogger(__name__)
