@@ -16,7 +16,7 @@ import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 
-from bridge.demo.patchwork_double import FakePatchwork
+from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 from tests.amqp_helpers import wait_for
 from tests.broker import AMQP_URL
 
@@ -163,3 +163,63 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
         assert when.utcoffset() == ZoneInfo(TZ).utcoffset(when.replace(tzinfo=None))
         assert props.headers["x-patchwork-project"] == event["project"]["link_name"]
         assert props.headers["x-patchwork-category"] == event["category"]
+
+
+@pytest.mark.timeout(120)
+async def test_first_start_under_load_publishes_everything_created_during_start_up(
+    unique, tmp_path
+):
+    """BRIDGE_START=now against a busy Patchwork that charges the measured serving cost:
+    200 events created while the start-up read is in flight (one in ten committed up to 3 s
+    late) all reach an independent tap once; none of the 3,000 older events does."""
+    patchwork = FakePatchwork(tz=TZ, cost=MEASURED)
+    old = patchwork.add_events(3000)
+    await patchwork.start()
+    exchange = f"test-{unique}"
+    reader = PikaReader(exchange, f"test-{unique}-ci")
+    reader.start()
+    assert reader.ready.wait(10)
+    env = {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(tmp_path),
+        "BRIDGE_START": "now",
+        "BRIDGE_POLL_INTERVAL": "0.5",
+        "BRIDGE_HTTP_PORT": "0",
+    }
+    rng = random.Random(11)
+    new: list[dict] = []
+    hidden: set[int] = set()
+    producer = await start_producer(env)
+    try:
+        # The start-up read is in flight once Patchwork has its first request.
+        await wait_for(lambda: patchwork.events_requests >= 1, 30, "the start-up read")
+        while len(new) < 200:
+            new.extend(patchwork.add_events(9))
+            # Dated a moment before its id (the row is built, then inserted), committed late.
+            when = patchwork.now() - timedelta(seconds=rng.uniform(0, 0.5))
+            late = patchwork.add_event("patch-created", "dpdk", when, visible=False)
+            new.append(late)
+            hidden.add(late["id"])
+            asyncio.get_running_loop().call_later(
+                rng.uniform(0.5, 3), reveal, patchwork, hidden, late["id"]
+            )
+            await asyncio.sleep(0.02)
+        await wait_for(lambda: not hidden, 10, "every late event committed")
+        await wait_for(lambda: len(reader.messages) >= len(new), 30, "200 events on the bus")
+        await asyncio.sleep(2.0)  # a few more polls: nothing may come twice
+        producer.send_signal(signal.SIGTERM)
+        log = (await asyncio.wait_for(producer.communicate(), 30))[1].decode()
+        assert producer.returncode == 0, log
+    finally:
+        if producer.returncode is None:
+            producer.kill()
+            await producer.wait()
+        reader.stop()
+        await patchwork.stop()
+    assert len(new) == 200
+    ids = [int(props.message_id) for _, props, _ in reader.messages]
+    assert sorted(ids) == sorted(e["id"] for e in new), "each new event once, no old one"
+    assert not set(ids) & {e["id"] for e in old}
