@@ -199,7 +199,7 @@ async def test_first_start_under_load_publishes_everything_created_during_start_
         while len(new) < 200:
             new.extend(patchwork.add_events(9))
             # Dated a moment before its id (the row is built, then inserted), committed late.
-            when = patchwork.now() - timedelta(seconds=rng.uniform(0, 0.5))
+            when = patchwork.now() - timedelta(seconds=rng.uniform(0, 0.04))
             late = patchwork.add_event("patch-created", "dpdk", when, visible=False)
             new.append(late)
             hidden.add(late["id"])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from bridge.events import Event, parse_event
 from bridge.producer.cursor import Cursor, Gap
-from bridge.producer.window import GAP_RECHECK_MAX_S, MAX_GAP_READS, Window
+from bridge.producer.window import GAP_RECHECK_MAX_S, MAX_GAP_READS, PROBE_ABOVE_EVENTS, Window
 
 T0 = datetime(2026, 11, 24, 13, 0, 0)
 SWEEP_S = 10.0
@@ -47,16 +47,29 @@ def test_a_poll_reads_from_the_newest_date_published_inclusive():
     window = Window(Cursor(), 60)
     window.confirm([event(1, T0), event(2, at(0.5))])
     assert window.since() == at(0.5).isoformat()
-    assert window.gap_reads() == []  # contiguous ids: nothing to read again
+    assert window.reads() == [(at(0.5).isoformat(), None)]  # contiguous ids: nothing more
 
 
-def test_a_missing_id_opens_a_gap_read_between_its_neighbours_dates():
+def after(first_id: int, n: int, t: float) -> list[Event]:
+    """``n`` contiguous events from ``first_id`` on, 0.1 s apart from ``t`` seconds."""
+    return [event(first_id + i, at(t + 0.1 * i)) for i in range(n)]
+
+
+def test_a_gap_just_below_the_newest_date_widens_the_read_of_new_events():
     window = Window(Cursor(), 300, clock=Clock())
     window.confirm([event(10, at(0)), event(12, at(2)), event(13, at(3))])
     assert window.open_gaps == 1
-    # One second of slack on each side: a date is set just before the id.
-    assert window.gap_reads() == [(at(-1).isoformat(), at(3).isoformat())]
+    # From the date just below the gap, less a little slack: one request, not two.
+    assert window.reads() == [(at(-0.05).isoformat(), None)]
     assert window.take_changes().opened == 1
+
+
+def test_the_read_of_a_gap_does_not_reach_up_to_the_newest_date():
+    window = Window(Cursor(), 300, clock=Clock())
+    window.confirm([event(10, at(0)), event(12, at(2)), *after(13, PROBE_ABOVE_EVENTS + 5, 3)])
+    [new, gap] = window.reads()
+    assert new == (window.since(), None)
+    assert gap == (at(-0.05).isoformat(), at(2.05).isoformat())
 
 
 def test_the_late_event_fills_its_gap_and_is_new_once():
@@ -66,30 +79,43 @@ def test_the_late_event_fills_its_gap_and_is_new_once():
     assert window.is_new(late)
     window.confirm([event(10, at(0)), late, event(12, at(2))])
     assert not window.is_new(late)
-    assert window.open_gaps == 0 and window.gap_reads() == []
+    assert window.open_gaps == 0 and window.reads() == [(window.since(), None)]
     assert window.take_changes().filled == 1
+
+
+def gap_reads(window: Window) -> list[tuple[str | None, str | None]]:
+    return window.reads()[1:]
 
 
 def test_a_young_gap_is_read_every_poll_an_old_one_less_often():
     clock = Clock()
     window = Window(Cursor(), 3600, clock=clock)
-    window.confirm([event(1, at(0)), event(3, at(1))])
-    assert len(window.gap_reads()) == 1
+    window.confirm([event(1, at(0)), *after(3, PROBE_ABOVE_EVENTS + 5, 1)])
+    assert len(gap_reads(window)) == 1
     clock.now += 1
-    assert len(window.gap_reads()) == 1  # a quarter of 1 s old: due again
+    assert len(gap_reads(window)) == 1  # a quarter of 1 s old: due again
     clock.now += 1000
-    assert len(window.gap_reads()) == 1
+    assert len(gap_reads(window)) == 1
     clock.now += 1  # checked at age 1001 s: next in 30 s, not sooner
-    assert window.gap_reads() == []
+    assert gap_reads(window) == []
     clock.now += GAP_RECHECK_MAX_S
-    assert len(window.gap_reads()) == 1
+    assert len(gap_reads(window)) == 1
 
 
-def test_many_gaps_far_apart_become_one_read_from_the_oldest():
+def test_at_most_a_few_gap_reads_a_poll_youngest_first_the_others_next_poll():
     window = Window(Cursor(), 3600, clock=Clock())
-    window.confirm([event(i * 2, at(i * 10)) for i in range(1, MAX_GAP_READS + 3)])
-    reads = window.gap_reads()
-    assert reads == [(at(9).isoformat(), at((MAX_GAP_READS + 2) * 10 + 1).isoformat())]
+    events: list[Event] = []
+    for k in range(MAX_GAP_READS + 3):  # gaps far apart, each followed by many events
+        first = 1 + k * 100
+        events += after(first, PROBE_ABOVE_EVENTS + 5, k * 100)
+    window.confirm(events)
+    first_poll = gap_reads(window)
+    assert len(first_poll) == MAX_GAP_READS
+    assert first_poll == sorted(first_poll, reverse=True)  # youngest first
+    # The two not read yet come first next time, before those just read.
+    second_poll = gap_reads(window)
+    assert len(second_poll) == MAX_GAP_READS
+    assert not set(second_poll[:2]) & set(first_poll)
 
 
 def test_gaps_close_unfilled_after_the_overlap_and_are_counted():
@@ -152,7 +178,7 @@ def test_cursor_round_trips_gaps_and_all():
     assert restored.cursor().gaps == {
         2: Gap(T0.isoformat(), "2026-11-24T13:00:00.163041", clock.now)
     }
-    assert restored.gap_reads() == window.gap_reads()
+    assert restored.reads() == window.reads()
 
 
 def test_a_version_1_cursor_is_read_as_having_no_gaps():
@@ -183,7 +209,7 @@ def poll(window: Window, visible: list[Event], sweep: bool = False) -> list[int]
     """One poll as the poller plans it: the new read, then the gap reads, or, when a
     sweep counts a difference, one read of the whole overlap. Returns the ids published."""
     published: list[int] = []
-    reads = [(window.since(), None), *window.gap_reads()]
+    reads = window.reads()
     span = window.sweep_range() if sweep else None
     if span is not None and len(between(visible, *span)) != window.known_between(*span):
         reads = [(span[0], None)]
@@ -212,8 +238,9 @@ def poll(window: Window, visible: list[Event], sweep: bool = False) -> list[int]
 def test_every_id_visible_within_the_overlap_is_published_exactly_once(inserts, step_s):
     """Any commit order: what becomes visible within the overlap is published once, and
     ids that never fill are waited for no longer than the overlap. A late event above
-    every id seen (nothing newer to show its gap) is left to the sweep."""
-    overlap_s = 31.0
+    every id seen (nothing newer to show its gap) is left to the sweep, so the overlap must
+    cover the longest commit delay plus a sweep interval plus a poll."""
+    overlap_s = 30 + SWEEP_S + 10 + 1
     clock = Clock(0.0)
     window = Window(Cursor(), overlap_s, clock=clock)
     events, visible_at, t = [], {}, 0.0
@@ -225,7 +252,9 @@ def test_every_id_visible_within_the_overlap_is_published_exactly_once(inserts, 
         events.append(e)
         visible_at[e.id] = t + delay_s
     published: list[int] = []
-    end = t + overlap_s + 2 * step_s
+    # The last late event commits by t + 30 s; the sweep may take SWEEP_S to show its
+    # gap; an unfilled gap is then waited for overlap_s.
+    end = t + 30 + SWEEP_S + overlap_s + 3 * step_s
     next_sweep = 0.0
     while clock.now <= end + GAP_RECHECK_MAX_S:
         visible = [e for e in events if visible_at[e.id] <= clock.now]

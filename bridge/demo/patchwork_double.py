@@ -238,6 +238,8 @@ class FakePatchwork:
         self.events_requests = 0
         self.events_served = 0
         """Items served by ``/events/`` so far, over all requests."""
+        self.busy_s = 0.0
+        """Seconds of serving cost charged so far (see ``ServingCost``)."""
 
     # -- the store ----------------------------------------------------------------------
 
@@ -487,6 +489,7 @@ class FakePatchwork:
         delay_s = cost.request_s + cost.per_event_s * served + cost.count_per_row_s * rows
         if delay_s <= 0:
             return
+        self.busy_s += delay_s
         if self._workers is None:
             await asyncio.sleep(delay_s)
             return

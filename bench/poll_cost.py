@@ -1,0 +1,303 @@
+"""The producer beside a NIPA-style poller, against a Patchwork that charges for every read.
+
+Two Patchwork doubles with the serving cost measured on a real Patchwork (60 ms a
+request, 1.9 ms an event served, a COUNT per page, 4 workers) receive the same events at
+the same moments: a steady rate, one in ten committed late (its id taken at insert, its
+commit 0.5-3 s later), 1 % of ids burned by rolled-back mails, and a burst of series
+half-way (100 events/s). The real producer polls one and publishes to the bus; the naive
+poller polls the other with ``since = newest date seen + 1 us`` (what NIPA does) and
+publishes the same way, with confirms. A tap on each exchange stamps arrivals. Printed
+per poll interval: events lost, p50/p99 from commit to the bus (and p99 of the late
+events alone), events, requests and seconds of serving Patchwork spent per event
+published, and the bridge's ratios to the naive poller.
+
+    python bench/poll_cost.py [--intervals 0.2,1,10] [--rate 10] [--seconds 60] [--burst 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+from common import AMQP_URL, TZ, percentile, run_id
+
+from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork
+from bridge.metrics import Metrics
+from bridge.producer.poller import Producer
+from bridge.settings import Settings
+
+SEED_EVENTS = 2000
+LATE_FRACTION = 0.1
+BURNED_FRACTION = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    name: str
+    committed: int
+    published: int
+    lost: int
+    duplicates: int
+    p50_s: float
+    p99_s: float
+    late_p99_s: float
+    served: int
+    requests: int
+    busy_s: float
+    """Seconds of serving cost Patchwork was charged."""
+
+    @property
+    def served_per_event(self) -> float:
+        return self.served / max(1, self.published)
+
+    @property
+    def busy_ms_per_event(self) -> float:
+        return 1000 * self.busy_s / max(1, self.published)
+
+    @property
+    def requests_per_event(self) -> float:
+        return self.requests / max(1, self.published)
+
+
+class Feed:
+    """Adds the same events to both doubles at the same moments; records commit times."""
+
+    def __init__(self, doubles: list[FakePatchwork], seed: int = 5) -> None:
+        self.doubles = doubles
+        self.rng = random.Random(seed)
+        self.committed: dict[int, float] = {}
+        self.pending: set[int] = set()
+        self.late: set[int] = set()
+
+    def add(self, n: int) -> None:
+        for _ in range(n):
+            if self.rng.random() < BURNED_FRACTION:
+                for fake in self.doubles:
+                    fake.burn_ids(1)
+                continue
+            late = self.rng.random() < LATE_FRACTION
+            category = self.rng.choice(CATEGORIES)
+            ids = {fake.add_event(category, visible=not late)["id"] for fake in self.doubles}
+            [event_id] = ids  # the doubles stay in step
+            if late:
+                self.pending.add(event_id)
+                self.late.add(event_id)
+                asyncio.get_running_loop().call_later(
+                    self.rng.uniform(0.5, 3.0), self.commit, event_id
+                )
+            else:
+                self.committed[event_id] = time.monotonic()
+
+    def commit(self, event_id: int) -> None:
+        for fake in self.doubles:
+            fake.make_visible(event_id)
+        self.pending.discard(event_id)
+        self.committed[event_id] = time.monotonic()
+
+    async def run(self, rate: float, seconds: float, burst: int) -> None:
+        started = time.monotonic()
+        total = round(rate * seconds)
+        for i in range(total):
+            delay_s = started + i / rate - time.monotonic()
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            self.add(1)
+            if i == total // 2:
+                # A burst of series: six parsers at full speed, about 100 events a second.
+                for _ in range(burst // 10):
+                    self.add(10)
+                    await asyncio.sleep(0.1)
+        while self.pending:
+            await asyncio.sleep(0.1)
+
+
+class Tap:
+    """Records when each message_id first reaches a queue bound ``#`` to ``exchange``."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, float] = {}
+        self.duplicates = 0
+
+    async def start(self, channel: aio_pika.abc.AbstractChannel, exchange: str) -> str:
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(ex, "#")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            event_id = int(message.message_id or 0)
+            if event_id in self.arrived:
+                self.duplicates += 1
+            else:
+                self.arrived[event_id] = time.monotonic()
+
+        return await queue.consume(on_message, no_ack=True)
+
+
+async def naive_poller(
+    fake: FakePatchwork, exchange: str, interval_s: float, stop: asyncio.Event
+) -> None:
+    """NIPA's loop: ``since`` the newest date seen plus a microsecond, every interval."""
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    newest = fake.now()
+    seen: set[int] = set()
+    url = f"{fake.url}/api/1.3/events/"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        while not stop.is_set():
+            started = time.monotonic()
+            since = (newest + timedelta(microseconds=1)).isoformat()
+            next_url: str | None = url
+            params: dict[str, str] | None = {"since": since, "order": "date", "per_page": "250"}
+            while next_url is not None:
+                async with http.get(next_url, params=params) as response:
+                    items = json.loads(await response.text())
+                    link = response.links.get("next")
+                    next_url = str(link["url"]) if link else None
+                params = None
+                fresh = [item for item in items if item["id"] not in seen]
+                await asyncio.gather(
+                    *(
+                        ex.publish(
+                            aio_pika.Message(json.dumps(item).encode(), message_id=str(item["id"])),
+                            routing_key=f"{item['project']['link_name']}.{item['category']}",
+                        )
+                        for item in fresh
+                    )
+                )
+                for item in fresh:
+                    seen.add(item["id"])
+                    newest = max(newest, datetime.fromisoformat(item["date"]))
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+    await connection.close()
+
+
+def summarise(
+    name: str, feed: Feed, tap: Tap, fake: FakePatchwork, before: tuple[int, int, float]
+) -> Side:
+    latencies = sorted(tap.arrived[i] - t for i, t in feed.committed.items() if i in tap.arrived)
+    lost = sum(1 for i in feed.committed if i not in tap.arrived)
+    late = sorted(tap.arrived[i] - feed.committed[i] for i in feed.late if i in tap.arrived)
+    return Side(
+        name,
+        len(feed.committed),
+        len(tap.arrived),
+        lost,
+        tap.duplicates,
+        percentile(latencies, 0.50) if latencies else float("nan"),
+        percentile(latencies, 0.99) if latencies else float("nan"),
+        percentile(late, 0.99) if late else float("nan"),
+        fake.events_served - before[0],
+        fake.events_requests - before[1],
+        fake.busy_s - before[2],
+    )
+
+
+async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Side, Side]:
+    rid = run_id()
+    bridge_ex, naive_ex = f"bench-poll-{rid}", f"bench-naive-{rid}"
+    ours, theirs = FakePatchwork(tz=TZ, cost=MEASURED), FakePatchwork(tz=TZ, cost=MEASURED)
+    for fake in (ours, theirs):
+        fake.add_events(SEED_EVENTS)
+        await fake.start()
+    feed = Feed([ours, theirs])
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    bridge_tap, naive_tap = Tap(), Tap()
+    await bridge_tap.start(channel, bridge_ex)
+    await naive_tap.start(channel, naive_ex)
+    stop = asyncio.Event()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            amqp_url=AMQP_URL,  # type: ignore[arg-type]
+            exchange=bridge_ex,
+            patchwork_url=ours.url,
+            patchwork_timezone=TZ,
+            state_dir=Path(tmp),
+            poll_interval=interval_s,
+            start="now",
+            http_port=0,
+        )
+        metrics = Metrics()
+        producer = Producer(settings, metrics)
+        bridge = asyncio.create_task(producer.run(stop))
+        naive = asyncio.create_task(naive_poller(theirs, naive_ex, interval_s, stop))
+        # Both start from "now": wait until each has read once, then count from here.
+        while ours.events_requests < 1 or theirs.events_requests < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(interval_s + 0.5)
+        base = {id(f): (f.events_served, f.events_requests, f.busy_s) for f in (ours, theirs)}
+        await feed.run(args.rate, args.seconds, args.burst)
+        deadline = time.monotonic() + 3 * interval_s + 10
+        while time.monotonic() < deadline and (
+            len(bridge_tap.arrived) < len(feed.committed)
+            or len(naive_tap.arrived) < len(feed.committed)
+        ):
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(bridge, naive)
+    await channel.exchange_delete(bridge_ex)
+    await channel.exchange_delete(naive_ex)
+    await connection.close()
+    for fake in (ours, theirs):
+        await fake.stop()
+    reads = {
+        sample.labels["read"]: int(sample.value)
+        for sample in metrics.patchwork_events_read.collect()[0].samples
+        if sample.name.endswith("_total")
+    }
+    print(f"  bridge's reads by kind (events served, start-up included): {reads}")
+    return (
+        summarise("bridge", feed, bridge_tap, ours, base[id(ours)]),
+        summarise("naive poller", feed, naive_tap, theirs, base[id(theirs)]),
+    )
+
+
+def line(side: Side) -> str:
+    return (
+        f"  {side.name:<13} lost {side.lost:>4} of {side.committed:<5} dup {side.duplicates:<3} "
+        f"p50 {side.p50_s:5.2f}s  p99 {side.p99_s:5.2f}s (late {side.late_p99_s:5.2f}s)  "
+        f"served/event {side.served_per_event:5.2f}  "
+        f"requests/event {side.requests_per_event:5.3f}  "
+        f"server ms/event {side.busy_ms_per_event:6.1f}"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--intervals", default="0.2,1,10", help="poll intervals, seconds")
+    parser.add_argument("--rate", type=float, default=10.0, help="events per second")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long events arrive")
+    parser.add_argument("--burst", type=int, default=300, help="events added at once, mid-way")
+    args = parser.parse_args()
+    print(
+        f"{args.rate:g} events/s for {args.seconds:g}s, a burst of {args.burst} at 100/s, "
+        f"{LATE_FRACTION:.0%} committed 0.5-3 s late, {BURNED_FRACTION:.0%} ids burned; "
+        f"Patchwork cost {MEASURED.request_s * 1000:g} ms/request + "
+        f"{MEASURED.per_event_s * 1000:g} ms/event + "
+        f"{MEASURED.count_per_row_s * 1e6:g} us/row counted, {MEASURED.workers} workers"
+    )
+    for interval_s in (float(x) for x in args.intervals.split(",")):
+        ours, theirs = await one_interval(args, interval_s)
+        print(f"poll every {interval_s:g}s")
+        print(line(ours))
+        print(line(theirs))
+        print(
+            f"  ratios        p50 {ours.p50_s / theirs.p50_s:.2f} (goal <= 1.3)  "
+            f"served/event {ours.served_per_event / theirs.served_per_event:.2f} (goal <= 1.5)  "
+            f"server time {ours.busy_ms_per_event / theirs.busy_ms_per_event:.2f}  "
+            f"lost {ours.lost} (goal 0)"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
