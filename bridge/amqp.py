@@ -16,7 +16,13 @@ import time
 from typing import Any, Literal
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiormq import spec
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
@@ -36,15 +42,35 @@ class NotConfirmed(Exception):
 
 # Errors of a broker call: the broker refused it, the channel or connection went away, or
 # it took longer than BROKER_TIMEOUT_S.
+class BrokerUnavailable(ConnectionError):
+    """A channel could not be opened: the connection is closed or reconnecting."""
+
+
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
     AMQPError,
     ChannelInvalidStateError,
     NotConfirmed,
-    OSError,
+    OSError,  # BrokerUnavailable included
     TimeoutError,
-    # aiormq's "<Connection ...> closed" when a channel is opened while reconnecting.
-    RuntimeError,
 )
+"""Broker trouble, never our own bugs: a RuntimeError or a KeyError is not in here."""
+
+
+async def open_channel(connection: AbstractConnection) -> aio_pika.Channel:
+    """A plain channel on ``connection``; BrokerUnavailable while it is down.
+
+    aio-pika and aiormq say "closed" or "not ready" with a bare RuntimeError here; this
+    is the one place that turns it into a broker error, so nothing else has to catch
+    RuntimeError (and hide a bug as broker trouble).
+    """
+    channel = aio_pika.Channel(connection, publisher_confirms=False)
+    try:
+        await channel.initialize()
+    except ChannelInvalidStateError:
+        raise
+    except RuntimeError as exc:
+        raise BrokerUnavailable(f"cannot open a channel: {exc}") from None
+    return channel
 
 
 def raise_if_cancelled() -> None:

@@ -476,6 +476,37 @@ async def test_consuming_resumes_by_itself_after_the_connection_is_cut(
         await wait_for(lambda: consumer.readiness()[0], what="ready again")
 
 
+async def test_a_queue_deleted_under_the_consumer_is_noticed_and_consumed_again(
+    exchange_name: str,
+    make_sub: MakeSub,
+    queue_type: str,
+    amqp: aio_pika.abc.AbstractConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    target = make_sub("deleted")
+    sink = FakeSink()
+    consumer = make_consumer(
+        exchange_name, [(target, sink)], queue_type=queue_type, marker_check_interval_s=0.2
+    )
+    async with running(consumer):
+        await publish_events(exchange_name, [("patch-created", 31)])
+        await wait_for(lambda: sink.ids == ["31"], what="the first event")
+        channel = await amqp.channel()
+        await channel.queue_delete(main_queue(target.name))  # an operator's mistake
+        await channel.close()
+        await wait_for(
+            lambda: any("is gone" in r.getMessage() for r in caplog.records),
+            what="one clear line saying so",
+        )
+        await wait_for(lambda: consumer.readiness()[0], 30, "ready again")
+        back = f"consuming {main_queue(target.name)} again"
+        await wait_for(
+            lambda: any(r.getMessage().endswith(back) for r in caplog.records), what="back"
+        )
+        await publish_events(exchange_name, [("patch-created", 32)])
+        await wait_for(lambda: sink.ids == ["31", "32"], what="an event sent after the delete")
+
+
 async def test_readiness_says_why_before_the_consumer_runs(exchange_name: str) -> None:
     consumer = make_consumer(exchange_name, [])
     ready, reason = consumer.readiness()

@@ -352,6 +352,46 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
     assert {i for i, status in receiver.requests if status == 500} == ids
 
 
+# 3b. webhook process killed over and over with deliveries in flight (RabbitMQ 4) ------------
+
+
+@pytest.mark.timeout(240)
+async def test_events_in_flight_survive_25_kills_of_the_webhook_on_quorum_queues(
+    receiver: Receiver,
+    exchange_name: str,
+    unique: str,
+    tmp_path: Path,
+    cleanup: list[Subscription],
+    bridges: StartBridge,
+) -> None:
+    """Each kill returns the 5 unacked events to their quorum queue, which counts a
+    delivery; RabbitMQ 4.0 drops a message after 20 when the queue does not say otherwise."""
+    receiver.answer = lambda _id: (204, 3600.0)  # never answers in time
+    path = write_subscription(
+        tmp_path / "subscriptions.toml", f"kills-{unique}", receiver.url, timeout=600.0
+    )
+    (subscription,) = load_subscriptions(path)
+    cleanup.append(subscription)
+    main, dead = main_queue(subscription.name), dead_queue(subscription.name)
+    env = bridge_env(exchange=exchange_name, subscriptions=str(path), queue_type="quorum")
+    ids = {str(i) for i in range(2000, 2005)}
+    async with QueueWatch() as watch:
+
+        async def all_in_flight() -> bool:
+            return await watch.unacked(main) == len(ids)
+
+        for kill in range(25):
+            webhook = await bridges("webhook", env)
+            if kill == 0:
+                await wait_for(lambda: watch.consumers(main), 30, f"a consumer on {main}")
+                await publish_events(exchange_name, [("patch-created", int(i)) for i in ids])
+            await wait_for(all_in_flight, 30, f"5 deliveries in flight before kill {kill + 1}")
+            await kill_bridge(webhook)
+        assert await watch.settled_depth(main) + await watch.depth(dead) == len(ids)
+    assert {i for i, _ in receiver.requests} == ids
+    assert len(receiver.requests) >= 25 * len(ids)
+
+
 # 4. a receiver that fails 30% of the time ------------------------------------------------------
 
 FLAKY_TIMEOUT_S = 1.0

@@ -180,6 +180,7 @@ class Producer:
     ) -> list[tuple[str | None, str | None, str]]:
         """(since, before, kind) of each read of this poll."""
         assert self._window is not None
+        reads: list[tuple[str | None, str | None, str]] = []
         sweep = self._window.sweep_range()
         now = time.monotonic()
         if sweep is not None and self._sweep_interval_s and now >= self._next_sweep:
@@ -191,15 +192,15 @@ class Producer:
             known = self._window.known_between(*sweep)
             if counted != known:
                 log.info(
-                    "sweep: Patchwork has %s events since %s, %d of them published; "
+                    "sweep: Patchwork has %s events from %s to %s, %d of them published; "
                     "reading them all again",
                     "an unknown number of" if counted is None else counted,
-                    sweep[0],
+                    *sweep,
                     known,
                 )
-                return [(sweep[0], None, "sweep")]
+                reads.append((*sweep, "sweep"))
         new_read, *gap_reads = self._window.reads()
-        reads: list[tuple[str | None, str | None, str]] = [(*new_read, "new")]
+        reads.insert(0, (*new_read, "new"))
         for since, before in gap_reads:
             assert since is not None and before is not None
             if await self._may_have_filled(client, stop, since, before):

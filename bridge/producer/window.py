@@ -83,10 +83,20 @@ class Window:
         return self._high_water if self._high_water is not None else self._floor
 
     def sweep_range(self) -> tuple[str, str] | None:
-        """``(since, before)`` of the whole overlap below the newest date, for the sweep."""
+        """``(since, before)`` for the sweep: the overlap below the newest date, up to the
+        oldest open gap. Above that, the gap reads look already, and events committed
+        but not read yet would make every count differ."""
         if self._high_water_dt is None or self._high_water is None:
             return None
-        return self._window_start().isoformat(), self._high_water
+        start = self._window_start()
+        before = min(
+            (_when(gap.below) - GAP_SLACK for gap in self._gaps.values()),
+            default=self._high_water_dt,
+        )
+        before = min(before, self._high_water_dt)
+        if before <= start:
+            return None
+        return start.isoformat(), before.isoformat()
 
     def known_between(self, since: str, before: str) -> int:
         """Events already published with ``since <= date < before``; the sweep compares

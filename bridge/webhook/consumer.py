@@ -96,6 +96,9 @@ class _Lane:
     """The deliveries running now, so shutdown can wait for them."""
     unmatched_keys: set[str] = field(default_factory=set)
     """Routing keys seen that no pattern matches: each is logged once."""
+    cancelled: bool = False
+    """The broker cancelled our consumer (queue deleted, quorum leader moved) and it is
+    not consuming again yet."""
     sink_times_out: bool = field(init=False)
     wants: TopicMatcher = field(init=False)
     # The metric children of the hot path, looked up once instead of per delivery.
@@ -194,6 +197,9 @@ class WebhookConsumer:
             return False, "webhook: connecting to RabbitMQ and declaring queues"
         if not self.connected():
             return False, "webhook: connection to RabbitMQ lost, reconnecting"
+        cancelled = [lane.name for lane in self._lanes if lane.cancelled]
+        if cancelled:
+            return False, f"webhook: not consuming the main queue of {', '.join(cancelled)}"
         return True, ""
 
     async def _start(self) -> None:
@@ -333,6 +339,7 @@ class WebhookConsumer:
         while not await sleep_unless(self._stopping, self._marker_check_interval_s):
             try:
                 for lane in self._lanes:
+                    await self._watch_cancel(lane)
                     await self._sync_marker(lane)
             except BROKER_ERRORS as exc:
                 raise_if_cancelled()
@@ -343,6 +350,39 @@ class WebhookConsumer:
                 if failing:
                     log.info("webhook: checking disabled markers again")
                 failing = False
+
+    async def _watch_cancel(self, lane: _Lane) -> None:
+        """Notice a main queue that lost its consumer, and see it consume again.
+
+        The broker cancels a consumer when an operator deletes its queue or a quorum
+        leader moves; aio-pika answers by reconnecting, which declares the queue and
+        consumes again. This says so in the log and in /readyz, and declares the queue
+        itself should it still be missing at the next check.
+        """
+        assert self._control is not None and lane.queue is not None
+        if lane.consumer_tag is None:
+            return  # disabled: nobody should consume
+        found = await self._control.inspect(lane.queue.name)
+        if found is not None and found.consumer_count > 0:
+            if lane.cancelled:
+                lane.cancelled = False
+                log.info("webhook %s: consuming %s again", lane.name, lane.queue.name)
+            return
+        if not lane.cancelled:
+            lane.cancelled = True
+            log.warning(
+                "webhook %s: %s %s (deleted by an operator, or its quorum leader moved); "
+                "consuming again as soon as it is back",
+                lane.name,
+                lane.queue.name,
+                "is gone" if found is None else "has no consumer",
+            )
+            return
+        if found is None:
+            log.warning("webhook %s: %s is still missing; declaring it", lane.name, lane.queue.name)
+            async with lane.lock:
+                await self._open_lane(lane)
+                await self._consume(lane)
 
     async def _sync_marker(self, lane: _Lane) -> None:
         assert self._control is not None

@@ -19,7 +19,14 @@ from aiormq import spec
 from aiormq.abc import AbstractChannel as AbstractChannelUnderlay
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, QueueType, declare_queue, queue_arguments
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    QueueType,
+    declare_queue,
+    open_channel,
+    queue_arguments,
+)
 from bridge.webhook.retry import delay_ladder
 from bridge.webhook.subscriptions import Subscription
 
@@ -162,7 +169,5 @@ class QueueControl:
 
     async def _underlay(self) -> AbstractChannelUnderlay:
         if self._channel is None or self._channel.is_closed:
-            channel = aio_pika.Channel(self._connection, publisher_confirms=False)
-            await channel.initialize()
-            self._channel = channel
+            self._channel = await open_channel(self._connection)
         return await self._channel.get_underlay_channel()
