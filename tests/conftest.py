@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
 
 from bridge.demo.patchwork_double import FakePatchwork
-from tests.broker import AMQP_URL
+from tests.broker import AMQP_URL, rabbitmqctl
 
 # Every Settings() and every role run as a process talks to the broker under test.
 os.environ["BRIDGE_AMQP_URL"] = AMQP_URL
@@ -91,3 +92,28 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.broker)
+
+
+def _broker_names(kind: str) -> set[str] | None:
+    """Queue or exchange names on the broker under test; None if rabbitmqctl cannot tell."""
+    try:
+        result = rabbitmqctl(f"list_{kind}", "name", "-q", "--no-table-headers")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return {line.strip() for line in result.stdout.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_on_the_broker() -> Iterator[None]:
+    """Tests use their own queues and exchanges and delete them: at the end of the session
+    the broker holds what it held at the start."""
+    before = {kind: _broker_names(kind) for kind in ("queues", "exchanges")}
+    yield
+    for kind, names in before.items():
+        after = _broker_names(kind)
+        if names is None or after is None:
+            continue  # no rabbitmqctl here (a run of the tests that need no broker)
+        left = sorted(after - names)
+        assert not left, f"the tests left {len(left)} {kind} on the broker: {left[:10]}"
