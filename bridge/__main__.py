@@ -49,27 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the Patchwork double up this long after the last delivery (default 0)",
     )
 
-    dlq = sub.add_parser("dlq", help="list, replay or purge a subscription's dead letters")
+    dlq = sub.add_parser(
+        "dlq",
+        help="list, replay or purge dead letters",
+        description="Dead letters of a subscription (NAME), or of a queue made by `bind` "
+        "(--queue QUEUE: its QUEUE.dead).",
+    )
     dlq_sub = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    dlq_list = dlq_sub.add_parser("list", help="show dead letters without removing them")
-    dlq_list.add_argument("name", help="subscription name")
-    dlq_list.add_argument("--limit", type=int, default=50)
-    dlq_replay = dlq_sub.add_parser("replay", help="send dead letters back for delivery")
-    dlq_replay.add_argument("name", help="subscription name")
-    dlq_replay.add_argument("--limit", type=int, default=None, help="at most N (default all)")
-    dlq_purge = dlq_sub.add_parser("purge", help="delete all dead letters")
-    dlq_purge.add_argument("name", help="subscription name")
+    dlq_actions = {
+        "list": "show dead letters without removing them",
+        "replay": "send dead letters back for delivery, with a fresh attempt count",
+        "purge": "delete all dead letters (asks first)",
+    }
+    for action, help_text in dlq_actions.items():
+        p = dlq_sub.add_parser(action, help=help_text)
+        p.add_argument("name", nargs="?", help="subscription name")
+        p.add_argument("--queue", help="a queue made by `bind` instead of a subscription")
+        if action == "list":
+            p.add_argument("--limit", type=int, default=50, help="show at most N (default 50)")
+        if action == "replay":
+            p.add_argument("--limit", type=int, default=None, help="at most N (default all)")
+        if action == "purge":
+            p.add_argument("--yes", action="store_true", help="do not ask")
 
-    subs = sub.add_parser("subscriptions", help="list subscriptions; enable or disable one")
+    subs = sub.add_parser("subscriptions", help="list subscriptions; enable, disable or remove one")
     subs_sub = subs.add_subparsers(dest="subscriptions_command", metavar="ACTION", required=True)
     subs_sub.add_parser("list", help="each subscription, its patterns and whether it is enabled")
     for action in ("enable", "disable"):
         p = subs_sub.add_parser(action, help=f"{action} a subscription's deliveries")
         p.add_argument("name", help="subscription name")
+    remove = subs_sub.add_parser(
+        "remove", help="delete a subscription's queues (main, retry, dead) after showing them"
+    )
+    remove.add_argument("name", help="subscription name")
+    remove.add_argument("--yes", action="store_true", help="do not ask")
 
     bind = sub.add_parser("bind", help="declare a durable queue bound to the exchange")
     bind.add_argument("queue", help="queue name")
-    bind.add_argument("patterns", nargs="+", metavar="PATTERN", help="topic patterns, e.g. dpdk.*")
+    bind.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic patterns, e.g. dpdk.*")
+    bind.add_argument("--remove", action="store_true", help="delete QUEUE and QUEUE.dead instead")
+    bind.add_argument("--yes", action="store_true", help="with --remove: do not ask")
 
     sub.add_parser("check-config", help="validate settings and the subscriptions file, then exit")
     return parser

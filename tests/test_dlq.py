@@ -13,10 +13,12 @@ import aio_pika
 import pytest
 
 from bridge.__main__ import main
+from bridge.cli.bind import bind, unbind
 from bridge.cli.common import CliError
-from bridge.cli.dlq import run_dlq
+from bridge.cli.dlq import Target, run_dlq
+from bridge.cli.subscriptions import remove_subscription
 from bridge.metrics import Metrics
-from bridge.settings import Settings, SettingsError
+from bridge.settings import Settings
 from bridge.sinks.base import GiveUp
 from bridge.webhook.messages import BRIDGE_HEADERS
 from bridge.webhook.queues import dead_queue, main_queue
@@ -57,7 +59,9 @@ async def dead(
 
 async def dlq(exchange: str, sub: Subscription, action: str, limit: int | None = None) -> str:
     out = io.StringIO()
-    await run_dlq(Settings(exchange=exchange), [sub], action, sub.name, limit, out)
+    await run_dlq(
+        Settings(exchange=exchange), Target.of_subscription(sub.name), action, limit, out, yes=True
+    )
     return out.getvalue()
 
 
@@ -111,17 +115,13 @@ async def test_purge_deletes_all_dead_letters_and_says_how_many(
     assert await queue_depth(amqp, dead_queue(dead.name)) == 0
 
 
-async def test_unknown_subscription_is_refused(exchange_name: str) -> None:
-    with pytest.raises(SettingsError, match="nope: unknown subscription \\(configured: ci\\)"):
-        await run_dlq(Settings(exchange=exchange_name), [subscription("ci")], "list", "nope", 5)
-
-
 async def test_missing_dead_letter_queue_is_one_clear_error(
     exchange_name: str, unique: str
 ) -> None:
     never_ran = subscription(f"never-{unique}")
     with pytest.raises(CliError, match="does not exist"):
-        await run_dlq(Settings(exchange=exchange_name), [never_ran], "list", never_ran.name, 5)
+        target = Target.of_subscription(never_ran.name)
+        await run_dlq(Settings(exchange=exchange_name), target, "list", 5)
 
 
 def write_subscriptions(tmp_path: Path, name: str) -> Path:
@@ -179,10 +179,64 @@ async def test_fifty_lists_leave_every_dead_letter_in_place(
             await wait_for(all_dead, what="10 dead letters")
         settings = Settings(exchange=exchange_name, queue_type=queue_type)  # type: ignore[arg-type]
         for _ in range(50):
-            await run_dlq(settings, [sub], "list", sub.name, None, io.StringIO())
+            await run_dlq(settings, Target.of_subscription(sub.name), "list", None, io.StringIO())
         assert await queue_depth(amqp, dead_queue(sub.name)) == 10
         assert sorted(m.message_id for m in await get_all(amqp, dead_queue(sub.name))) == sorted(
             str(i) for _, i in events
         )
     finally:
         await delete_subscription_queues(amqp, [sub])
+
+
+async def test_purge_asks_first_and_without_a_terminal_deletes_nothing(
+    dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    target = Target.of_subscription(dead.name)
+    with pytest.raises(CliError, match=r"delete the 3 dead letters .* pass --yes"):
+        await run_dlq(Settings(exchange=exchange_name), target, "purge", None, io.StringIO())
+    assert await queue_depth(amqp, dead_queue(dead.name)) == 3
+
+
+async def test_dead_letters_of_a_bind_queue_are_listed_and_replayed(
+    exchange_name: str, ci_queue: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    settings = Settings(exchange=exchange_name)
+    await bind(settings, ci_queue, ["#"])
+    await publish_events(exchange_name, [("patch-created", 41)])
+    channel = await amqp.channel()
+    queue = await channel.get_queue(ci_queue)
+    message = await queue.get(timeout=10)
+    await message.reject(requeue=False)  # the CI gives up on it: it goes to .dead
+    await channel.close()
+    target = Target.of_bound_queue(ci_queue)
+
+    async def dead_letters() -> bool:
+        return await queue_depth(amqp, f"{ci_queue}.dead") == 1
+
+    await wait_for(dead_letters, what="the rejected event in .dead")
+    out = io.StringIO()
+    await run_dlq(settings, target, "list", None, out)
+    assert out.getvalue().startswith("41  netdevbpf.patch-created")
+    await run_dlq(settings, target, "replay", None, io.StringIO())
+    assert await queue_depth(amqp, f"{ci_queue}.dead") == 0
+    [back] = await get_all(amqp, ci_queue)
+    assert back.message_id == "41"
+
+
+async def test_removing_a_subscription_deletes_every_queue_it_had(
+    dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    deleted = await remove_subscription(Settings(exchange=exchange_name), [], dead.name, yes=True)
+    assert main_queue(dead.name) in deleted and dead_queue(dead.name) in deleted
+    for queue in deleted:
+        assert await queue_depth(amqp, queue) is None
+
+
+async def test_bind_remove_deletes_the_queue_and_its_dead_letters(
+    exchange_name: str, ci_queue: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    settings = Settings(exchange=exchange_name)
+    await bind(settings, ci_queue, ["#"])
+    assert await unbind(settings, ci_queue, yes=True) == [ci_queue, f"{ci_queue}.dead"]
+    assert await queue_depth(amqp, ci_queue) is None
+    assert await queue_depth(amqp, f"{ci_queue}.dead") is None

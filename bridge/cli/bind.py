@@ -100,8 +100,45 @@ def _reply_text(exc: BaseException) -> str:
     return str(args[1] if len(args) > 1 else exc)
 
 
+async def unbind(settings: Settings, queue: str, *, yes: bool = False) -> list[str]:
+    """Delete a queue made by ``bind`` and its ``.dead`` queue, after showing their depths."""
+    from bridge.cli.common import CliError, confirm, connected, queue_depths
+
+    queues = [queue, queue + DEAD_SUFFIX]
+    async with connected(settings, "bind --remove") as connection:
+        found = await queue_depths(connection, queues)
+        depths = {q: depth for q, depth in found.items() if depth is not None}
+        if not depths:
+            raise CliError(f"{queue}: no such queue (nor {queue + DEAD_SUFFIX})")
+        for name, depth in depths.items():
+            print(f"{name}\t{depth} messages")
+        total = sum(depths.values())
+        await confirm(f"delete these {len(depths)} queues and the {total} messages in them?", yes)
+        channel = await connection.channel()
+        try:
+            for name in depths:
+                await channel.queue_delete(name, timeout=BIND_TIMEOUT_S)
+        finally:
+            await channel.close()
+    print(f"deleted {', '.join(depths)}")
+    return list(depths)
+
+
 async def cli(args: argparse.Namespace) -> int:
     """One line on stdout when bound; one line on stderr and exit 2/1 when not."""
+    if getattr(args, "remove", False):
+        from bridge.cli.common import run_operator_command
+
+        if args.patterns:
+            print("patchwork-bridge bind: --remove takes no patterns", file=sys.stderr)
+            return 2
+        return await run_operator_command(
+            lambda settings, _: unbind(settings, args.queue, yes=getattr(args, "yes", False)),
+            needs_subscriptions=False,
+        )
+    if not args.patterns:
+        print("patchwork-bridge bind: give at least one PATTERN (or --remove)", file=sys.stderr)
+        return 2
     # aio-pika logs a failed connect at length; the one line below says enough.
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)

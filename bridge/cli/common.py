@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from aio_pika.abc import AbstractConnection
 
 from bridge.amqp import BROKER_ERRORS, CONNECT_TIMEOUT_S
 from bridge.settings import Settings, SettingsError, load_settings
+from bridge.webhook.queues import QueueControl
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 PROG = "patchwork-bridge"
@@ -56,11 +58,13 @@ async def connected(settings: Settings, command: str) -> AsyncIterator[AbstractC
 
 async def run_operator_command(
     command: Callable[[Settings, list[Subscription]], Awaitable[None]],
+    *,
+    needs_subscriptions: bool = True,
 ) -> int:
     """Exit 0 on success, 2 for bad settings or an unknown subscription, 1 for broker trouble."""
     try:
         settings = load_settings()
-        await command(settings, configured(settings))
+        await command(settings, configured(settings) if needs_subscriptions else [])
     except SettingsError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -68,3 +72,32 @@ async def run_operator_command(
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def usage_error(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 2
+
+
+async def confirm(question: str, yes: bool) -> None:
+    """Ask on the terminal before deleting anything; CliError unless answered yes.
+
+    ``--yes`` skips the question; without a terminal to ask on, the answer is no.
+    """
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(f"{question} Not asked without a terminal: pass --yes to go ahead")
+    answer = await asyncio.to_thread(input, f"{question} [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CliError("nothing deleted")
+
+
+async def queue_depths(connection: AbstractConnection, queues: list[str]) -> dict[str, int | None]:
+    """Ready messages of each queue; None for a queue that does not exist."""
+    control = QueueControl(connection)
+    try:
+        found = {queue: await control.inspect(queue) for queue in queues}
+    finally:
+        await control.close()
+    return {q: None if r is None else r.message_count for q, r in found.items()}

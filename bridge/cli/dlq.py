@@ -11,13 +11,23 @@ import argparse
 import asyncio
 import contextlib
 import sys
+from dataclasses import dataclass
 from typing import TextIO
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, publish_confirmed
-from bridge.cli.common import CliError, connected, pick, run_operator_command
+from bridge.cli.bind import DEAD_SUFFIX
+from bridge.cli.common import (
+    CliError,
+    confirm,
+    connected,
+    pick,
+    queue_depths,
+    run_operator_command,
+    usage_error,
+)
 from bridge.settings import Settings
 from bridge.webhook.messages import (
     ATTEMPTS,
@@ -31,7 +41,6 @@ from bridge.webhook.messages import (
     replay_headers,
 )
 from bridge.webhook.queues import dead_queue, main_queue
-from bridge.webhook.subscriptions import Subscription
 
 
 def describe(message: AbstractIncomingMessage) -> str:
@@ -45,9 +54,11 @@ def describe(message: AbstractIncomingMessage) -> str:
     reason = field(LAST_REASON)
     attempts = field(ATTEMPTS)
     if LAST_REASON not in headers and "x-first-death-reason" in headers:
-        # Moved by the broker, not by us: past the main queue's delivery limit.
+        # Moved by the broker, not by us: a CI's reject, or past the delivery limit.
         reason = field("x-first-death-reason").replace("_", "-")
-        attempts = f"{field('x-delivery-count')} deliveries"
+        if "x-delivery-count" in headers:
+            attempts = f"{field('x-delivery-count')} deliveries"
+        key = _original_key(headers.get("x-death")) or key
     return (
         f"{message.message_id or '-'}  {key or '-'}  attempts={attempts}  "
         f"status={field(LAST_STATUS)}  reason={reason}  "
@@ -55,20 +66,49 @@ def describe(message: AbstractIncomingMessage) -> str:
     )
 
 
-async def _dead_queue(channel: AbstractChannel, name: str) -> AbstractQueue:
-    queue_name = dead_queue(name)
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A queue and its dead-letter queue: a subscription's, or one made by ``bind``."""
+
+    main: str
+    dead: str
+    missing_hint: str
+
+    @classmethod
+    def of_subscription(cls, name: str) -> Target:
+        return cls(main_queue(name), dead_queue(name), "has the webhook consumer run yet?")
+
+    @classmethod
+    def of_bound_queue(cls, queue: str) -> Target:
+        return cls(queue, queue + DEAD_SUFFIX, f"was it made by `patchwork-bridge bind {queue}`?")
+
+
+def _original_key(deaths: object) -> str | None:
+    """The routing key the event had before the broker dead-lettered it (x-death)."""
+    if isinstance(deaths, list) and deaths and isinstance(deaths[-1], dict):
+        keys = deaths[-1].get("routing-keys")
+        if isinstance(keys, list) and keys:
+            return header_text(keys[0])
+    return None
+
+
+async def _dead_queue(channel: AbstractChannel, target: Target) -> AbstractQueue:
     try:
         async with asyncio.timeout(BROKER_TIMEOUT_S):
-            return await channel.get_queue(queue_name, ensure=True)
+            return await channel.get_queue(target.dead, ensure=True)
     except ChannelNotFoundEntity:
-        raise CliError(f"{queue_name} does not exist (has the webhook consumer run yet?)") from None
+        raise CliError(f"{target.dead} does not exist ({target.missing_hint})") from None
 
 
-async def list_dead(connection: AbstractConnection, name: str, limit: int, out: TextIO) -> int:
-    """Print up to ``limit`` dead letters, oldest first, leaving them in the queue."""
+async def list_dead(connection: AbstractConnection, target: Target, limit: int, out: TextIO) -> int:
+    """Print up to ``limit`` dead letters, oldest first, leaving them in the queue.
+
+    Each message shown is returned when the channel closes, which a quorum queue counts
+    as a delivery: dead queues allow a million (see ``bridge.amqp.DEAD_DELIVERY_LIMIT``).
+    """
     channel = await connection.channel(publisher_confirms=False)
     try:
-        queue = await _dead_queue(channel, name)
+        queue = await _dead_queue(channel, target)
         shown = 0
         while shown < limit:
             message = await queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
@@ -83,7 +123,7 @@ async def list_dead(connection: AbstractConnection, name: str, limit: int, out: 
 
 
 async def replay_dead(
-    connection: AbstractConnection, name: str, limit: int | None, out: TextIO
+    connection: AbstractConnection, target: Target, limit: int | None, out: TextIO
 ) -> int:
     """Move up to ``limit`` dead letters (default: those there now) to the main queue.
 
@@ -92,17 +132,16 @@ async def replay_dead(
     """
     channel = await connection.channel()
     try:
-        queue = await _dead_queue(channel, name)
+        queue = await _dead_queue(channel, target)
         waiting = queue.declaration_result.message_count or 0
         budget = waiting if limit is None else min(limit, waiting)
-        main = main_queue(name)
         moved = 0
         while moved < budget:
             message = await queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
             if message is None:
                 break
             headers = replay_headers(message)
-            await publish_confirmed(channel, main, copy_message(message, headers))
+            await publish_confirmed(channel, target.main, copy_message(message, headers))
             await message.ack()
             print(f"replayed {describe(message)}", file=out)
             moved += 1
@@ -111,10 +150,10 @@ async def replay_dead(
         await _close(channel)
 
 
-async def purge_dead(connection: AbstractConnection, name: str) -> int:
+async def purge_dead(connection: AbstractConnection, target: Target) -> int:
     channel = await connection.channel(publisher_confirms=False)
     try:
-        queue = await _dead_queue(channel, name)
+        queue = await _dead_queue(channel, target)
         result = await queue.purge(timeout=BROKER_TIMEOUT_S)
         return result.message_count or 0
     finally:
@@ -130,35 +169,54 @@ async def _close(channel: AbstractChannel) -> None:
 
 async def run_dlq(
     settings: Settings,
-    subscriptions: list[Subscription],
+    target: Target,
     action: str,
-    name: str,
     limit: int | None,
     out: TextIO = sys.stdout,
+    *,
+    yes: bool = False,
 ) -> None:
-    """The command itself, with settings and subscriptions already loaded (tests call this)."""
-    subscription = pick(subscriptions, name)
-    queue_name = dead_queue(subscription.name)
+    """The command itself, with settings loaded and the queues chosen (tests call this)."""
     async with connected(settings, f"dlq {action}") as connection:
         try:
             if action == "list":
-                shown = await list_dead(connection, subscription.name, limit or 50, out)
-                print(f"{shown} dead letters shown from {queue_name}", file=sys.stderr)
+                shown = await list_dead(connection, target, limit or 50, out)
+                print(f"{shown} dead letters shown from {target.dead}", file=sys.stderr)
             elif action == "replay":
-                moved = await replay_dead(connection, subscription.name, limit, out)
-                print(f"replayed {moved} dead letters to {main_queue(name)}", file=out)
+                moved = await replay_dead(connection, target, limit, out)
+                print(f"replayed {moved} dead letters to {target.main}", file=out)
             elif action == "purge":
-                purged = await purge_dead(connection, subscription.name)
-                print(f"purged {purged} dead letters from {queue_name}", file=out)
+                depth = await queue_depths(connection, [target.dead])
+                await confirm(
+                    f"delete the {depth[target.dead]} dead letters in {target.dead}?", yes
+                )
+                purged = await purge_dead(connection, target)
+                print(f"purged {purged} dead letters from {target.dead}", file=out)
             else:
                 raise CliError(f"unknown dlq action {action!r}")
         except BROKER_ERRORS as exc:
-            raise CliError(f"dlq {action} {name}: {type(exc).__name__}: {exc}") from None
+            raise CliError(f"dlq {action} {target.main}: {type(exc).__name__}: {exc}") from None
 
 
 async def cli(args: argparse.Namespace) -> int:
+    limit = getattr(args, "limit", None)
+    yes = getattr(args, "yes", False)
+    if args.queue is not None:
+        if args.name is not None:
+            return usage_error("dlq: give a subscription NAME or --queue QUEUE, not both")
+        target = Target.of_bound_queue(args.queue)
+        return await run_operator_command(
+            lambda settings, _: run_dlq(settings, target, args.dlq_command, limit, yes=yes),
+            needs_subscriptions=False,
+        )
+    if args.name is None:
+        return usage_error("dlq: give a subscription NAME, or --queue QUEUE for a bind queue")
     return await run_operator_command(
         lambda settings, subscriptions: run_dlq(
-            settings, subscriptions, args.dlq_command, args.name, getattr(args, "limit", None)
+            settings,
+            Target.of_subscription(pick(subscriptions, args.name).name),
+            args.dlq_command,
+            limit,
+            yes=yes,
         )
     )

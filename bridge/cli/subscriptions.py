@@ -1,4 +1,4 @@
-"""``patchwork-bridge subscriptions list|enable|disable NAME``: the switch per subscription.
+"""``patchwork-bridge subscriptions list|enable|disable|remove NAME``: the switch per subscription.
 
 The state lives on the broker (an empty ``bridge.webhook.<name>.disabled`` queue),
 so it survives restarts and every running consumer follows it within a few seconds.
@@ -7,12 +7,20 @@ so it survives restarts and every running consumer follows it within a few secon
 from __future__ import annotations
 
 import argparse
+import sys
 
-from bridge.amqp import BROKER_ERRORS
-from bridge.cli.common import CliError, connected, pick, run_operator_command
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S
+from bridge.cli.common import (
+    CliError,
+    confirm,
+    connected,
+    pick,
+    queue_depths,
+    run_operator_command,
+)
 from bridge.settings import Settings
 from bridge.webhook.consumer import MARKER_CHECK_INTERVAL_S
-from bridge.webhook.queues import QueueControl, main_queue
+from bridge.webhook.queues import QueueControl, main_queue, marker_queue, queue_names
 from bridge.webhook.subscriptions import Subscription
 
 
@@ -45,8 +53,54 @@ async def run_subscriptions(
 
 
 async def cli(args: argparse.Namespace) -> int:
+    if args.subscriptions_command == "remove":
+        return await run_operator_command(
+            lambda settings, subscriptions: remove_subscription(
+                settings, subscriptions, args.name, yes=args.yes
+            )
+        )
     return await run_operator_command(
         lambda settings, subscriptions: run_subscriptions(
             settings, subscriptions, args.subscriptions_command, getattr(args, "name", None)
         )
     )
+
+
+async def remove_subscription(
+    settings: Settings, subscriptions: list[Subscription], name: str, *, yes: bool = False
+) -> list[str]:
+    """Delete a subscription's queues (main, retry, dead, marker) after showing their depths.
+
+    The subscription need not be in the file any more (that is the usual order: take it
+    out, restart the webhook processes, then remove its queues); its retry queues are then
+    those of the default schedule. Returns the queues deleted.
+    """
+    known = {s.name: s for s in subscriptions}
+    subscription = known.get(name) or Subscription(name=name, url="http://removed.invalid/")
+    queues = [*queue_names(subscription), marker_queue(name)]
+    async with connected(settings, "subscriptions remove") as connection:
+        depths = {
+            q: d for q, d in (await queue_depths(connection, queues)).items() if d is not None
+        }
+        if not depths:
+            raise CliError(f"{name}: none of its queues exist ({main_queue(name)} and the rest)")
+        for queue, depth in depths.items():
+            print(f"{queue}\t{depth} messages")
+        if name in known:
+            print(
+                f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "
+                "declares its queues again",
+                file=sys.stderr,
+            )
+        total = sum(depths.values())
+        await confirm(f"delete these {len(depths)} queues and the {total} messages in them?", yes)
+        channel = await connection.channel()
+        try:
+            for queue in depths:
+                await channel.queue_delete(queue, timeout=BROKER_TIMEOUT_S)
+        except BROKER_ERRORS as exc:
+            raise CliError(f"RabbitMQ refused to delete {queue} ({type(exc).__name__})") from None
+        finally:
+            await channel.close()
+    print(f"{name}: deleted {len(depths)} queues")
+    return list(depths)
