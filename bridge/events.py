@@ -117,7 +117,7 @@ def parse_event(item: Any, raw: str) -> Event:
         when = datetime.fromisoformat(date) if isinstance(date, str) else None
     except ValueError:
         when = None
-    if when is None:
+    if when is None or not isinstance(date, str):
         raise BadEvent("missing_date", f"event {event_id}: date={date!r}")
     # Patchwork's dates are naive; a zone would mean a different server than we know.
     when = when.replace(tzinfo=None)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
+from pydantic.plugin._schema_validator import PluggableSchemaValidator
 from pydantic_core import SchemaValidator
 
 from bridge.metrics import Metrics
@@ -54,7 +55,7 @@ class EventValidator:
     """
 
     def __init__(self) -> None:
-        self._validators: dict[str, SchemaValidator] = {
+        self._validators: dict[str, SchemaValidator | PluggableSchemaValidator] = {
             category: model.__pydantic_validator__ for category, model in EVENT_MODELS.items()
         }
 

@@ -225,8 +225,11 @@ def test_since_is_always_a_naive_date_patchwork_accepts(
         assert parsed.tzinfo is None and not since.endswith("Z")
         assert parsed == max(dates)
         sweep = w.sweep_range()
-        assert sweep is not None
-        assert datetime.fromisoformat(sweep[0]) == max(dates) - timedelta(seconds=overlap_s)
+        if overlap_s > 0:
+            assert sweep is not None
+            assert datetime.fromisoformat(sweep[0]) == max(dates) - timedelta(seconds=overlap_s)
+        else:
+            assert sweep is None  # no overlap: nothing to sweep
         assert all(not w.is_new(e) for e in confirmed)
         w.prune()  # the window start is inclusive: the newest event is never pruned
         assert not w.is_new(confirmed[dates.index(max(dates))])

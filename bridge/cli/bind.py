@@ -96,7 +96,7 @@ async def bind(settings: Settings, queue: str, patterns: Sequence[str]) -> Bound
 
 def _reply_text(exc: BaseException) -> str:
     """The broker's reply text (e.g. "PRECONDITION_FAILED - inequivalent arg ...")."""
-    args = getattr(exc, "args", ())
+    args: tuple[object, ...] = tuple(getattr(exc, "args", ()))
     return str(args[1] if len(args) > 1 else exc)
 
 

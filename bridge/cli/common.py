@@ -57,7 +57,7 @@ async def connected(settings: Settings, command: str) -> AsyncIterator[AbstractC
 
 
 async def run_operator_command(
-    command: Callable[[Settings, list[Subscription]], Awaitable[None]],
+    command: Callable[[Settings, list[Subscription]], Awaitable[object]],
     *,
     needs_subscriptions: bool = True,
 ) -> int:

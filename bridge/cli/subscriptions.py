@@ -76,7 +76,9 @@ async def remove_subscription(
     those of the default schedule. Returns the queues deleted.
     """
     known = {s.name: s for s in subscriptions}
-    subscription = known.get(name) or Subscription(name=name, url="http://removed.invalid/")
+    subscription = known.get(name) or Subscription.model_validate(
+        {"name": name, "url": "http://removed.invalid/"}
+    )
     queues = [*queue_names(subscription), marker_queue(name)]
     async with connected(settings, "subscriptions remove") as connection:
         depths = {

@@ -663,7 +663,8 @@ async def feed(fake: FakePatchwork, rate: float, late_fraction: float, rng: rand
     loop = asyncio.get_running_loop()
     categories = itertools.cycle(CATEGORIES)
     tick_s = max(1.0 / rate, 0.05)
-    started, added, late = loop.time(), 0, []
+    started, added = loop.time(), 0
+    late: list[int] = []
     while True:
         await asyncio.sleep(tick_s)
         fake.make_visible(*late)

@@ -118,9 +118,8 @@ class PatchworkClient:
                         f"HTTP {response.status} from {_path(url)}",
                     )
                 text = await response.text(encoding="utf-8", errors="strict")
-                links = response.links
-                next_url = links.get("next", {}).get("url")
-                last_url = links.get("last", {}).get("url")
+                next_url = _link(response, "next")
+                last_url = _link(response, "last")
         except TimeoutError:
             raise PatchworkError("timeout", f"no answer from {_path(url)} in time") from None
         except UnicodeDecodeError:
@@ -143,6 +142,12 @@ async def _split(text: str) -> list[tuple[Any, str]]:
     if len(text) > 4_000_000:
         return await asyncio.to_thread(split_array, text)
     return split_array(text)
+
+
+def _link(response: aiohttp.ClientResponse, rel: str) -> str | None:
+    """The target of the ``Link`` header's ``rel`` (RFC 8288), if there is one."""
+    link = response.links.get(rel)
+    return None if link is None else str(link.get("url"))
 
 
 def _page_number(url: object) -> int | None:

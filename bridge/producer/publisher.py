@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq import spec
 
 from bridge.events import APP_ID, Event, amqp_headers
@@ -55,6 +55,9 @@ class Publisher:
         max_in_flight: int,
     ) -> None:
         self._exchange = exchange
+        # The channel publishing goes through; a robust channel stays the same object
+        # across reconnects. (AbstractExchange does not declare the attribute.)
+        self._channel: AbstractChannel = exchange.channel  # type: ignore[attr-defined]
         self._source = source
         self._tz = tz
         self._metrics = metrics
@@ -92,7 +95,7 @@ class Publisher:
         properties = message_properties(event, self._source, self._tz)
         async with self._slots:
             try:
-                channel = await self._exchange.channel.get_underlay_channel()
+                channel = await self._channel.get_underlay_channel()
                 # aiormq's own publish (aio-pika's would also build a Message): wait=False
                 # queues the frames without waiting for them to reach the socket, so
                 # publishes in flight share socket writes; the confirm is still awaited.
@@ -101,8 +104,8 @@ class Publisher:
                     exchange=self._exchange.name,
                     routing_key=event.routing_key,
                     properties=properties,
-                    wait=False,
-                )
+                    wait=False,  # aiormq's Channel takes it; its abstract base does not say so
+                )  # type: ignore[call-arg]
             except aio_pika.exceptions.DeliveryError:
                 return "nack"
             except aio_pika.exceptions.PublishError:

@@ -363,7 +363,7 @@ class WebhookConsumer:
         if lane.consumer_tag is None:
             return  # disabled: nobody should consume
         found = await self._control.inspect(lane.queue.name)
-        if found is not None and found.consumer_count > 0:
+        if found is not None and (found.consumer_count or 0) > 0:
             if lane.cancelled:
                 lane.cancelled = False
                 log.info("webhook %s: consuming %s again", lane.name, lane.queue.name)
@@ -393,6 +393,7 @@ class WebhookConsumer:
                 self.metrics.subscription_enabled.labels(lane.name).set(0)
                 log.warning("webhook %s: disabled elsewhere; stopped consuming", lane.name)
             elif not disabled and lane.consumer_tag is None:
+                assert lane.queue is not None
                 await self._consume(lane)
                 log.info("webhook %s: enabled; consuming %s", lane.name, lane.queue.name)
 
