@@ -5,7 +5,7 @@ with the producer's properties and headers), into the same receiver process that
 answers 204, with prefetch = in-flight POSTs = the subscription's concurrency. The
 rate is taken at the receiver, from the first delivery to the last, so connecting
 and declaring do not count. The plain loop does nothing else: no signature, no
-outcome mapping, no metrics. A second plain loop sends the headers DESIGN.md requires
+outcome mapping, no metrics. A second plain loop sends the headers docs/webhooks.md requires
 (Standard Webhooks signature, ce-*, User-Agent), to tell what the contract costs from
 what the consumer costs. Then, separately, the whole path: the backlog served by the
 Patchwork double, polled, published and delivered by ``run`` from its start.
@@ -80,7 +80,7 @@ def bare_headers(message: AbstractIncomingMessage) -> dict[str, str]:
 
 
 def contract_headers(message: AbstractIncomingMessage) -> dict[str, str]:
-    """What DESIGN.md makes every POST carry: Standard Webhooks (signed) and ce-* headers."""
+    """What docs/webhooks.md makes every POST carry: Standard Webhooks (signed) and ce-* headers."""
     timestamp_s = int(time.time())
     message_id = message.message_id or ""
     headers = {

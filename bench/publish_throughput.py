@@ -50,7 +50,7 @@ async def plain_script(
 ) -> Measure:
     """The floor: GET pages, publish every item with confirms, one page at a time.
 
-    ``contract_headers`` adds the properties and ce-*/x-patchwork-* headers DESIGN.md
+    ``contract_headers`` adds the properties and ce-*/x-patchwork-* headers docs/bus.md
     requires (what it costs pamqp to encode them is the contract's, not the producer's).
     """
     started = time.perf_counter()

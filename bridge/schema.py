@@ -51,7 +51,7 @@ class EventValidator:
     """Validates event bodies (parsed JSON) against the model of their category.
 
     Unknown categories are not checked: Patchwork may add categories, and those are
-    normal events (DESIGN.md).
+    normal events (docs/bus.md).
     """
 
     def __init__(self) -> None:

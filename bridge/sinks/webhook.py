@@ -28,7 +28,7 @@ CE_HEADERS = ("ce-specversion", "ce-id", "ce-source", "ce-type", "ce-subject", "
 
 
 class WebhookSink:
-    """POSTs events to ``subscription.url``; see DESIGN.md, Webhooks, for the headers."""
+    """POSTs events to ``subscription.url``; see docs/webhooks.md for the headers."""
 
     enforces_timeout = True
     """aiohttp's total timeout bounds every attempt, reading the answer included."""
