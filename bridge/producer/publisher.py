@@ -31,7 +31,7 @@ class PublishResult:
 
 
 def message_properties(event: Event, source: str, tz: ZoneInfo) -> spec.Basic.Properties:
-    """The bus message's properties and ce-* headers (docs/bus.md); the body is Patchwork's bytes."""
+    """The bus message's properties and ce-* headers (docs/bus.md); body: Patchwork's bytes."""
     return spec.Basic.Properties(
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
