@@ -9,11 +9,13 @@ retries from its cursor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aio_pika
 from aio_pika.abc import (
@@ -24,9 +26,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ProbableAuthenticationError
 
 from bridge.settings import Settings
+from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +149,39 @@ def connection_name(role: str) -> str:
     return f"patchwork-bridge {role} {socket.gethostname()}:{os.getpid()}"
 
 
+class LoginRefused(Exception):
+    """RabbitMQ refused the user or password of BRIDGE_AMQP_URL: retrying will not help."""
+
+
 async def connect_with_retry(
-    settings: Settings, role: str, stop: asyncio.Event | None = None
-) -> AbstractRobustConnection:
-    """Keep trying until the broker answers, so a process may start before RabbitMQ does."""
+    settings: Settings, role: str, stop: asyncio.Event
+) -> AbstractRobustConnection | None:
+    """Keep trying until the broker answers, so a process may start before RabbitMQ does.
+
+    Returns None as soon as ``stop`` is set, even in the middle of an attempt. Raises
+    LoginRefused for a refused login, which no retry mends.
+    """
     delay_s = 1.0
-    while True:
+    while not stop.is_set():
+        attempt = asyncio.ensure_future(connect(settings, role))
+        stopper = asyncio.ensure_future(stop.wait())
         try:
-            return await connect(settings, role)
+            await asyncio.wait({attempt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *BROKER_ERRORS):
+                await attempt
+            return None
+        try:
+            return attempt.result()
+        except ProbableAuthenticationError:
+            user = urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
+            raise LoginRefused(
+                f"RabbitMQ at {settings.amqp_url_redacted} refused the login of user {user!r}: "
+                "check the user and password in BRIDGE_AMQP_URL"
+            ) from None
         except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
             log.warning(
                 "cannot reach RabbitMQ at %s (%s); retrying in %.0fs",
@@ -161,10 +189,10 @@ async def connect_with_retry(
                 type(exc).__name__,
                 delay_s,
             )
-        if stop is not None and stop.is_set():
-            raise asyncio.CancelledError
-        await asyncio.sleep(delay_s)
+        if await sleep_unless(stop, delay_s):
+            break
         delay_s = min(delay_s * 2, 30.0)
+    return None
 
 
 async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aio_pika.abc import AbstractChannel
 
+from bridge.amqp import LoginRefused
 from bridge.http import start_server
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
     from bridge.webhook.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
+
+
+class PortInUse(Exception):
+    """BRIDGE_HTTP_PORT cannot be bound (most often: another bridge process has it)."""
 
 
 class Role(Protocol):
@@ -97,9 +102,18 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, port = await start_server(
-        metrics, [role.readiness for role in roles], settings.http_host, settings.http_port
-    )
+    try:
+        runner, port = await start_server(
+            metrics, [role.readiness for role in roles], settings.http_host, settings.http_port
+        )
+    except OSError as exc:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        raise PortInUse(
+            f"BRIDGE_HTTP_PORT: cannot serve metrics on {settings.http_host}:"
+            f"{settings.http_port} ({exc.strerror}); a second process on this host needs "
+            "a port of its own (0 picks a free one)"
+        ) from None
     log.info(
         "serving /metrics, /healthz and /readyz on %s:%d for %s",
         settings.http_host,
@@ -157,7 +171,25 @@ def cli_run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"patchwork-bridge: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(roles, settings, metrics))
+    try:
+        return asyncio.run(serve(roles, settings, metrics))
+    except (LoginRefused, PortInUse, ExceptionGroup) as exc:
+        fatal = _operator_error(exc)
+        if fatal is None:
+            raise  # our bug: its traceback, once
+        print(f"patchwork-bridge: {fatal}", file=sys.stderr)
+        return 2
+
+
+def _operator_error(exc: BaseException) -> BaseException | None:
+    """The operator's mistake behind a role's failure (a refused login, a port in use)."""
+    if isinstance(exc, LoginRefused | PortInUse):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _operator_error(inner)) is not None:
+                return found
+    return None
 
 
 def cli_check_config(args: argparse.Namespace) -> int:

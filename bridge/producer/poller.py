@@ -94,6 +94,8 @@ class Producer:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._connection = await connect_with_retry(self._settings, "producer", stop)
+        if self._connection is None:
+            return  # stopped before RabbitMQ answered
         try:
             channel = await self._connection.channel(publisher_confirms=True)
             exchange = await declare_exchange(channel, self._settings.exchange)

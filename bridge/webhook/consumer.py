@@ -154,13 +154,9 @@ class WebhookConsumer:
     # -- lifecycle -----------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        try:
-            self._connection = await connect_with_retry(self.settings, self._role, stop)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if stop.is_set() and task is not None and not task.cancelling():
-                return
-            raise
+        self._connection = await connect_with_retry(self.settings, self._role, stop)
+        if self._connection is None:
+            return  # stopped before RabbitMQ answered
         self._control = QueueControl(self._connection)
         background: list[asyncio.Task[None]] = []
         try:

@@ -1,0 +1,100 @@
+"""What an operator meets first: stopping while RabbitMQ is away, a refused login, a busy
+port. Real processes, as `docker stop` and a terminal see them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from bridge.settings import load_settings
+from tests.broker import AMQP_URL
+
+UNREACHABLE = "amqp://guest:guest@127.0.0.1:1/"
+STOP_BOUND_S = 5.0
+"""docker stop waits 10 s before SIGKILL; a process must be gone well within that."""
+
+
+def env(**settings: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    return {
+        **clean,
+        "BRIDGE_PATCHWORK_URL": "http://127.0.0.1:9/",
+        "BRIDGE_HTTP_PORT": "0",
+        **{f"BRIDGE_{k.upper()}": v for k, v in settings.items()},
+    }
+
+
+async def start(command: str, environment: dict[str, str], tmp_path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", command,
+        env={**environment, "BRIDGE_STATE_DIR": str(tmp_path)},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def read_until(process: asyncio.subprocess.Process, text: str) -> str:
+    assert process.stderr is not None
+    seen = ""
+    while text not in seen:
+        line = await asyncio.wait_for(process.stderr.readline(), 30)
+        assert line, f"process ended before saying {text!r}: {seen}"
+        seen += line.decode()
+    return seen
+
+
+@pytest.mark.parametrize("command", ["producer", "webhook"])
+async def test_sigterm_stops_a_role_waiting_for_rabbitmq(command, tmp_path):
+    subscriptions = tmp_path / "subscriptions.toml"
+    subscriptions.write_text('[[webhook]]\nname = "ci"\nurl = "https://ci.example.org/hook"\n')
+    process = await start(
+        command, env(amqp_url=UNREACHABLE, subscriptions=str(subscriptions)), tmp_path
+    )
+    before = await read_until(process, "cannot reach RabbitMQ")
+    process.send_signal(signal.SIGTERM)
+    _, rest = await asyncio.wait_for(process.communicate(), STOP_BOUND_S)
+    assert process.returncode == 0, before + rest.decode()
+    assert "Traceback" not in before + rest.decode()
+    assert "retrying" not in rest.decode()  # no new attempt after the signal
+
+
+@pytest.mark.broker
+async def test_a_refused_login_is_one_line_naming_it_and_exit_2(tmp_path):
+    parts = urlsplit(AMQP_URL)
+    wrong = urlunsplit(
+        parts._replace(netloc=f"guest:not-the-password@{parts.hostname}:{parts.port or 5672}")
+    )
+    process = await start("producer", env(amqp_url=wrong), tmp_path)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert "refused the login of user 'guest'" in text
+    assert "BRIDGE_AMQP_URL" in text
+    assert "not-the-password" not in text
+    assert "Traceback" not in text
+
+
+async def test_a_busy_metrics_port_is_one_line_naming_the_setting(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = await start(
+            "producer", env(amqp_url=UNREACHABLE, http_host="127.0.0.1", http_port=str(port)),
+            tmp_path,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert f"BRIDGE_HTTP_PORT: cannot serve metrics on 127.0.0.1:{port}" in text
+    assert "Traceback" not in text
+
+
+def test_log_level_is_taken_in_any_case(monkeypatch):
+    monkeypatch.setenv("BRIDGE_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
