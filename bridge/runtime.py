@@ -16,6 +16,7 @@ from bridge.amqp import LoginRefused
 from bridge.http import start_server
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
+from bridge.producer.cursor import CursorError, StateDirError
 from bridge.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 class PortInUse(Exception):
     """BRIDGE_HTTP_PORT cannot be bound (most often: another bridge process has it)."""
+
+
+OPERATOR_ERRORS = (LoginRefused, PortInUse, StateDirError, CursorError)
+"""Mistakes an operator mends (one line, exit 2), unlike our bugs (a traceback, once)."""
 
 
 class Role(Protocol):
@@ -173,7 +178,7 @@ def cli_run(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(serve(roles, settings, metrics))
-    except (LoginRefused, PortInUse, ExceptionGroup) as exc:
+    except (LoginRefused, PortInUse, StateDirError, CursorError, ExceptionGroup) as exc:
         fatal = _operator_error(exc)
         if fatal is None:
             raise  # our bug: its traceback, once
@@ -183,7 +188,7 @@ def cli_run(args: argparse.Namespace) -> int:
 
 def _operator_error(exc: BaseException) -> BaseException | None:
     """The operator's mistake behind a role's failure (a refused login, a port in use)."""
-    if isinstance(exc, LoginRefused | PortInUse):
+    if isinstance(exc, OPERATOR_ERRORS):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

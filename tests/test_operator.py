@@ -98,3 +98,40 @@ async def test_a_busy_metrics_port_is_one_line_naming_the_setting(tmp_path):
 def test_log_level_is_taken_in_any_case(monkeypatch):
     monkeypatch.setenv("BRIDGE_LOG_LEVEL", "debug")
     assert load_settings().log_level == "DEBUG"
+
+
+async def test_a_second_producer_on_the_same_state_directory_refuses_to_start(tmp_path):
+    first = await start("producer", env(amqp_url=UNREACHABLE), tmp_path)
+    try:
+        await read_until(first, "cannot reach RabbitMQ")  # it holds the directory now
+        second = await start("producer", env(amqp_url=UNREACHABLE), tmp_path)
+        _, err = await asyncio.wait_for(second.communicate(), 30)
+        text = err.decode()
+        assert second.returncode == 2, text
+        assert f"BRIDGE_STATE_DIR {tmp_path}: in use by another producer (pid {first.pid})" in text
+        assert "Traceback" not in text
+    finally:
+        first.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(first.communicate(), STOP_BOUND_S)
+
+
+async def test_an_unwritable_state_directory_is_one_line(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    process = await start("producer", env(amqp_url=UNREACHABLE), blocked / "state")
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert f"BRIDGE_STATE_DIR {blocked / 'state'}: cannot write there" in text
+    assert "Traceback" not in text
+
+
+async def test_a_corrupt_cursor_is_one_line_saying_what_to_do(tmp_path):
+    (tmp_path / "cursor.json").write_text('{"version": 2, "high_wat')
+    process = await start("producer", env(amqp_url=UNREACHABLE), tmp_path)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert f"{tmp_path / 'cursor.json'}: unreadable cursor" in text
+    assert "move it away to restart" in text
+    assert "Traceback" not in text

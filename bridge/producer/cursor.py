@@ -7,6 +7,7 @@ or the new cursor, never half of one.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import tempfile
@@ -21,6 +22,10 @@ FORMAT_VERSION = 2
 
 class CursorError(Exception):
     """The cursor file exists but cannot be read; we refuse to guess where to resume."""
+
+
+class StateDirError(Exception):
+    """BRIDGE_STATE_DIR cannot be used: not writable, or another producer holds it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,40 @@ class CursorStore:
 
     def __init__(self, state_dir: Path, name: str = "cursor.json") -> None:
         self.path = state_dir / name
+        self._lock_fd: int | None = None
+
+    async def lock(self) -> None:
+        """Hold the directory for this process: two producers on one cursor would both
+        publish everything. The lock goes with the process, however it ends."""
+        await asyncio.to_thread(self._lock)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        directory = self.path.parent
+        lock_path = directory / ".lock"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateDirError(
+                f"BRIDGE_STATE_DIR {directory}: cannot write there ({exc.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirError(
+                f"BRIDGE_STATE_DIR {directory}: in use by another producer (pid {holder}); "
+                "give each producer a state directory of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     async def load(self) -> Cursor | None:
         return await asyncio.to_thread(self._load)

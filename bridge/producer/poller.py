@@ -70,6 +70,8 @@ class Producer:
         self._writer = CursorWriter(self._store, self._snapshot)
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
+        self._saved: Cursor | None = None
+        """The cursor file as found at start-up."""
         self._overlap_s = settings.poll_overlap
         self._sweep_interval_s = settings.poll_sweep_interval
         self._next_sweep = 0.0
@@ -93,6 +95,15 @@ class Producer:
         return True, ""
 
     async def run(self, stop: asyncio.Event) -> None:
+        await self._store.lock()
+        try:
+            # Before connecting: an unreadable cursor is the operator's to mend, at once.
+            self._saved = await self._store.load()
+            await self._run(stop)
+        finally:
+            self._store.unlock()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         self._connection = await connect_with_retry(self._settings, "producer", stop)
         if self._connection is None:
             return  # stopped before RabbitMQ answered
@@ -309,7 +320,7 @@ class Producer:
         return len(fresh)
 
     async def _initial_cursor(self, client: PatchworkClient, stop: asyncio.Event) -> Cursor:
-        saved = await self._store.load()
+        saved = self._saved
         if saved is not None:
             log.info("resuming from cursor %s (%d recent ids)", saved.high_water, len(saved.seen))
             return saved
