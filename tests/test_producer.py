@@ -280,3 +280,29 @@ async def feed(patchwork: FakePatchwork, added: set[str], batches: int, size: in
 
 async def wait_for_requests(patchwork: FakePatchwork, count: int, timeout: float = 10) -> None:
     await wait_for(lambda: patchwork.events_requests >= count, timeout)
+
+
+async def test_dates_ahead_of_the_configured_zone_are_named_once(
+    patchwork, exchange_name, bound_queue, tmp_path, caplog
+):
+    """Patchwork runs on Australia/Canberra (its default), the bridge is told UTC."""
+    patchwork.add_events(3)
+    settings = make_settings(patchwork, exchange_name, tmp_path, patchwork_timezone="UTC")
+    async with running(settings):
+        await drain(bound_queue, expected=3)
+        patchwork.add_events(3)
+        await drain(bound_queue, expected=3)
+    warnings = [r.getMessage() for r in caplog.records if "ahead of the time now" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "h ahead of the time now in BRIDGE_PATCHWORK_TIMEZONE=UTC" in warnings[0]
+    hours = float(warnings[0].split("dated ")[1].split(" h")[0])
+    assert 9.5 <= hours <= 11.5  # Canberra is UTC+10 or +11
+
+
+async def test_dates_in_the_configured_zone_raise_no_warning(
+    patchwork, exchange_name, bound_queue, tmp_path, caplog
+):
+    patchwork.add_events(3)
+    async with running(make_settings(patchwork, exchange_name, tmp_path)):
+        await drain(bound_queue, expected=3)
+    assert not [r for r in caplog.records if "ahead of the time now" in r.getMessage()]

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -28,6 +28,8 @@ T = TypeVar("T")
 BACKOFF_MAX_S = 60.0
 # Bad items are logged once each; remember that many so memory stays bounded.
 WARNED_MAX = 10_000
+ZONE_TOLERANCE = timedelta(minutes=1)
+"""Event dates this far ahead of our clock are clock skew; further, a wrong time zone."""
 NEWEST_PROBE = 20
 """BRIDGE_START=now starts after the newest usable of this many newest events."""
 
@@ -70,6 +72,7 @@ class Producer:
         self._writer = CursorWriter(self._store, self._snapshot)
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
+        self._zone_warned = False
         self._saved: Cursor | None = None
         """The cursor file as found at start-up."""
         self._overlap_s = settings.poll_overlap
@@ -305,6 +308,7 @@ class Producer:
                 self._metrics.event_visibility_delay.observe(
                     max(0.0, (now - event.when).total_seconds())
                 )
+            self._check_zone(max(event.when for event in fresh) - now)
         return events, fresh
 
     async def _publish_page(
@@ -362,6 +366,20 @@ class Producer:
             max(e.id for e in usable),
         )
         return window.cursor()
+
+    def _check_zone(self, ahead: timedelta) -> None:
+        """Dates ahead of our clock in the configured zone mean another zone (once a run):
+        every ce-time would be off by it and the lag would read 0."""
+        if ahead <= ZONE_TOLERANCE or self._zone_warned:
+            return
+        self._zone_warned = True
+        log.warning(
+            "Patchwork's newest event is dated %.1f h ahead of the time now in "
+            "BRIDGE_PATCHWORK_TIMEZONE=%s: set it to Patchwork's TIME_ZONE (its default is "
+            "Australia/Canberra)",
+            ahead.total_seconds() / 3600,
+            self._settings.patchwork_timezone,
+        )
 
     def _snapshot(self) -> Cursor:
         assert self._window is not None
