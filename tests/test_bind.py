@@ -106,7 +106,14 @@ async def test_cli_reports_an_unreachable_broker_in_one_line_without_the_passwor
 
 @pytest.mark.parametrize(
     ("queue", "patterns", "message"),
-    [("amq.mine", ["#"], "amq."), ("", ["#"], "non-empty"), ("q", [""], "pattern")],
+    [
+        ("amq.mine", ["#"], "amq."),
+        ("", ["#"], "non-empty"),
+        ("q", [""], "pattern"),
+        # What the subscriptions file refuses, bind refuses too.
+        ("q", ["netdevbpf.**"], "bad topic pattern 'netdevbpf.**'"),
+        ("q", ["dpdk.patch*"], "bad topic pattern"),
+    ],
 )
 async def test_cli_rejects_names_rabbitmq_would_refuse(
     queue: str, patterns: list[str], message: str, capsys: pytest.CaptureFixture[str]

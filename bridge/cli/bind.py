@@ -20,6 +20,7 @@ import aio_pika
 
 from bridge.amqp import connect, declare_exchange, declare_queue, queue_arguments
 from bridge.settings import Settings, SettingsError, load_settings
+from bridge.webhook.subscriptions import check_pattern
 
 DEAD_SUFFIX = ".dead"
 # Declarations are a few round trips; a broker that takes this long is not answering.
@@ -53,8 +54,10 @@ def check_names(queue: str, patterns: Sequence[str]) -> None:
     if len((queue + DEAD_SUFFIX).encode()) > MAX_NAME_BYTES:
         raise BindError(f"queue name {queue!r}: too long (at most 250 bytes)")
     for pattern in patterns:
-        if not pattern or len(pattern.encode()) > MAX_NAME_BYTES:
-            raise BindError(f"pattern {pattern!r}: must be 1 to 255 bytes")
+        try:
+            check_pattern(pattern)  # the same rule as the subscriptions file's `events`
+        except ValueError as exc:
+            raise BindError(str(exc)) from None
 
 
 async def bind(settings: Settings, queue: str, patterns: Sequence[str]) -> Bound:
