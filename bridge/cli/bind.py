@@ -105,26 +105,14 @@ def _reply_text(exc: BaseException) -> str:
 
 async def unbind(settings: Settings, queue: str, *, yes: bool = False) -> list[str]:
     """Delete a queue made by ``bind`` and its ``.dead`` queue, after showing their depths."""
-    from bridge.cli.common import CliError, confirm, connected, queue_depths
+    from bridge.cli.common import connected, delete_queues
 
-    queues = [queue, queue + DEAD_SUFFIX]
     async with connected(settings, "bind --remove") as connection:
-        found = await queue_depths(connection, queues)
-        depths = {q: depth for q, depth in found.items() if depth is not None}
-        if not depths:
-            raise CliError(f"{queue}: no such queue (nor {queue + DEAD_SUFFIX})")
-        for name, depth in depths.items():
-            print(f"{name}\t{depth} messages")
-        total = sum(depths.values())
-        await confirm(f"delete these {len(depths)} queues and the {total} messages in them?", yes)
-        channel = await connection.channel()
-        try:
-            for name in depths:
-                await channel.queue_delete(name, timeout=BIND_TIMEOUT_S)
-        finally:
-            await channel.close()
-    print(f"deleted {', '.join(depths)}")
-    return list(depths)
+        deleted = await delete_queues(
+            connection, [queue, queue + DEAD_SUFFIX], yes=yes, what=f"queue {queue}"
+        )
+    print(f"deleted {', '.join(deleted)}")
+    return deleted
 
 
 async def cli(args: argparse.Namespace) -> int:

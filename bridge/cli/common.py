@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from bridge.amqp import BROKER_ERRORS, CONNECT_TIMEOUT_S
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, CONNECT_TIMEOUT_S
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.webhook.queues import QueueControl
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
@@ -101,3 +101,27 @@ async def queue_depths(connection: AbstractConnection, queues: list[str]) -> dic
     finally:
         await control.close()
     return {q: None if r is None else r.message_count for q, r in found.items()}
+
+
+async def delete_queues(
+    connection: AbstractConnection, queues: list[str], *, yes: bool, what: str
+) -> list[str]:
+    """Show the depth of each of ``queues`` that exists, ask, delete them; returns those
+    deleted. ``what`` names them in the error when none exists."""
+    found = await queue_depths(connection, queues)
+    depths = {queue: depth for queue, depth in found.items() if depth is not None}
+    if not depths:
+        raise CliError(f"{what}: none of its queues exist ({', '.join(queues[:2])}, ...)")
+    for queue, depth in depths.items():
+        print(f"{queue}\t{depth} messages")
+    total = sum(depths.values())
+    await confirm(f"delete these {len(depths)} queues and the {total} messages in them?", yes)
+    channel = await connection.channel()
+    try:
+        for queue in depths:
+            await channel.queue_delete(queue, timeout=BROKER_TIMEOUT_S)
+    except BROKER_ERRORS as exc:
+        raise CliError(f"RabbitMQ refused to delete {queue} ({type(exc).__name__})") from None
+    finally:
+        await channel.close()
+    return list(depths)

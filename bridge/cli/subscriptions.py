@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S
+from bridge.amqp import BROKER_ERRORS
 from bridge.cli.common import (
     CliError,
-    confirm,
     connected,
+    delete_queues,
     pick,
-    queue_depths,
     run_operator_command,
 )
 from bridge.settings import Settings
@@ -80,29 +79,13 @@ async def remove_subscription(
         {"name": name, "url": "http://removed.invalid/"}
     )
     queues = [*queue_names(subscription), marker_queue(name)]
+    if name in known:
+        print(
+            f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "
+            "declares its queues again",
+            file=sys.stderr,
+        )
     async with connected(settings, "subscriptions remove") as connection:
-        depths = {
-            q: d for q, d in (await queue_depths(connection, queues)).items() if d is not None
-        }
-        if not depths:
-            raise CliError(f"{name}: none of its queues exist ({main_queue(name)} and the rest)")
-        for queue, depth in depths.items():
-            print(f"{queue}\t{depth} messages")
-        if name in known:
-            print(
-                f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "
-                "declares its queues again",
-                file=sys.stderr,
-            )
-        total = sum(depths.values())
-        await confirm(f"delete these {len(depths)} queues and the {total} messages in them?", yes)
-        channel = await connection.channel()
-        try:
-            for queue in depths:
-                await channel.queue_delete(queue, timeout=BROKER_TIMEOUT_S)
-        except BROKER_ERRORS as exc:
-            raise CliError(f"RabbitMQ refused to delete {queue} ({type(exc).__name__})") from None
-        finally:
-            await channel.close()
-    print(f"{name}: deleted {len(depths)} queues")
-    return list(depths)
+        deleted = await delete_queues(connection, queues, yes=yes, what=f"subscription {name}")
+    print(f"{name}: deleted {len(deleted)} queues")
+    return deleted
