@@ -186,10 +186,10 @@ async def run_dlq(
                 moved = await replay_dead(connection, target, limit, out)
                 print(f"replayed {moved} dead letters to {target.main}", file=out)
             elif action == "purge":
-                depth = await queue_depths(connection, [target.dead])
-                await confirm(
-                    f"delete the {depth[target.dead]} dead letters in {target.dead}?", yes
-                )
+                waiting = (await queue_depths(connection, [target.dead]))[target.dead]
+                if waiting is None:
+                    raise CliError(f"{target.dead} does not exist ({target.missing_hint})")
+                await confirm(f"delete the {waiting} dead letters in {target.dead}?", yes)
                 purged = await purge_dead(connection, target)
                 print(f"purged {purged} dead letters from {target.dead}", file=out)
             else:
