@@ -388,8 +388,9 @@ async def test_events_in_flight_survive_25_kills_of_the_webhook_on_quorum_queues
             await wait_for(all_in_flight, 30, f"5 deliveries in flight before kill {kill + 1}")
             await kill_bridge(webhook)
         assert await watch.settled_depth(main) + await watch.depth(dead) == len(ids)
+    # The broker counted all 5 unacked at every kill; whether each POST had left the
+    # process by then is a race, so the receiver's count is no measure of the kills.
     assert {i for i, _ in receiver.requests} == ids
-    assert len(receiver.requests) >= 25 * len(ids)
 
 
 # 4. a receiver that fails 30% of the time ------------------------------------------------------
