@@ -135,3 +135,16 @@ async def test_a_corrupt_cursor_is_one_line_saying_what_to_do(tmp_path):
     assert f"{tmp_path / 'cursor.json'}: unreadable cursor" in text
     assert "move it away to restart" in text
     assert "Traceback" not in text
+
+
+async def test_the_demo_without_rabbitmq_says_how_to_start_one(tmp_path):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "demo",
+        env={**env(amqp_url=UNREACHABLE)}, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    text = err.decode()
+    assert process.returncode == 1, text
+    assert "no RabbitMQ at amqp://guest:***@127.0.0.1:1/" in text
+    assert "rabbitmq-server -detached" in text
+    assert "Traceback" not in text and "ERROR" not in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import logging
 import os
 import secrets
 import sys
@@ -30,6 +31,8 @@ from bridge.webhook.queues import marker_queue, queue_names
 from bridge.webhook.subscriptions import load_subscriptions
 
 TIMEOUT_S = 60.0
+BROKER_WAIT_S = 10.0
+"""How long the demo waits for RabbitMQ before it says there is none."""
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -41,7 +44,41 @@ def cli(args: argparse.Namespace) -> int:
     setup_logging(base.log_format, "WARNING")
     # An exchange the user named is theirs (a CI consumer may watch it): keep it.
     own_exchange = "BRIDGE_EXCHANGE" in os.environ
+    if not asyncio.run(_broker_answers(base)):
+        print(
+            f"patchwork-bridge demo: no RabbitMQ at {base.amqp_url_redacted} within "
+            f"{BROKER_WAIT_S:g}s; start one (`rabbitmq-server -detached`, or "
+            "`docker-compose up -d rabbitmq`) or set BRIDGE_AMQP_URL",
+            file=sys.stderr,
+        )
+        return 1
     return asyncio.run(run_demo(base, args.events, args.linger, keep_exchange=own_exchange))
+
+
+async def _broker_answers(settings: Settings) -> bool:
+    """One plain connection within BROKER_WAIT_S: the demo needs a broker, and says so."""
+    # aiormq logs a refused connection as an ERROR with its own text; one line is enough.
+    quieted = [logging.getLogger(name) for name in ("aiormq", "aio_pika")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return await _connect_once(settings)
+    finally:
+        for logger, level in zip(quieted, levels, strict=True):
+            logger.setLevel(level)
+
+
+async def _connect_once(settings: Settings) -> bool:
+    try:
+        async with asyncio.timeout(BROKER_WAIT_S):
+            connection = await aio_pika.connect(
+                settings.amqp_url.get_secret_value(), timeout=BROKER_WAIT_S
+            )
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError):
+        return False
+    await connection.close()
+    return True
 
 
 async def run_demo(base: Settings, events: int, linger_s: float, *, keep_exchange: bool) -> int:
