@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import aio_pika
 
 from bridge.amqp import connect, declare_exchange, declare_queue, queue_arguments
+from bridge.cli.common import connected, delete_queues, run_operator_command
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.webhook.subscriptions import check_pattern
 
@@ -105,8 +106,6 @@ def _reply_text(exc: BaseException) -> str:
 
 async def unbind(settings: Settings, queue: str, *, yes: bool = False) -> list[str]:
     """Delete a queue made by ``bind`` and its ``.dead`` queue, after showing their depths."""
-    from bridge.cli.common import connected, delete_queues
-
     async with connected(settings, "bind --remove") as connection:
         deleted = await delete_queues(
             connection, [queue, queue + DEAD_SUFFIX], yes=yes, what=f"queue {queue}"
@@ -118,8 +117,6 @@ async def unbind(settings: Settings, queue: str, *, yes: bool = False) -> list[s
 async def cli(args: argparse.Namespace) -> int:
     """One line on stdout when bound; one line on stderr and exit 2/1 when not."""
     if getattr(args, "remove", False):
-        from bridge.cli.common import run_operator_command
-
         if args.patterns:
             print("patchwork-bridge bind: --remove takes no patterns", file=sys.stderr)
             return 2

@@ -19,8 +19,8 @@ from bridge.cli.common import (
 )
 from bridge.settings import Settings
 from bridge.webhook.consumer import MARKER_CHECK_INTERVAL_S
-from bridge.webhook.queues import QueueControl, main_queue, marker_queue, queue_names
-from bridge.webhook.subscriptions import Subscription
+from bridge.webhook.queues import QueueControl, main_queue, marker_queue, queue_names_of
+from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S, Subscription
 
 
 async def run_subscriptions(
@@ -75,10 +75,8 @@ async def remove_subscription(
     those of the default schedule. Returns the queues deleted.
     """
     known = {s.name: s for s in subscriptions}
-    subscription = known.get(name) or Subscription.model_validate(
-        {"name": name, "url": "http://removed.invalid/"}
-    )
-    queues = [*queue_names(subscription), marker_queue(name)]
+    schedule = known[name].retry_schedule if name in known else DEFAULT_RETRY_SCHEDULE_S
+    queues = [*queue_names_of(name, schedule), marker_queue(name)]
     if name in known:
         print(
             f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
@@ -64,13 +65,21 @@ def ttl_ms(delay_s: float) -> int:
 
 def retry_queues(subscription: Subscription) -> dict[float, str]:
     """Each delay of the subscription's ladder and the queue that waits that long."""
-    return {d: retry_queue(subscription.name, d) for d in delay_ladder(subscription.retry_schedule)}
+    return _retry_queues(subscription.name, subscription.retry_schedule)
 
 
 def queue_names(subscription: Subscription) -> list[str]:
     """Main, retry and dead queues: the ones whose depth an operator watches."""
-    name = subscription.name
-    return [main_queue(name), *retry_queues(subscription).values(), dead_queue(name)]
+    return queue_names_of(subscription.name, subscription.retry_schedule)
+
+
+def queue_names_of(name: str, retry_schedule: Sequence[float]) -> list[str]:
+    """``queue_names`` for a subscription known only by name and schedule."""
+    return [main_queue(name), *_retry_queues(name, retry_schedule).values(), dead_queue(name)]
+
+
+def _retry_queues(name: str, retry_schedule: Sequence[float]) -> dict[float, str]:
+    return {d: retry_queue(name, d) for d in delay_ladder(retry_schedule)}
 
 
 async def declare_subscription(
