@@ -164,8 +164,8 @@ class Producer:
     async def _poll_once(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
     ) -> int:
-        """Read what is new, then the open gaps (or, on a sweep that counts a difference,
-        the whole overlap); publish each page while the next one is fetched."""
+        """Read what is new, then the open gaps and, on a sweep that counts a difference,
+        that range; publish each page while the next one is fetched."""
         assert self._window is not None
         read_before = self._served
         published = 0
@@ -202,9 +202,7 @@ class Producer:
         if sweep is not None and self._sweep_interval_s and now >= self._next_sweep:
             self._next_sweep = now + self._sweep_interval_s
             # Patchwork counts the range for one event's cost; read it only on a difference.
-            counted = await _until_stopped(client.count(*sweep), stop)
-            self._served += 1
-            self._metrics.patchwork_events_read.labels("count").inc()
+            counted = await self._count(client, stop, *sweep)
             known = self._window.known_between(*sweep)
             if counted != known:
                 log.info(
@@ -237,10 +235,18 @@ class Producer:
         known = self._window.known_between(since, before)
         if known <= PROBE_ABOVE_EVENTS:
             return True
+        counted = await self._count(client, stop, since, before)
+        return counted is None or counted != known
+
+    async def _count(
+        self, client: PatchworkClient, stop: asyncio.Event, since: str, before: str
+    ) -> int | None:
+        """Patchwork's count of ``since <= date < before`` (None: it cannot tell), which
+        it serves as one event."""
         counted = await _until_stopped(client.count(since, before), stop)
         self._served += 1
         self._metrics.patchwork_events_read.labels("count").inc()
-        return counted is None or counted != known
+        return counted
 
     async def _read(
         self,

@@ -53,7 +53,6 @@ class Window:
         """``clock`` is wall time in seconds (``time.time``): gaps' ages survive restarts."""
         self._clock = clock or time.time
         self._overlap = timedelta(seconds=overlap_s)
-        self._overlap_s = overlap_s
         self._floor = cursor.floor
         self._high_water = cursor.high_water
         self._high_water_dt = _parse(cursor.high_water)
@@ -101,7 +100,9 @@ class Window:
     def known_between(self, since: str, before: str) -> int:
         """Events already published with ``since <= date < before``; the sweep compares
         this with Patchwork's count of the same range."""
-        lo, hi = _when(since), _when(before)
+        return self._known(_when(since), _when(before))
+
+    def _known(self, lo: datetime, hi: datetime) -> int:
         return sum(1 for when, _ in self._seen.values() if lo <= when < hi)
 
     def reads(self) -> list[tuple[str | None, str | None]]:
@@ -131,9 +132,7 @@ class Window:
             # Overlapping ranges, or ranges with fewer published events between them than a
             # request costs, are one read.
             if spans and (
-                lo <= spans[-1][1]
-                or self.known_between(spans[-1][1].isoformat(), lo.isoformat())
-                <= PROBE_ABOVE_EVENTS
+                lo <= spans[-1][1] or self._known(spans[-1][1], lo) <= PROBE_ABOVE_EVENTS
             ):
                 spans[-1] = (spans[-1][0], max(spans[-1][1], hi), [*spans[-1][2], event_id])
             else:
@@ -148,8 +147,9 @@ class Window:
             )
         )
         for lo, hi, ids in spans:
-            if self._high_water is not None and (
-                self.known_between(lo.isoformat(), self._high_water) <= PROBE_ABOVE_EVENTS
+            if (
+                self._high_water_dt is not None
+                and self._known(lo, self._high_water_dt) <= PROBE_ABOVE_EVENTS
             ):
                 # Serving these few events again costs Patchwork less than a request.
                 if since is not None and lo < _when(since):  # None: from the start anyway
@@ -222,7 +222,7 @@ class Window:
         expired = [
             event_id
             for event_id, gap in self._gaps.items()
-            if now - gap.opened_at > self._overlap_s or _when(gap.above) < start
+            if now - gap.opened_at > self._overlap.total_seconds() or _when(gap.above) < start
         ]
         for event_id in expired:
             del self._gaps[event_id]
