@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pika
@@ -57,6 +58,29 @@ class PikaReader(threading.Thread):
         self.join(30)
 
 
+def tap(unique: str) -> PikaReader:
+    """An independent CI queue bound ``#`` to a fresh exchange, consuming already."""
+    reader = PikaReader(f"test-{unique}", f"test-{unique}-ci")
+    reader.start()
+    assert reader.ready.wait(10)
+    return reader
+
+
+def producer_env(
+    patchwork: FakePatchwork, exchange: str, state_dir: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a producer process on ``patchwork``; ``settings`` without BRIDGE_."""
+    return {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(state_dir),
+        "BRIDGE_HTTP_PORT": "0",
+        **{f"BRIDGE_{key}": value for key, value in settings.items()},
+    }
+
+
 async def start_producer(env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "producer", env=env, stderr=asyncio.subprocess.PIPE
@@ -95,22 +119,11 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
     patchwork = FakePatchwork(tz=TZ)
     added = patchwork.add_events(500)
     await patchwork.start()
-    exchange = f"test-{unique}"
-    reader = PikaReader(exchange, f"test-{unique}-ci")
-    reader.start()
-    assert reader.ready.wait(10)
-    env = {
-        **os.environ,
-        "BRIDGE_PATCHWORK_URL": patchwork.url,
-        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
-        "BRIDGE_EXCHANGE": exchange,
-        "BRIDGE_STATE_DIR": str(tmp_path),
-        "BRIDGE_START": "beginning",
-        "BRIDGE_POLL_INTERVAL": "0.2",
-        "BRIDGE_POLL_OVERLAP": "30",
-        "BRIDGE_PATCHWORK_TIMEOUT": "2",
-        "BRIDGE_HTTP_PORT": "0",
-    }
+    reader = tap(unique)
+    env = producer_env(
+        patchwork, reader.exchange, tmp_path,
+        START="beginning", POLL_INTERVAL="0.2", POLL_OVERLAP="30", PATCHWORK_TIMEOUT="2",
+    )  # fmt: skip
     stop_feeding = asyncio.Event()
     hidden: set[int] = set()
     feeder = asyncio.create_task(feed(patchwork, added, hidden, stop_feeding))
@@ -175,20 +188,8 @@ async def test_first_start_under_load_publishes_everything_created_during_start_
     patchwork = FakePatchwork(tz=TZ, cost=MEASURED)
     old = patchwork.add_events(3000)
     await patchwork.start()
-    exchange = f"test-{unique}"
-    reader = PikaReader(exchange, f"test-{unique}-ci")
-    reader.start()
-    assert reader.ready.wait(10)
-    env = {
-        **os.environ,
-        "BRIDGE_PATCHWORK_URL": patchwork.url,
-        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
-        "BRIDGE_EXCHANGE": exchange,
-        "BRIDGE_STATE_DIR": str(tmp_path),
-        "BRIDGE_START": "now",
-        "BRIDGE_POLL_INTERVAL": "0.5",
-        "BRIDGE_HTTP_PORT": "0",
-    }
+    reader = tap(unique)
+    env = producer_env(patchwork, reader.exchange, tmp_path, START="now", POLL_INTERVAL="0.5")
     rng = random.Random(11)
     new: list[dict] = []
     hidden: set[int] = set()
