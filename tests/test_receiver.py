@@ -170,6 +170,8 @@ async def test_command_line_receiver_prints_one_line_per_delivery_and_stops_on_s
 
         assert await post(f"http://127.0.0.1:{port}/hook", BODY, signed(BODY)) == 204
         line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+        assert await post(f"http://127.0.0.1:{port}/hook", BODY, CE_HEADERS) == 401
+        unsigned = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
     finally:
         process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), 10)
@@ -179,7 +181,17 @@ async def test_command_line_receiver_prints_one_line_per_delivery_and_stops_on_s
     assert "ce-subject=netdev" in line
     assert "routing-key=netdev.patch-created" in line
     assert "signature=valid" in line
+    assert "signature=unsigned" in unsigned
     assert code == 0
+
+
+def test_a_plain_install_verifies_signatures_in_the_demo() -> None:
+    """The demo says "(signed)" and counts valid signatures: the verifier it uses must come
+    with ``pip install patchwork-bridge``, not only with the test extra."""
+    from importlib.metadata import requires
+
+    plain = [r for r in requires("patchwork-bridge") or [] if "extra ==" not in r]
+    assert any(r.startswith("standardwebhooks") for r in plain), plain
 
 
 def test_line_marks_missing_headers_instead_of_guessing() -> None:

@@ -1,9 +1,9 @@
 """A tiny webhook receiver for the demo and the compose stack: one printed line per delivery.
 
 It shows what a real receiver gets (webhook-id, ce-* headers, the routing key they
-imply) and, when ``WEBHOOK_SECRET`` is set and ``standardwebhooks`` is installed,
-whether the Standard Webhooks signature verifies. It is a demonstration, not a
-production receiver: it keeps nothing.
+imply) and, when ``WEBHOOK_SECRET`` is set, whether the Standard Webhooks signature
+verifies (checked by the ``standardwebhooks`` reference library, not by our signer).
+It is a demonstration, not a production receiver: it keeps nothing.
 
     python -m bridge.demo.receiver --host 0.0.0.0 --port 8080
 """
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from bridge.events import CE_TYPE_PREFIX
 from bridge.http import serve_app
@@ -32,7 +34,7 @@ MAX_BODY_BYTES = 1024 * 1024
 
 SignatureCheck = Literal["valid", "invalid", "unsigned", "unchecked"]
 """valid/invalid: checked against the secret; unsigned: a secret is set but the
-request has no signature; unchecked: no secret, or ``standardwebhooks`` is missing."""
+request has no signature; unchecked: no secret was given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,23 +71,13 @@ class SignatureVerifier:
     """Checks ``webhook-signature`` with the independent ``standardwebhooks`` library."""
 
     def __init__(self, secret: str | None) -> None:
-        self._webhook = None
-        if not secret:
-            return
-        try:
-            from standardwebhooks import Webhook
-        except ImportError:
-            log.warning("WEBHOOK_SECRET is set but standardwebhooks is missing: not verifying")
-            return
-        self._webhook = Webhook(secret)
+        self._webhook = Webhook(secret) if secret else None
 
     def check(self, body: bytes, headers: Mapping[str, str]) -> SignatureCheck:
         if self._webhook is None:
             return "unchecked"
         if "webhook-signature" not in headers:
             return "unsigned"
-        from standardwebhooks.webhooks import WebhookVerificationError
-
         try:
             self._webhook.verify(body, dict(headers), json_parse=False)
         # ValueError covers malformed base64, a signature without a comma and non-UTF-8 bodies.
@@ -152,7 +144,11 @@ async def _serve(host: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner, bound = await start_receiver(host, port)
-    secret_note = "verifying signatures" if os.environ.get("WEBHOOK_SECRET") else "no secret"
+    secret_note = (
+        "verifying signatures, refusing unsigned or bad ones"
+        if os.environ.get("WEBHOOK_SECRET")
+        else "no WEBHOOK_SECRET: not verifying signatures"
+    )
     print(f"webhook receiver listening on {host}:{bound} ({secret_note})", flush=True)
     try:
         await stop.wait()
