@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "patchwork-bridge.json"
 EXAMPLE = ROOT / "deploy" / "subscriptions.example.toml"
+DEMO_SUBSCRIPTIONS = ROOT / "deploy" / "subscriptions.demo.toml"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -116,8 +117,8 @@ def test_queue_patterns_select_the_queues_the_consumer_declares() -> None:
     assert {frozenset({"main"}), frozenset({"dead"}), frozenset({"main", "retry"})} <= set(selected)
 
 
-def test_example_subscriptions_load_and_match_the_demo_receiver() -> None:
-    [demo] = load_subscriptions(EXAMPLE)
+def test_demo_subscriptions_load_and_match_the_demo_receiver() -> None:
+    [demo] = load_subscriptions(DEMO_SUBSCRIPTIONS)
 
     assert demo.url == "http://receiver:8080/hooks/patchwork"
     assert demo.allow_private_network  # the receiver is another container on the network
@@ -125,6 +126,18 @@ def test_example_subscriptions_load_and_match_the_demo_receiver() -> None:
     receiver_secret = re.search(r"WEBHOOK_SECRET: (\S+)", COMPOSE.read_text())
     assert receiver_secret is not None
     assert receiver_secret.group(1) == demo.secret.get_secret_value()
+
+
+def test_compose_on_a_real_site_mounts_no_demo_subscription() -> None:
+    """Without BRIDGE_SUBSCRIPTIONS_FILE the stack gets the example, which delivers nowhere:
+    a real site's events must not pile up in a demo receiver's dead queue."""
+    compose = COMPOSE.read_text()
+    mounts = set(re.findall(r"\$\{BRIDGE_SUBSCRIPTIONS_FILE:-([^}]+)\}", compose))
+    assert mounts == {"./deploy/subscriptions.example.toml"}
+    assert load_subscriptions(EXAMPLE) == []
+    webhook = re.search(r"^  webhook:\n(.*?)(?=^  \S|\Z)", compose, re.M | re.S)
+    assert webhook is not None
+    assert 'profiles: ["webhooks", "demo"]' in webhook.group(1)
 
 
 def test_commented_subscription_example_is_valid_once_uncommented(tmp_path: Path) -> None:
