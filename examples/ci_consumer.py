@@ -64,4 +64,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # Ctrl-C: unacked events go back to the queue, nothing is lost
+        sys.exit(130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -63,6 +64,12 @@ class Consumer:
             self._proc.terminate()
         await asyncio.wait_for(self._proc.wait(), 10)
         await asyncio.gather(*self._readers)
+
+    async def interrupt(self) -> int:
+        """Ctrl-C, as a terminal sends it; the exit code."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGINT)
+        return await asyncio.wait_for(self._proc.wait(), 10)
 
     @staticmethod
     async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
@@ -154,4 +161,23 @@ async def test_example_never_acks_a_series_it_could_not_fetch(
     assert dead_letters == [message.message_id]
     assert consumer.out == []
     assert await leftover(channel, ci_queue) == []
+    await channel.close()
+
+
+async def test_example_stops_on_ctrl_c_without_a_traceback(
+    amqp: aio_pika.abc.AbstractConnection,
+    exchange_name: str,
+    ci_queue: str,
+    patchwork: FakePatchwork,
+):
+    settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name)
+    await bind(settings, ci_queue, ["*.series-completed"])
+    event = new_event(patchwork, "series-completed", "netdevbpf")
+    channel = await amqp.channel(publisher_confirms=True)
+    await publish(channel, exchange_name, patchwork, event)
+    async with Consumer(exchange_name, ci_queue) as consumer:
+        await consumer.wait_for(consumer.out, f"event {event.message_id}:")
+        code = await consumer.interrupt()
+    assert code == 130
+    assert not any("Traceback" in line for line in consumer.err), consumer.err
     await channel.close()
