@@ -38,7 +38,7 @@ from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
 from bridge.events import Event, parse_event
 from bridge.metrics import Metrics
 from bridge.producer.publisher import Publisher
-from bridge.runtime import build_roles
+from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings
 from bridge.webhook.queues import declare_subscription, marker_queue, queue_names
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
@@ -394,54 +394,24 @@ def bridge_settings(**overrides: Any) -> Settings:
     return Settings(**values)
 
 
-class InProcessBridge:
-    """``run``'s roles (producer + webhook) as ``patchwork-bridge demo`` wires them."""
+class InProcessBridge(InProcess):
+    """``run``'s roles (producer + webhook) as ``patchwork-bridge demo`` wires them; a role's
+    failure at the end is printed, so one bad run does not hide the figures of the others."""
 
     def __init__(self, settings: Settings) -> None:
         self.metrics = Metrics()
-        self.roles = build_roles("run", settings, self.metrics)
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(role.run(self._stop), name=role.name) for role in self.roles
-        ]
-
-    def check(self) -> None:
-        """Raise what a role died of; a role must not end before it is told to."""
-        for task in self._tasks:
-            if task.done():
-                task.result()
-                raise RuntimeError(f"role {task.get_name()} ended on its own")
-
-    async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not all(role.readiness()[0] for role in self.roles):
-            self.check()
-            if time.monotonic() > deadline:
-                reasons = [r for ok, r in (role.readiness() for role in self.roles) if not ok]
-                raise TimeoutError("; ".join(reasons))
-            await asyncio.sleep(0.05)
+        super().__init__(build_roles("run", settings, self.metrics), stop_timeout_s=STOP_TIMEOUT_S)
 
     def request_stop(self) -> None:
-        self._stop.set()
+        self.stop.set()
 
     async def close(self) -> None:
-        self._stop.set()
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        results = await asyncio.gather(*self._tasks, return_exceptions=True)
-        for task, result in zip(self._tasks, results, strict=True):
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                print(f"  role {task.get_name()} failed: {result!r}", file=sys.stderr)
-        if pending:
-            print(
-                f"  {len(pending)} roles did not stop within {STOP_TIMEOUT_S:g}s", file=sys.stderr
-            )
+        try:
+            await super().close()
+        except TimeoutError:
+            print(f"  roles did not stop within {STOP_TIMEOUT_S:g}s", file=sys.stderr)
+        except Exception as exc:
+            print(f"  a role failed: {exc!r}", file=sys.stderr)
 
 
 def bridge_env(**settings: str) -> dict[str, str]:

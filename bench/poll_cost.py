@@ -33,6 +33,7 @@ from common import AMQP_URL, TZ, percentile, run_id
 from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
+from bridge.runtime import InProcess
 from bridge.settings import Settings
 
 SEED_EVENTS = 2000
@@ -229,7 +230,8 @@ async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Sid
         )
         metrics = Metrics()
         producer = Producer(settings, metrics)
-        bridge = asyncio.create_task(producer.run(stop))
+        bridge = InProcess([producer])
+        bridge.start()
         naive = asyncio.create_task(naive_poller(theirs, naive_ex, interval_s, stop))
         # Both start from "now": wait until each has read once, then count from here.
         while ours.events_requests < 1 or theirs.events_requests < 1:
@@ -244,7 +246,7 @@ async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Sid
         ):
             await asyncio.sleep(0.2)
         stop.set()
-        await asyncio.gather(bridge, naive)
+        await asyncio.gather(bridge.close(), naive)
     await channel.exchange_delete(bridge_ex)
     await channel.exchange_delete(naive_ex)
     await connection.close()

@@ -30,6 +30,7 @@ from common import AMQP_URL, round_ratios
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
+from bridge.runtime import InProcess
 from bridge.settings import Settings
 
 TZ = ZoneInfo("Australia/Canberra")
@@ -122,18 +123,14 @@ async def bridge_producer(base_url: str, exchange_name: str, expected: int) -> M
             start="beginning",
             poll_interval=0.05,
         )
-        stop = asyncio.Event()
         started = time.perf_counter()
         cpu_started = time.process_time()
-        task = asyncio.create_task(Producer(settings, metrics).run(stop))
-        while published(metrics) < expected:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.005)
-        elapsed = time.perf_counter() - started
-        cpu_s = time.process_time() - cpu_started
-        stop.set()
-        await task
+        async with InProcess([Producer(settings, metrics)]) as bridge:
+            while published(metrics) < expected:
+                bridge.check()
+                await asyncio.sleep(0.005)
+            elapsed = time.perf_counter() - started
+            cpu_s = time.process_time() - cpu_started
     return Measure(expected / elapsed, 1e6 * cpu_s / expected)
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from bridge import __version__
 from bridge.logs import setup_logging
 
+CHECKED_ROLES = ("producer", "webhook", "run")
+
 # command -> "module:function"; the function takes the parsed args and returns an exit code.
 HANDLERS = {
     "producer": "bridge.runtime:cli_run",
@@ -26,6 +28,42 @@ HANDLERS = {
 }
 
 
+ROLE_COMMANDS = (
+    (
+        "producer",
+        "poll Patchwork and publish every event to the exchange",
+        "Poll Patchwork's events API and publish every event, once confirmed by RabbitMQ,\n"
+        "to the topic exchange keyed <project>.<category>. Resumes from the cursor in\n"
+        "BRIDGE_STATE_DIR.\n\n"
+        "Settings: BRIDGE_PATCHWORK_URL (required), BRIDGE_PATCHWORK_TIMEZONE,\n"
+        "BRIDGE_PATCHWORK_PROJECTS, BRIDGE_PATCHWORK_TOKEN, BRIDGE_POLL_INTERVAL,\n"
+        "BRIDGE_POLL_OVERLAP, BRIDGE_START, BRIDGE_STATE_DIR, BRIDGE_AMQP_URL, BRIDGE_EXCHANGE;\n"
+        "BRIDGE_SUBSCRIPTIONS, if set, names queues to declare before the first publish.",
+    ),
+    (
+        "webhook",
+        "deliver events to the subscriptions' webhooks",
+        "Deliver the events of each subscription in BRIDGE_SUBSCRIPTIONS (a TOML file of\n"
+        "[[webhook]] tables) from its own queue: signed POSTs, retries on a schedule, dead\n"
+        "letters after the last attempt. Run as many as you like: they share the queues.\n\n"
+        "Settings: BRIDGE_SUBSCRIPTIONS (required), BRIDGE_AMQP_URL, BRIDGE_EXCHANGE,\n"
+        "BRIDGE_QUEUE_TYPE, BRIDGE_QUEUE_DEPTH_INTERVAL.",
+    ),
+    (
+        "run",
+        "producer and webhook in one process (small sites)",
+        "The producer and, when BRIDGE_SUBSCRIPTIONS lists any, the webhook role in one\n"
+        "process: the default for a small site. The settings of both apply.",
+    ),
+)
+ROLE_EPILOG = (
+    "All roles: BRIDGE_HTTP_HOST/BRIDGE_HTTP_PORT serve /metrics, /healthz and /readyz;\n"
+    "BRIDGE_LOG_FORMAT, BRIDGE_LOG_LEVEL. SIGTERM or Ctrl-C: take no new work, finish\n"
+    "what is in flight, exit. Every setting: docs/settings.md; check them first with\n"
+    "`patchwork-bridge check-config --role ROLE`."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patchwork-bridge",
@@ -35,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("producer", help="poll Patchwork and publish every event to the exchange")
-    sub.add_parser("webhook", help="deliver events to the subscriptions' webhooks")
-    sub.add_parser("run", help="producer and webhook in one process (small sites)")
+    for name, help_text, description in ROLE_COMMANDS:
+        sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            epilog=ROLE_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     demo = sub.add_parser("demo", help="replay recorded events through the whole path, locally")
     demo.add_argument("--events", type=int, default=40, help="events to replay (default 40)")
@@ -90,7 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     bind.add_argument("--remove", action="store_true", help="delete QUEUE and QUEUE.dead instead")
     bind.add_argument("--yes", action="store_true", help="with --remove: do not ask")
 
-    sub.add_parser("check-config", help="validate settings and the subscriptions file, then exit")
+    check = sub.add_parser(
+        "check-config",
+        help="check what a role needs (settings, subscriptions, state directory), then exit",
+        description="Check the BRIDGE_* settings, the subscriptions file and the state "
+        "directory as the role will use them, without connecting to RabbitMQ or Patchwork. "
+        "Exit 0 when the role can start, 2 with one line per problem otherwise.",
+    )
+    check.add_argument(
+        "--role",
+        choices=CHECKED_ROLES,
+        help="the command to check for (default: webhook if only BRIDGE_SUBSCRIPTIONS is "
+        "set, else run)",
+    )
     return parser
 
 

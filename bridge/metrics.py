@@ -85,6 +85,11 @@ class Metrics:
             "Now minus the time of the newest event the cursor has passed.",
             registry=r,
         )
+        self.cursor_write_errors = Counter(
+            f"{p}_cursor_write_errors",
+            "Cursor saves that failed (the producer goes on and writes again next poll).",
+            registry=r,
+        )
         self.last_poll_success = Gauge(
             f"{p}_last_successful_poll_timestamp_seconds",
             "Unix time of the last poll that fetched and published without error.",

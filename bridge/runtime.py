@@ -1,4 +1,4 @@
-"""Wiring: build the roles a command asks for, serve HTTP, stop cleanly on SIGTERM/SIGINT."""
+"""Wiring: build the roles a command asks for; run them as a process, or in-process."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,6 +19,7 @@ from bridge.logs import setup_logging
 from bridge.metrics import Metrics
 from bridge.producer.cursor import CursorError, StateDirError
 from bridge.settings import Settings, SettingsError, load_settings
+from bridge.waiting import Ticker
 
 if TYPE_CHECKING:
     from bridge.webhook.subscriptions import Subscription
@@ -51,11 +53,11 @@ class Role(Protocol):
 def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role]:
     """Raises SettingsError for configuration a role cannot start with.
 
-    ``run`` without BRIDGE_SUBSCRIPTIONS is a producer alone: a site that only
-    feeds CI systems binding their own queues.
+    ``run`` without subscriptions is a producer alone: a site that only feeds CI
+    systems binding their own queues.
     """
     roles: list[Role] = []
-    subscriptions = _subscriptions(settings) if settings.subscriptions is not None else []
+    subscriptions = subscriptions_for(command, settings)
     if command in ("producer", "run"):
         from bridge.producer.poller import Producer
         from bridge.schema import SchemaWatch
@@ -71,17 +73,28 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
     if command == "webhook" or (command == "run" and subscriptions):
         from bridge.webhook.consumer import build_consumer
 
-        roles.append(build_consumer(settings, metrics))
+        roles.append(build_consumer(settings, metrics, subscriptions))
     elif command == "run":
-        log.info("no BRIDGE_SUBSCRIPTIONS: running the producer only")
+        log.info("no subscriptions: running the producer only")
     return roles
 
 
-def _subscriptions(settings: Settings) -> list[Subscription]:
+def subscriptions_for(command: str, settings: Settings) -> list[Subscription]:
+    """The subscriptions a command delivers to, read once; SettingsError where the webhook
+    role would have nothing to do."""
     from bridge.webhook.subscriptions import load_subscriptions
 
-    assert settings.subscriptions is not None
-    return load_subscriptions(settings.subscriptions)
+    if settings.subscriptions is None:
+        if command == "webhook":
+            raise SettingsError("BRIDGE_SUBSCRIPTIONS: required for the webhook role")
+        return []
+    subscriptions = load_subscriptions(settings.subscriptions)
+    if not subscriptions and command == "webhook":
+        raise SettingsError(
+            f"BRIDGE_SUBSCRIPTIONS: {settings.subscriptions} has no [[webhook]] tables; "
+            "the webhook role would deliver nothing"
+        )
+    return subscriptions
 
 
 def _declare_queues_of(
@@ -125,7 +138,7 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
         port,
         "+".join(r.name for r in roles),
     )
-    watcher = asyncio.create_task(_watch_connections(roles, metrics), name="connection-gauge")
+    watcher = asyncio.create_task(_watch_connections(roles, metrics, stop), name="connection-gauge")
     try:
         async with asyncio.TaskGroup() as group:
             for role in roles:
@@ -140,12 +153,75 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
     return 0
 
 
-async def _watch_connections(roles: list[Role], metrics: Metrics) -> None:
-    """Keep ``broker_connected{role}`` current; cancelled when the roles stop."""
-    while True:
+async def _watch_connections(roles: list[Role], metrics: Metrics, stop: asyncio.Event) -> None:
+    """Keep ``broker_connected{role}`` current while the roles run."""
+    async for _ in Ticker(stop, 1.0):
         for role in roles:
             metrics.broker_connected.labels(role.name).set(1 if role.connected() else 0)
-        await asyncio.sleep(1.0)
+
+
+class InProcess:
+    """Roles as tasks of this process, stopped the way SIGTERM stops them: the one way the
+    demo, the tests and the benchmarks run roles without a process of their own.
+
+        async with InProcess(build_roles("run", settings, metrics)) as bridge:
+            await bridge.wait_ready()
+    """
+
+    def __init__(self, roles: list[Role], *, stop_timeout_s: float = 30.0) -> None:
+        self.roles = roles
+        self.stop = asyncio.Event()
+        self._stop_timeout_s = stop_timeout_s
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(_run_role(role, self.stop), name=role.name) for role in self.roles
+        ]
+
+    async def close(self) -> None:
+        """Stop the roles and wait for them; raises what a role failed with, and
+        TimeoutError for a role that will not stop (a bug to see, not to hide)."""
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), self._stop_timeout_s)
+
+    async def __aenter__(self) -> InProcess:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def check(self) -> None:
+        """Raise what a role died of; a role must not end before it is told to."""
+        for task in self._tasks:
+            if task.done():
+                task.result()
+                if not self.stop.is_set():
+                    raise RuntimeError(f"role {task.get_name()} ended on its own")
+
+    async def until(self, event: asyncio.Event, timeout_s: float) -> None:
+        """Wait for ``event``; raises what a role died of meanwhile, and TimeoutError."""
+        waiter = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait(
+                [waiter, *self._tasks], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+        self.check()
+        if not event.is_set():
+            raise TimeoutError(f"not done within {timeout_s:g}s")
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until every role says it is ready; raises what a role died of meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while not all(role.readiness()[0] for role in self.roles):
+            self.check()
+            if time.monotonic() > deadline:
+                reasons = [r for ok, r in (role.readiness() for role in self.roles) if not ok]
+                raise TimeoutError("; ".join(reasons))
+            await asyncio.sleep(0.05)
 
 
 async def _run_role(role: Role, stop: asyncio.Event) -> None:
@@ -198,17 +274,50 @@ def _operator_error(exc: BaseException) -> BaseException | None:
 
 
 def cli_check_config(args: argparse.Namespace) -> int:
+    """Check what the role will need, without connecting to RabbitMQ or Patchwork."""
     settings = _settings_or_exit()
     if settings is None:
         return 2
-    metrics = Metrics()
+    role = args.role or (
+        "webhook" if settings.patchwork_url is None and settings.subscriptions else "run"
+    )
+    problems: list[str] = []
     try:
-        if settings.patchwork_url is not None:
-            build_roles("producer", settings, metrics)
-        if settings.subscriptions is not None:
-            build_roles("webhook", settings, metrics)
+        subscriptions = subscriptions_for(role, settings)
     except SettingsError as exc:
-        print(f"patchwork-bridge: {exc}", file=sys.stderr)
+        problems.extend(str(exc).splitlines())
+        subscriptions = []
+    if role in ("producer", "run"):
+        try:
+            settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
+        except SettingsError as exc:
+            problems.append(str(exc))
+        problems.extend(_state_dir_problems(settings))
+    for problem in problems:
+        print(f"patchwork-bridge: {problem}", file=sys.stderr)
+    if problems:
         return 2
-    print("configuration ok")
+    if role == "run" and not subscriptions:
+        print("configuration ok for run (no subscriptions: the producer only)")
+    else:
+        print(f"configuration ok for {role}")
     return 0
+
+
+def _role_described_by(settings: Settings) -> str:
+    """Without --role: a webhook process where only subscriptions are set, else ``run``."""
+    if settings.patchwork_url is None and settings.subscriptions is not None:
+        return "webhook"
+    return "run"
+
+
+def _state_dir_problems(settings: Settings) -> list[str]:
+    """What would stop the producer at its state directory: not writable, a bad cursor."""
+    from bridge.producer.cursor import CursorStore, probe_writable
+
+    try:
+        probe_writable(settings.state_dir)
+        CursorStore(settings.state_dir).load_now()
+    except (StateDirError, CursorError) as exc:
+        return [str(exc)]
+    return []

@@ -7,6 +7,7 @@ appear in that line, in ``repr`` or in logs (they are ``SecretStr``).
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -68,7 +69,20 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL of the Patchwork site root")
+        if re.search(r"/api(/[^/]*)?/?$", parts.path):
+            # Every poll would then 404 on .../api/1.3/api/1.3/events/.
+            raise ValueError(
+                "must be the site root, without /api/...: the bridge adds "
+                "/api/<BRIDGE_PATCHWORK_API_VERSION>/events/ itself"
+            )
         return value.rstrip("/")
+
+    @field_validator("subscriptions", mode="before")
+    @classmethod
+    def _subscriptions_path(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: name the subscriptions file, or unset it")
+        return value
 
     @field_validator("patchwork_timezone")
     @classmethod

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.events import APP_ID, amqp_headers, parse_event
 from bridge.metrics import Metrics
+from bridge.runtime import InProcess
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, Outcome
 from bridge.webhook.consumer import WebhookConsumer
@@ -198,20 +199,9 @@ def make_consumer(
 @asynccontextmanager
 async def running(consumer: WebhookConsumer) -> AsyncIterator[WebhookConsumer]:
     """Run the consumer until the block ends; fails fast if it does not become ready."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-
-    def ready_or_crashed() -> bool:
-        if task.done():
-            task.result()  # raise what went wrong
-        return consumer.readiness()[0]
-
-    try:
-        await wait_for(ready_or_crashed, 20, "the consumer to become ready")
+    async with InProcess([consumer]) as bridge:
+        await bridge.wait_ready(20)
         yield consumer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def delete_subscription_queues(

@@ -1,20 +1,17 @@
 """Tools of the fault tests: bridge processes to kill, receivers that misbehave, queue watching.
 
 Processes log to a file, never to a pipe: a killed process's pipe is never read, and
-a chatty one would block on a full pipe. Receivers record every request and count a
-success only when they answer 2xx, so a test can tell a real duplicate from a retry.
+a chatty one would block on a full pipe. The receiver is the tests' one (tests/receiver.py);
+here is how a fault test tells it to answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
@@ -22,65 +19,25 @@ from aiohttp import web
 
 from bridge.webhook.queues import QueueControl
 from tests.broker import AMQP_URL, rabbitmqctl
+from tests.receiver import Handler, Receiver
 
 # How a receiver answers one request: a status, after an optional stall in seconds.
 Answer = Callable[[str], tuple[int, float]]
 
 
-@dataclass
-class Receiver:
-    """A real aiohttp webhook receiver on loopback; ``answer(webhook_id)`` decides each reply."""
+def answering_by_id(receiver: Receiver, answer: Answer) -> Handler:
+    """A handler for ``receiver`` that asks ``answer(webhook_id)`` how to reply. A stall
+    longer than the subscription's timeout is answered 500 once over: the bridge has
+    given up by then, so a success must never be counted for it."""
 
-    answer: Answer = field(default=lambda _webhook_id: (204, 0.0))
-    requests: list[tuple[str, int]] = field(default_factory=list)
-    """(webhook-id, status answered) in arrival order; a stalled request is listed on arrival."""
-    successes: Counter[str] = field(default_factory=Counter)
-    """webhook-id -> number of 2xx answers sent."""
-    stalled: int = 0
-    latency_s: float = 0.0
-    """How long every answer takes, so deliveries are in flight when a fault strikes."""
-    url: str = ""
-    _runner: web.AppRunner | None = None
-    _closing: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/hook", self._hook)
-        # A stalled handler must not hold cleanup() up for aiohttp's default 60 s.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/hook"
-        return self.url
-
-    async def stop(self) -> None:
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    def delivered(self) -> set[str]:
-        return set(self.successes)
-
-    async def _hook(self, request: web.Request) -> web.Response:
-        await request.read()
-        webhook_id = request.headers.get("webhook-id", "")
-        status, stall_s = self.answer(webhook_id)
-        self.requests.append((webhook_id, status))
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+    async def handler(request: web.Request) -> web.Response:
+        status, stall_s = answer(request.headers.get("webhook-id", ""))
         if stall_s > 0:
-            # Longer than the subscription's timeout: the bridge has given up by now, so
-            # whatever we answer it never sees. Answer an error, never count a success.
-            self.stalled += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), stall_s)
+            await receiver.hold(stall_s)
             return web.Response(status=500, text="too late\n")
-        if 200 <= status < 300:
-            self.successes[webhook_id] += 1
         return web.Response(status=status)
+
+    return handler
 
 
 def write_subscription(path: Path, name: str, url: str, **fields: object) -> Path:

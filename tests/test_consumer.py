@@ -17,10 +17,11 @@ from standardwebhooks import Webhook
 from bridge.amqp import connection_name
 from bridge.cli.subscriptions import run_subscriptions
 from bridge.metrics import Metrics
+from bridge.runtime import build_roles
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, RetryLater
 from bridge.sinks.registry import load_sink
-from bridge.webhook.consumer import build_consumer
+from bridge.webhook.consumer import WebhookConsumer
 from bridge.webhook.messages import (
     ATTEMPTS,
     DEAD_AT,
@@ -54,6 +55,7 @@ from tests.amqp_helpers import (
     subscription,
     wait_for,
 )
+from tests.receiver import Receiver
 
 MakeSub = Callable[..., Subscription]
 
@@ -516,14 +518,21 @@ async def test_readiness_says_why_before_the_consumer_runs(exchange_name: str) -
 
 def test_webhook_role_needs_a_subscriptions_file() -> None:
     with pytest.raises(SettingsError, match="BRIDGE_SUBSCRIPTIONS: required for the webhook role"):
-        build_consumer(Settings(), Metrics())
+        build_roles("webhook", Settings(), Metrics())
 
 
-def test_build_consumer_loads_subscriptions_and_their_sinks(tmp_path: Path) -> None:
+def test_webhook_role_with_an_empty_subscriptions_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "subscriptions.toml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(SettingsError, match="has no \\[\\[webhook\\]\\] tables"):
+        build_roles("webhook", Settings(subscriptions=path), Metrics())
+
+
+def test_build_roles_loads_subscriptions_and_their_sinks(tmp_path: Path) -> None:
     path = tmp_path / "subscriptions.toml"
     path.write_text('[[webhook]]\nname = "ci"\nurl = "https://ci.example.org/hook"\n')
-    consumer = build_consumer(Settings(subscriptions=path), Metrics())
-    assert consumer.name == "webhook"
+    (consumer,) = build_roles("webhook", Settings(subscriptions=path), Metrics())
+    assert isinstance(consumer, WebhookConsumer)
     assert [lane.name for lane in consumer._lanes] == ["ci"]
 
 
@@ -544,35 +553,29 @@ async def test_real_webhook_sink_gets_a_second_attempt_after_retry_after(
     exchange_name: str, make_sub: MakeSub
 ) -> None:
     secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-    posts: list[tuple[dict[str, str], bytes]] = []
 
     async def hook(request: web.Request) -> web.Response:
-        posts.append((dict(request.headers), await request.read()))
-        if len(posts) == 1:
+        if len(receiver.requests) == 1:
             return web.Response(status=503, headers={"Retry-After": "1"})
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    receiver = Receiver(hook)
+    posts = receiver.requests
+    await receiver.start()
     try:
         ci = make_sub("ci", retry_schedule=[60], allow_private_network=True, secret=secret)
-        ci = ci.model_copy(update={"url": f"http://127.0.0.1:{port}/hook"})
+        ci = ci.model_copy(update={"url": receiver.url()})
         metrics = Metrics()
         consumer = make_consumer(exchange_name, [(ci, load_sink(ci))], metrics=metrics)
         async with running(consumer):
             await publish_events(exchange_name, [("patch-created", 51)])
             await wait_for(lambda: count(metrics, ci.name, "delivered") == 1, what="delivery")
     finally:
-        await runner.cleanup()
+        await receiver.stop()
 
     # Retry-After 1 s won over the schedule's 60 s; the webhook-id stayed the same.
     assert len(posts) == 2
-    (first, _), (second, body) = posts
+    (_, first, _), (_, second, body) = posts
     assert first["webhook-id"] == second["webhook-id"]
     Webhook(secret).verify(body, second)
     assert json.loads(body) == json.loads(recorded_event("patch-created", 51))

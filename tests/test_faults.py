@@ -22,7 +22,7 @@ from bridge.amqp import connection_name
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.logs import quiet_libraries
 from bridge.metrics import Metrics
-from bridge.runtime import build_roles
+from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings
 from bridge.webhook.queues import dead_queue, main_queue, retry_queue
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
@@ -35,7 +35,7 @@ from tests.amqp_helpers import (
 )
 from tests.fault_tools import (
     QueueWatch,
-    Receiver,
+    answering_by_id,
     bridge_env,
     kill_bridge,
     start_bridge,
@@ -43,6 +43,7 @@ from tests.fault_tools import (
     tail,
     write_subscription,
 )
+from tests.receiver import Receiver
 
 TZ = "Australia/Canberra"
 StartBridge = Callable[[str, dict[str, str]], Awaitable[asyncio.subprocess.Process]]
@@ -55,10 +56,8 @@ IN_FLIGHT_MAX = 2 * PAGE
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    hook = Receiver()
-    await hook.start()
-    yield hook
-    await hook.stop()
+    async with Receiver() as hook:
+        yield hook
 
 
 @pytest.fixture
@@ -202,7 +201,7 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     path = write_subscription(
         tmp_path / "subscriptions.toml",
         f"cut-{unique}",
-        receiver.url,
+        receiver.url(),
         retry_schedule=[0.2, 0.5, 1, 1, 1],
         timeout=5.0,
     )
@@ -225,8 +224,8 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     caplog.set_level(logging.INFO)
     roles = build_roles("run", settings, Metrics())
     assert [role.name for role in roles] == ["producer", "webhook"]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(role.run(stop), name=role.name) for role in roles]
+    bridge = InProcess(roles)
+    bridge.start()
 
     async def feed(batches: int) -> None:
         """Mail keeps arriving, so both roles have work before and after the cut."""
@@ -240,7 +239,7 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     try:
         await feed(20)
         await wait_for(lambda: len(delivered_ids()) >= 400, 30, "400 deliveries before the cut")
-        assert not tasks[0].done() and not tasks[1].done()
+        bridge.check()
         # Like a network fault on both connections at once; the broker itself stays up.
         # The exact name, not a prefix: with other
         # bridges on this broker, "...:1870" would also cut process 18705's connection.
@@ -255,16 +254,9 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
             lambda: delivered_ids() >= added, remaining, "every event delivered after the cut"
         )
         recovered_s = asyncio.get_running_loop().time() - cut_at
-        await wait_for(
-            lambda: all(role.readiness()[0] for role in roles), 10, "both roles ready again"
-        )
-        assert not any(task.done() for task in tasks), "a role gave up instead of recovering"
+        await bridge.wait_ready(10)  # both roles recovered; raises if one gave up instead
     finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-
-    for task in tasks:
-        assert task.exception() is None
+        await bridge.close()  # raises what a role failed with
     assert delivered_ids() == added
     assert len(added) == 1800
     # What the operator reads: one line per role each way, no library errors or tracebacks.
@@ -295,11 +287,11 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
     bridges: StartBridge,
 ) -> None:
     healthy = False
-    receiver.answer = lambda _id: (204 if healthy else 500, 0.0)
+    receiver.handler = answering_by_id(receiver, lambda _id: (204 if healthy else 500, 0.0))
     path = write_subscription(
         tmp_path / "subscriptions.toml",
         f"killed-{unique}",
-        receiver.url,
+        receiver.url(),
         # The first wait outlasts the kill: no event comes back to the dying consumer, whose
         # kill between a retry copy's confirm and the original's ack would (rightly) leave
         # a duplicate and spoil the exact count below.
@@ -333,7 +325,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         # would come back as well (a duplicate, rightly), and spoil the exact counts below.
         await wait_for(all_acked, 20, f"every original acked in {main}")
         await kill_bridge(webhook)
-        assert {i for i, _ in receiver.requests} == ids
+        assert {hit.webhook_id for hit in receiver.requests} == ids
         assert not receiver.delivered()
         # Nothing went down with the process: with no consumer left, each event waits out
         # its 3 s and is back in the main queue. (Summing the retry and main depths in two
@@ -349,7 +341,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         assert await watch.depth(main) == 0 and await watch.depth(retry) == 0
 
     assert all(count == 1 for count in receiver.successes.values())
-    assert {i for i, status in receiver.requests if status == 500} == ids
+    assert {i for i, status in receiver.answers if status == 500} == ids
 
 
 # 3b. webhook process killed over and over with deliveries in flight (RabbitMQ 4) ------------
@@ -366,9 +358,9 @@ async def test_events_in_flight_survive_25_kills_of_the_webhook_on_quorum_queues
 ) -> None:
     """Each kill returns the 5 unacked events to their quorum queue, which counts a
     delivery; RabbitMQ 4.0 drops a message after 20 when the queue does not say otherwise."""
-    receiver.answer = lambda _id: (204, 3600.0)  # never answers in time
+    receiver.handler = answering_by_id(receiver, lambda _id: (204, 3600.0))  # never in time
     path = write_subscription(
-        tmp_path / "subscriptions.toml", f"kills-{unique}", receiver.url, timeout=600.0
+        tmp_path / "subscriptions.toml", f"kills-{unique}", receiver.url(), timeout=600.0
     )
     (subscription,) = load_subscriptions(path)
     cleanup.append(subscription)
@@ -390,7 +382,7 @@ async def test_events_in_flight_survive_25_kills_of_the_webhook_on_quorum_queues
         assert await watch.settled_depth(main) + await watch.depth(dead) == len(ids)
     # The broker counted all 5 unacked at every kill; whether each POST had left the
     # process by then is a race, so the receiver's count is no measure of the kills.
-    assert {i for i, _ in receiver.requests} == ids
+    assert {hit.webhook_id for hit in receiver.requests} == ids
 
 
 # 4. a receiver that fails 30% of the time ------------------------------------------------------
@@ -425,11 +417,11 @@ async def test_flaky_receiver_gets_every_event_and_answers_2xx_once_per_webhook_
             return rng.choice([500, 502, 503, 504]), 0.0
         return 500, 2 * FLAKY_TIMEOUT_S
 
-    receiver.answer = flaky
+    receiver.handler = answering_by_id(receiver, flaky)
     path = write_subscription(
         tmp_path / "subscriptions.toml",
         f"flaky-{unique}",
-        receiver.url,
+        receiver.url(),
         retry_schedule=[0.2, 0.5, 1, 1, 1, 1, 1, 1],
         timeout=FLAKY_TIMEOUT_S,
         concurrency=16,
@@ -439,11 +431,11 @@ async def test_flaky_receiver_gets_every_event_and_answers_2xx_once_per_webhook_
     metrics = Metrics()
     settings = Settings(exchange=exchange_name, subscriptions=path, queue_depth_interval=0.5)
     (consumer,) = build_roles("webhook", settings, metrics)
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
+    bridge = InProcess([consumer])
+    bridge.start()
     ids = {str(i) for i in range(2000, 2200)}
     try:
-        await wait_for(lambda: consumer.readiness()[0] or task.done(), 20, "the consumer ready")
+        await bridge.wait_ready(20)
         await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
         await wait_for(lambda: receiver.delivered() == ids, 60, "every event delivered")
 
@@ -457,8 +449,7 @@ async def test_flaky_receiver_gets_every_event_and_answers_2xx_once_per_webhook_
         # The bridge has settled every event: no attempt is left that could still succeed.
         await wait_for(lambda: delivered_count() == len(ids), 10, "every delivery settled")
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await bridge.close()
 
     timeouts = metrics.registry.get_sample_value(
         "patchwork_bridge_webhook_failures_total",
@@ -466,10 +457,10 @@ async def test_flaky_receiver_gets_every_event_and_answers_2xx_once_per_webhook_
     )
     print(
         f"\nflaky receiver (seed {seed}): {len(ids)} events, {len(receiver.requests)} POSTs, "
-        f"{sum(failures.values())} failed ({receiver.stalled} stalled past the timeout), "
+        f"{sum(failures.values())} failed ({receiver.held} stalled past the timeout), "
         f"most failures of one event {max(failures.values(), default=0)}"
     )
     repeated = {i: n for i, n in receiver.successes.items() if n != 1}
     assert not repeated, f"2xx more than once: {repeated}; bridge timeouts {timeouts}"
-    assert (timeouts or 0) == receiver.stalled, "only stalled requests timed out"
+    assert (timeouts or 0) == receiver.held, "only stalled requests timed out"
     assert sum(failures.values()) > 0.2 * len(ids)  # the receiver did fail a lot

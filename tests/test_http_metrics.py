@@ -22,10 +22,12 @@ from bridge.demo.patchwork_double import FakePatchwork
 from bridge.http import start_server
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
+from bridge.runtime import InProcess
 from bridge.settings import Settings
 from bridge.webhook.queues import dead_queue, main_queue
 from tests.amqp_helpers import wait_for
 from tests.broker import AMQP_URL
+from tests.receiver import Receiver
 from tests.test_run_process import delete_topology
 
 
@@ -56,22 +58,12 @@ def total(found: dict, name: str, **labels: str) -> float:
 
 @pytest.mark.timeout(120)
 async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, amqp):
-    async def ok(request):
-        await request.read()
-        return web.Response(status=204)
+    async def ok_or_broken(request):
+        return web.Response(status=204 if request.path == "/ok" else 500)
 
-    async def broken(request):
-        await request.read()
-        return web.Response(status=500)
-
-    app = web.Application()
-    app.router.add_post("/ok", ok)
-    app.router.add_post("/broken", broken)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    receiver = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    hooks = Receiver(ok_or_broken)
+    await hooks.start()
+    receiver = hooks.url("")
 
     good, bad = f"good-{unique}", f"bad-{unique}"
     subscriptions = tmp_path / "subscriptions.toml"
@@ -136,7 +128,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
         await asyncio.wait_for(process.wait(), 30)
         await delete_topology(amqp, subscriptions, exchange)
         await patchwork.stop()
-        await runner.cleanup()
+        await hooks.stop()
 
     p = "patchwork_bridge_"
     assert total(scraped, f"{p}events_published_total") == len(events)
@@ -228,8 +220,8 @@ async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, 
     metrics = Metrics()
     producer = Producer(settings, metrics)
     runner, port = await start_server(metrics, [producer.readiness], "127.0.0.1", 0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(producer.run(stop))
+    bridge = InProcess([producer])
+    bridge.start()
 
     async def ready() -> int:
         async with (
@@ -253,8 +245,7 @@ async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, 
         await wait_for(lambda: producer.readiness()[0], 30)
         assert await ready() == 200
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+        await bridge.close()
         await runner.cleanup()
         await patchwork.stop()
         connection = await aio_pika.connect(AMQP_URL)

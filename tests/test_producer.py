@@ -18,6 +18,7 @@ from bridge.amqp import connection_name
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
+from bridge.runtime import InProcess
 from bridge.settings import Settings
 from tests.amqp_helpers import cut_connection, drain, wait_for
 
@@ -42,14 +43,9 @@ def make_settings(patchwork: FakePatchwork, exchange: str, state_dir: Path, **kw
 @asynccontextmanager
 async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Producer]:
     """A producer running in the background; stopped the way SIGTERM stops it."""
-    stop = asyncio.Event()
     producer = Producer(settings, metrics or Metrics())
-    task = asyncio.create_task(producer.run(stop))
-    try:
+    async with InProcess([producer]):
         yield producer
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 def now_local() -> datetime:
@@ -306,3 +302,41 @@ async def test_dates_in_the_configured_zone_raise_no_warning(
     async with running(make_settings(patchwork, exchange_name, tmp_path)):
         await drain(bound_queue, expected=3)
     assert not [r for r in caplog.records if "ahead of the time now" in r.getMessage()]
+
+
+async def test_a_failed_cursor_write_keeps_publishing_and_is_written_again(
+    patchwork, exchange_name, bound_queue, tmp_path, caplog
+):
+    """A disk that refuses the cursor costs readiness, not events: the producer publishes
+    on, says why once, counts each failed write, and writes again once it can."""
+    settings = make_settings(patchwork, exchange_name, tmp_path)
+    cursor_file = tmp_path / "cursor.json"
+    metrics = Metrics()
+    first = patchwork.add_events(100)
+    async with running(settings, metrics) as producer:
+        assert len(await drain(bound_queue, expected=100)) == 100
+        await wait_for(lambda: cursor_file.is_file())
+
+        def block_the_cursor() -> bool:
+            """A directory where the file goes: os.replace onto it fails, even for root."""
+            cursor_file.unlink(missing_ok=True)
+            try:
+                cursor_file.mkdir()
+            except FileExistsError:  # the writer put the file back in between
+                return False
+            return True
+
+        await wait_for(block_the_cursor)
+        later = patchwork.add_events(50)
+        assert len(await drain(bound_queue, expected=50)) == 50
+        errors = "patchwork_bridge_cursor_write_errors_total"
+        await wait_for(lambda: (metrics.registry.get_sample_value(errors) or 0) >= 2)
+        ready, why = producer.readiness()
+        assert not ready
+        assert "cannot save its cursor" in why and str(cursor_file) in why
+        cursor_file.rmdir()
+        await wait_for(lambda: cursor_file.is_file())
+        await wait_for(lambda: producer.readiness()[0])
+    warnings = [r for r in caplog.records if "cannot save the cursor" in r.getMessage()]
+    assert len(warnings) == 1, "one line for the failure, not one per poll"
+    assert json.loads(cursor_file.read_text())["max_id"] == max(e["id"] for e in first + later)

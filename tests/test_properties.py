@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -377,7 +378,20 @@ webhooks = st.fixed_dictionaries(
         "allow_private_network": st.booleans(),
     },
 )
-files = st.lists(st.tuples(names, webhooks), max_size=4, unique_by=lambda t: t[0])
+
+
+def on_this_host(fields: dict[str, Any]) -> bool:
+    return urlsplit(fields["url"]).hostname in {"127.0.0.1", "::1", "localhost"}
+
+
+def reachable(fields: dict[str, Any]) -> dict[str, Any]:
+    """A receiver on this host is valid only where the file allows it."""
+    if on_this_host(fields):
+        return {**fields, "allow_private_network": True}
+    return fields
+
+
+files = st.lists(st.tuples(names, webhooks.map(reachable)), max_size=4, unique_by=lambda t: t[0])
 # Keys a webhook table does not know; quoted TOML keys may hold anything, even dots.
 unknown_keys = (
     words | st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=10)
@@ -432,6 +446,24 @@ def test_every_valid_subscriptions_file_loads_as_written(
             assert (value.get_secret_value() if value else None) == fields.get(key)
             if key in fields:
                 assert repr(value) == "SecretStr('**********')"  # never shown
+
+
+@given(files.filter(lambda tables: any(on_this_host(f) for _, f in tables)), st.data())
+@FILES
+def test_a_receiver_on_this_host_without_allow_private_network_is_named(
+    tmp_path: Path, tables: list[tuple[str, dict[str, Any]]], data: st.DataObject
+) -> None:
+    local = [i for i, (_, fields) in enumerate(tables) if on_this_host(fields)]
+    index = data.draw(st.sampled_from(local), label="table")
+    name, fields = tables[index]
+    tables[index] = (name, {**fields, "allow_private_network": False})
+    path = tmp_path / "subscriptions.toml"
+    path.write_text(toml_file(tables), encoding="utf-8")
+    with pytest.raises(SettingsError) as raised:
+        load_subscriptions(path)
+    (line,) = str(raised.value).splitlines()
+    assert line.startswith(f"{path}: webhook {name!r}: url: ")
+    assert line.endswith("set allow_private_network = true to deliver there")
 
 
 @given(files.filter(bool), st.data())

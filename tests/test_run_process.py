@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import os
 import secrets
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -18,42 +20,15 @@ from cloudevents.core.formats.json import JSONFormat
 from standardwebhooks import Webhook
 
 from bridge.demo.patchwork_double import FakePatchwork
+from bridge.webhook.netguard import refusal_reason
 from bridge.webhook.queues import dead_queue
 from bridge.webhook.subscriptions import load_subscriptions
 from tests.amqp_helpers import delete_subscription_queues, get_all, queue_depth, wait_for
+from tests.receiver import Receiver
 
 TZ = "Europe/Berlin"
 PROJECTS = ("netdevbpf", "dpdk", "linux-kselftest")
 CATEGORIES = ("patch-created", "series-completed", "check-created", "cover-created")
-
-
-class Receiver:
-    """A real HTTP receiver on loopback; ``behaviour`` decides each answer."""
-
-    def __init__(self, behaviour) -> None:
-        self.behaviour = behaviour
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-
-    async def start(self) -> str:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            body = await request.read()
-            self.requests.append((dict(request.headers), body))
-            return await self.behaviour(request, body)
-
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", handle)
-        self.runner = web.AppRunner(app, shutdown_timeout=0.5)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def stop(self) -> None:
-        assert self.runner is not None
-        await self.runner.cleanup()
 
 
 @pytest.mark.timeout(150)
@@ -65,7 +40,7 @@ async def test_run_delivers_to_the_healthy_isolates_the_broken_and_leaks_no_secr
     first_attempts: set[str] = set()
     throttled: set[str] = set()
 
-    async def flaky(request, body):
+    async def flaky(request):
         webhook_id = request.headers["webhook-id"]
         if webhook_id not in first_attempts:
             first_attempts.add(webhook_id)
@@ -74,14 +49,14 @@ async def test_run_delivers_to_the_healthy_isolates_the_broken_and_leaks_no_secr
                 return web.Response(status=503, headers={"Retry-After": "1"})
         return web.Response(status=204)
 
-    async def hang(request, body):
+    async def hang(request):
         await asyncio.sleep(3600)
         return web.Response(status=204)
 
-    async def fail(request, body):
+    async def fail(request):
         return web.Response(status=500, text="broken")
 
-    async def record(request, body):
+    async def record(request):
         return web.Response(status=204)
 
     receivers = {
@@ -91,6 +66,13 @@ async def test_run_delivers_to_the_healthy_isolates_the_broken_and_leaks_no_secr
         "loopback": Receiver(record),
     }
     urls = {name: await r.start() for name, r in receivers.items()}
+    # A name, not a literal: the file refuses a loopback literal at load; a name that
+    # resolves to a refused address is what the SSRF guard stops at delivery time.
+    host = socket.gethostname()
+    assert refusal_reason(ipaddress.ip_address(socket.gethostbyname(host))), (
+        f"{host} must resolve to a loopback or private address on a test machine"
+    )
+    urls["loopback"] = urls["loopback"].replace("127.0.0.1", host)
     names = {name: f"{name}-{unique}" for name in receivers}
     subscriptions = tmp_path / "subscriptions.toml"
     token_file = tmp_path / "flaky-token"
@@ -156,7 +138,7 @@ url = "{urls["loopback"]}"
 
         def flaky_has_all() -> bool:
             requests = receivers["flaky"].requests
-            got = {h["webhook-id"] for h, _ in requests}
+            got = {hit.webhook_id for hit in requests}
             return got >= flaky_wanted and len(requests) >= len(flaky_wanted) + len(throttled)
 
         async def dead_letters_complete() -> bool:
@@ -180,7 +162,7 @@ url = "{urls["loopback"]}"
     # The flaky receiver got every matching event, signed, with token and CloudEvents headers.
     verifier = Webhook(secret)
     successes = {}
-    for headers, body in receivers["flaky"].requests:
+    for _, headers, body in receivers["flaky"].requests:
         verifier.verify(body, headers)  # raises if the signature does not verify
         assert headers["Authorization"] == f"Bearer {token}"
         assert headers["User-Agent"].startswith("patchwork-bridge/")

@@ -64,14 +64,85 @@ def test_misspelled_setting_is_rejected_not_ignored(monkeypatch):
         load_settings()
 
 
-def test_check_config_accepts_good_settings(tmp_path):
-    result = run_bridge(
-        "check-config",
-        BRIDGE_PATCHWORK_URL="https://patchwork.kernel.org",
-        BRIDGE_STATE_DIR=str(tmp_path),
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "configuration ok"
+GOOD_URL = "https://patchwork.kernel.org"
+LOOPBACK_HOOK = '[[webhook]]\nname = "ci"\nurl = "http://127.0.0.1:8080/hook"\n'
+
+
+@pytest.mark.parametrize(
+    ("role", "env", "subscriptions", "exit_code", "says"),
+    [
+        ("producer", {"BRIDGE_PATCHWORK_URL": GOOD_URL}, None, 0, "configuration ok for producer"),
+        ("producer", {}, None, 2, "BRIDGE_PATCHWORK_URL: required for the producer"),
+        (
+            "producer",
+            {"BRIDGE_PATCHWORK_URL": f"{GOOD_URL}/api/1.3"},
+            None,
+            2,
+            "BRIDGE_PATCHWORK_URL: Value error, must be the site root, without /api/",
+        ),
+        (
+            "producer",
+            {"BRIDGE_PATCHWORK_URL": GOOD_URL, "STATE": "unwritable"},
+            None,
+            2,
+            "cannot write there (Not a directory)",
+        ),
+        (
+            "producer",
+            {"BRIDGE_PATCHWORK_URL": GOOD_URL, "STATE": "corrupt"},
+            None,
+            2,
+            "unreadable cursor",
+        ),
+        ("webhook", {}, None, 2, "BRIDGE_SUBSCRIPTIONS: required for the webhook role"),
+        ("webhook", {}, "", 2, "has no [[webhook]] tables; the webhook role would deliver nothing"),
+        (
+            "webhook",
+            {"BRIDGE_SUBSCRIPTIONS": ""},
+            None,
+            2,
+            "BRIDGE_SUBSCRIPTIONS: Value error, is empty",
+        ),
+        ("webhook", {}, LOOPBACK_HOOK, 2, "set allow_private_network = true to deliver there"),
+        (
+            "webhook",
+            {},
+            LOOPBACK_HOOK + "allow_private_network = true\n",
+            0,
+            "configuration ok for webhook",
+        ),
+        ("run", {"BRIDGE_PATCHWORK_URL": GOOD_URL}, "", 0, "(no subscriptions: the producer only)"),
+        (
+            None,
+            {},
+            LOOPBACK_HOOK + "allow_private_network = true\n",
+            0,
+            "configuration ok for webhook",
+        ),
+    ],
+)
+def test_check_config_says_what_the_role_would_fail_on(
+    tmp_path, role, env, subscriptions, exit_code, says
+):
+    """Each of these passed check-config and then failed, or did nothing, at run time."""
+    env = dict(env)
+    state = tmp_path / "state"
+    match env.pop("STATE", None):
+        case "unwritable":
+            (tmp_path / "file").write_text("")
+            state = tmp_path / "file" / "state"
+        case "corrupt":
+            state.mkdir()
+            (state / "cursor.json").write_text('{"version": 2, "high_wat')
+    env["BRIDGE_STATE_DIR"] = str(state)
+    if subscriptions is not None:
+        (tmp_path / "subscriptions.toml").write_text(subscriptions)
+        env["BRIDGE_SUBSCRIPTIONS"] = str(tmp_path / "subscriptions.toml")
+    result = run_bridge("check-config", *(["--role", role] if role else []), **env)
+    assert result.returncode == exit_code, result.stderr
+    output = (result.stdout if exit_code == 0 else result.stderr).strip()
+    assert len(output.splitlines()) == 1, output
+    assert says in output
 
 
 def test_json_log_lines_carry_message_level_and_extra_fields():
@@ -160,3 +231,21 @@ def test_reconnect_noise_is_dropped_and_everything_else_kept():
     ]
     assert [noise.filter(r) for r in dropped] == [False] * len(dropped)
     assert [noise.filter(r) for r in kept] == [True] * len(kept)
+
+
+@pytest.mark.parametrize(
+    ("command", "names"),
+    [
+        (["producer"], ["BRIDGE_PATCHWORK_URL (required)", "BRIDGE_STATE_DIR", "check-config"]),
+        (["webhook"], ["BRIDGE_SUBSCRIPTIONS (required)", "BRIDGE_QUEUE_TYPE", "/readyz"]),
+        (["run"], ["BRIDGE_SUBSCRIPTIONS", "BRIDGE_HTTP_PORT"]),
+        (["check-config"], ["--role", "without connecting to RabbitMQ or Patchwork"]),
+        (["dlq", "list"], ["--limit LIMIT  show at most N"]),
+    ],
+)
+def test_help_says_what_a_command_does_and_what_it_reads(command, names):
+    result = run_bridge(*command, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in names:
+        assert " ".join(name.split()) in text, (name, result.stdout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from zoneinfo import ZoneInfo
@@ -23,84 +23,18 @@ from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, Ret
 from bridge.sinks.webhook import WebhookSink
 from bridge.webhook.subscriptions import Subscription
 from tests.conftest import RECORDED_EVENTS
+from tests.receiver import Receiver, answering
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 TOKEN = "tok-3f9a1c77e2b8"
 SOURCE = "https://patchwork.example.org/api/1.3"
 TZ = ZoneInfo("Australia/Canberra")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 whose answer each test chooses; records what it got."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self.handler: Handler = self.ok
-        self.release = asyncio.Event()
-        self.in_flight = 0
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        self.release.set()
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.requests.append((request.path_qs, dict(request.headers), body))
-        self.in_flight += 1
-        try:
-            return await self.handler(request)
-        finally:
-            self.in_flight -= 1
-
-    async def ok(self, request: web.Request) -> web.Response:
-        return web.Response(text="thanks")
-
-    async def hang(self, request: web.Request) -> web.Response:
-        await self.release.wait()
-        return web.Response(text="too late")
-
-    async def endless(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(status=500)
-        await response.prepare(request)
-        chunk = b"x" * 65536
-        try:
-            while not self.release.is_set():
-                await response.write(chunk)
-        except ConnectionResetError:
-            pass  # the sink hung up after the part it wanted
-        return response
-
-
-def status(code: int, **headers: str) -> Handler:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(status=code, headers=headers, text=f"status {code}")
-
-    return handler
-
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    server = Receiver()
-    await server.start()
-    yield server
-    await server.stop()
+    async with Receiver() as server:
+        yield server
 
 
 @pytest.fixture
@@ -142,7 +76,7 @@ async def test_delivery_is_signed_authorised_and_carries_cloudevents_headers(
     sink = make_sink(receiver.url(), secret=SECRET, bearer_token=TOKEN)
     sent = delivery()
 
-    assert await sink.deliver(sent) == Delivered(200)
+    assert await sink.deliver(sent) == Delivered(204)
 
     ((path, headers, body),) = receiver.requests
     assert path == "/hook"
@@ -186,7 +120,7 @@ async def test_without_secret_or_token_those_headers_are_absent(
 async def test_gone_disables_the_subscription(
     receiver: Receiver, make_sink: Callable[..., WebhookSink]
 ) -> None:
-    receiver.handler = status(410)
+    receiver.handler = answering(410)
     outcome = await make_sink(receiver.url()).deliver(delivery())
     assert isinstance(outcome, Disable)
     assert (outcome.reason, outcome.status) == ("http_410", 410)
@@ -211,7 +145,7 @@ async def test_too_many_requests_and_unavailable_honour_retry_after(
     reason: str,
     delay_s: float | None,
 ) -> None:
-    receiver.handler = status(code, **({"Retry-After": retry_after} if retry_after else {}))
+    receiver.handler = answering(code, **({"Retry-After": retry_after} if retry_after else {}))
     outcome = await make_sink(receiver.url()).deliver(delivery())
     assert outcome == RetryLater(reason, outcome.detail, delay_s, code)  # type: ignore[union-attr]
     assert_reason_is_a_metric_label(outcome)
@@ -221,7 +155,7 @@ async def test_retry_after_as_an_http_date(
     receiver: Receiver, make_sink: Callable[..., WebhookSink]
 ) -> None:
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=600), usegmt=True)
-    receiver.handler = status(503, **{"Retry-After": when})
+    receiver.handler = answering(503, **{"Retry-After": when})
     outcome = await make_sink(receiver.url()).deliver(delivery())
     assert isinstance(outcome, RetryLater) and outcome.delay_s is not None
     assert 590 <= outcome.delay_s <= 600
@@ -233,7 +167,7 @@ async def test_retry_after_as_an_http_date(
 async def test_other_failures_retry_on_the_schedule(
     receiver: Receiver, make_sink: Callable[..., WebhookSink], code: int, reason: str
 ) -> None:
-    receiver.handler = status(code)
+    receiver.handler = answering(code)
     outcome = await make_sink(receiver.url()).deliver(delivery())
     assert outcome == RetryLater(
         reason, f"POST {receiver.url()}: HTTP {code}: status {code}", None, code
@@ -243,7 +177,7 @@ async def test_other_failures_retry_on_the_schedule(
 async def test_redirect_is_not_followed(
     receiver: Receiver, make_sink: Callable[..., WebhookSink]
 ) -> None:
-    receiver.handler = status(307, Location=receiver.url("/elsewhere"))
+    receiver.handler = answering(307, Location=receiver.url("/elsewhere"))
     outcome = await make_sink(receiver.url()).deliver(delivery())
     assert isinstance(outcome, RetryLater)
     assert (outcome.reason, outcome.status) == ("http_3xx", 307)

@@ -16,7 +16,6 @@ import asyncio
 import bisect
 import hmac
 import itertools
-import json
 import logging
 import math
 import random
@@ -26,37 +25,26 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from bridge.demo.patchwork_store import (
+    CATEGORIES,
+    COMMENT_CATEGORIES,
+    RECORDED_ROOT,
+    EventStore,
+    StoredItem,
+    render,
+)
+
 log = logging.getLogger(__name__)
 
-# Every URL in the recordings starts with this root; it is rewritten to the double's own.
-RECORDED_ROOT = "http://127.0.0.1:8000"
-RECORDED_VERSION = "1.4"
-CATEGORIES = (
-    "cover-created",
-    "patch-created",
-    "patch-completed",
-    "patch-state-changed",
-    "patch-delegated",
-    "patch-relation-changed",
-    "check-created",
-    "series-created",
-    "series-completed",
-    "cover-comment-created",
-    "patch-comment-created",
-)
-COMMENT_CATEGORIES = frozenset({"cover-comment-created", "patch-comment-created"})
 DEFAULT_PER_PAGE = 30
 MAX_PER_PAGE = 250
 FAULTS = frozenset({"500", "502", "html", "truncated", "404", "hang", "object"})
 # Keys of a project that the list shows but events do not embed.
-_PROJECT_LIST_ONLY = frozenset({"maintainers", "subject_match", "show_dependencies"})
 _HTML_NOT_FOUND = (
     '<!doctype html>\n<html lang="en">\n<head>\n  <title>Not Found</title>\n</head>\n<body>\n'
     "  <h1>Not Found</h1><p>The requested resource was not found on this server.</p>\n"
@@ -75,23 +63,6 @@ _HTML_MAINTENANCE = (
     "<!DOCTYPE html>\n<html><head><title>Patchwork maintenance</title></head>\n"
     "<body><h1>Down for maintenance</h1><p>Back soon.</p></body></html>\n"
 )
-# Sentinels rendered into a template so an item's bytes can be split around its id and date.
-_ID_MARK, _DATE_MARK = "\x00id\x00", "\x00date\x00"
-
-
-def render(obj: Any) -> bytes:
-    """Compact UTF-8 JSON, as Django REST framework's JSONRenderer writes it."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _load(name: str, api_version: str) -> Any:
-    text = resources.files("bridge.demo").joinpath("data", name).read_text(encoding="utf-8")
-    return json.loads(text.replace(f"/api/{RECORDED_VERSION}/", f"/api/{api_version}/"))
-
-
-def _date_text(date: datetime) -> str:
-    # DRF renders with isoformat(): no zone, and no fraction when microsecond is 0.
-    return date.isoformat()
 
 
 class _Invalid(Exception):
@@ -161,30 +132,7 @@ class ServingCost:
 MEASURED = ServingCost(request_s=0.060, per_event_s=0.0019, count_per_row_s=0.00002, workers=4)
 
 
-@dataclass(slots=True)
-class _Item:
-    """One stored item: its sort key, its served bytes and what the filters look at."""
-
-    key: tuple[datetime, int]
-    body: bytes
-    project: str | None
-    category: str | None
-    event_id: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    """A category's item for one project, rendered once and split around id and date."""
-
-    head: bytes
-    middle: bytes
-    tail: bytes
-
-    def build(self, event_id: int, date: str) -> bytes:
-        return b"".join((self.head, str(event_id).encode(), self.middle, render(date), self.tail))
-
-
-class FakePatchwork:
+class FakePatchwork(EventStore):
     """The double. ``start()`` serves it on loopback; ``stop()`` closes it, hung requests too.
 
     Events may be added before or after ``start()``; URLs inside items point to this server
@@ -202,35 +150,11 @@ class FakePatchwork:
         cost: ServingCost | None = None,
     ) -> None:
         """``cost``: what each ``/events/`` request takes to serve (none by default)."""
-        self._tz = ZoneInfo(tz)
+        super().__init__(tz=tz, api_version=api_version, projects=projects, public_url=public_url)
         self.cost = cost or ServingCost()
         self._workers = asyncio.Semaphore(self.cost.workers) if self.cost.workers else None
-        self.api_version = api_version
         self._token = token
-        self._public_url = public_url.rstrip("/") if public_url else None
-        self._root = self._public_url or RECORDED_ROOT
         self._url: str | None = None
-        self._templates = {
-            path.name.removesuffix(".json"): _load(f"events/{path.name}", api_version)
-            for path in resources.files("bridge.demo").joinpath("data", "events").iterdir()
-            if path.name.endswith(".json")
-        }
-        self._series = _load("series-detail.json", api_version)
-        self._patch = _load("patch-detail.json", api_version)
-        self._api_root = _load("api-root.json", api_version)
-        self._project_list: list[dict[str, Any]] = _load("projects-list.json", api_version)
-        self._projects: dict[str, dict[str, Any]] = {}
-        for link_name in projects:
-            self._project(link_name)
-        self._round_robin = itertools.cycle(list(self._projects))
-        self._shapes: dict[tuple[str, str], _Shape] = {}
-        self._next_id = 1
-        self._seq = itertools.count()
-        self._keys: list[tuple[datetime, int]] = []  # visible items, sorted by (date, insertion)
-        self._visible: list[_Item] = []
-        self._by_id: dict[int, _Item] = {}
-        self._hidden: dict[int, _Item] = {}
-        self._raw: list[_Item] = []
         self._faults: deque[str] = deque()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -241,77 +165,11 @@ class FakePatchwork:
         self.busy_s = 0.0
         """Seconds of serving cost charged so far (see ``ServingCost``)."""
 
-    # -- the store ----------------------------------------------------------------------
-
     @property
     def url(self) -> str:
         if self._url is None:
             raise RuntimeError("FakePatchwork is not started")
         return self._url
-
-    def now(self) -> datetime:
-        """The server's wall clock: naive local time in its TIME_ZONE, as Patchwork stores it."""
-        now = datetime.now(self._tz).replace(tzinfo=None)
-        # Keep the fraction visible: isoformat() drops it when microsecond is 0.
-        return now if now.microsecond else now.replace(microsecond=1)
-
-    def add_event(
-        self,
-        category: str = "patch-created",
-        project: str | None = None,
-        date: datetime | None = None,
-        *,
-        visible: bool = True,
-    ) -> dict[str, Any]:
-        """Insert one event built from the recorded one of ``category``; returns it as served.
-
-        ``visible=False`` keeps it out of the API until ``make_visible(id)``: a slow
-        transaction that commits an older ``date`` after newer events were read.
-        """
-        item = self._insert(category, project, date, visible)
-        return json.loads(item.body)
-
-    def add_events(self, n: int, **kw: Any) -> list[dict[str, Any]]:
-        """``add_event`` n times, sorting the store once; for 20,000-event backlogs."""
-        visible = kw.pop("visible", True)
-        items = [self._insert(visible=False, **kw) for _ in range(n)]
-        if visible:
-            self.make_visible(*(item.event_id for item in items if item.event_id is not None))
-        return [json.loads(item.body) for item in items]
-
-    def add_raw_item(self, item: Any, date: str) -> None:
-        """Serve ``item`` (anything JSON, e.g. missing ``id``) in the position of ``date``."""
-        project = category = None
-        if isinstance(item, dict):
-            project_obj = item.get("project")
-            project = project_obj.get("link_name") if isinstance(project_obj, dict) else None
-            category = item.get("category")
-        when = datetime.fromisoformat(date)
-        if when.tzinfo is not None:
-            raise ValueError(f"Patchwork dates are naive server-local time, got {date!r}")
-        body = render(item).replace(RECORDED_ROOT.encode(), self._root.encode())
-        stored = _Item((when, next(self._seq)), body, project, category)
-        self._raw.append(stored)
-        self._show(stored)
-
-    def make_visible(self, *ids: int) -> None:
-        items = sorted((self._hidden.pop(event_id) for event_id in ids), key=lambda i: i.key)
-        if self._keys and items and items[0].key < self._keys[-1]:
-            for item in items:
-                self._show(item)
-        else:  # the common bulk case: all newer than what is served, append in one go
-            self._keys.extend(item.key for item in items)
-            self._visible.extend(items)
-
-    def burn_ids(self, n: int = 1) -> list[int]:
-        """Take ``n`` ids that never become visible: a transaction that rolled back."""
-        burned = list(range(self._next_id, self._next_id + n))
-        self._next_id += n
-        return burned
-
-    def item_bytes(self, event_id: int) -> bytes:
-        """The exact bytes of that item inside a served page."""
-        return self._by_id[event_id].body
 
     def fail_next(self, *faults: str) -> None:
         """Queue faults for the next ``/events/`` requests, one per request (see FAULTS)."""
@@ -319,87 +177,6 @@ class FakePatchwork:
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {sorted(FAULTS)}")
         self._faults.extend(faults)
-
-    def _insert(
-        self,
-        category: str = "patch-created",
-        project: str | None = None,
-        date: datetime | None = None,
-        visible: bool = True,
-    ) -> _Item:
-        link_name = project if project is not None else next(self._round_robin)
-        self._project(link_name)
-        if date is None:
-            date = self.now()
-        elif date.tzinfo is not None:
-            date = date.astimezone(self._tz).replace(tzinfo=None)
-        event_id, self._next_id = self._next_id, self._next_id + 1
-        body = self._shape(category, link_name).build(event_id, _date_text(date))
-        item = _Item((date, next(self._seq)), body, link_name, category, event_id)
-        self._by_id[event_id] = item
-        if visible:
-            self._show(item)
-        else:
-            self._hidden[event_id] = item
-        return item
-
-    def _show(self, item: _Item) -> None:
-        index = bisect.bisect_right(self._keys, item.key)
-        self._keys.insert(index, item.key)
-        self._visible.insert(index, item)
-
-    def _project(self, link_name: str) -> dict[str, Any]:
-        """The project object events embed; projects not in the recordings are made up."""
-        if link_name not in self._projects:
-            known = {p["link_name"]: p for p in self._project_list}
-            if link_name not in known:
-                new_id = max(p["id"] for p in self._project_list) + 1
-                base = self._project_list[0]
-                known[link_name] = {
-                    **base,
-                    "id": new_id,
-                    "url": f"{RECORDED_ROOT}/api/{self.api_version}/projects/{new_id}/",
-                    "name": link_name,
-                    "link_name": link_name,
-                    "list_id": f"{link_name}.lists.example.org",
-                    "list_email": f"{link_name}@lists.example.org",
-                }
-                self._project_list.append(known[link_name])
-            self._projects[link_name] = {
-                k: v for k, v in known[link_name].items() if k not in _PROJECT_LIST_ONLY
-            }
-        return self._projects[link_name]
-
-    def _shape(self, category: str, link_name: str) -> _Shape:
-        shape = self._shapes.get((category, link_name))
-        if shape is None:
-            # An unknown category is a normal event: the patch-created one, renamed.
-            template = self._templates.get(category, self._templates["patch-created"])
-            old_link = template["project"]["link_name"]
-            payload = render(template["payload"]).decode()
-            payload = payload.replace(f"/project/{old_link}/", f"/project/{link_name}/")
-            item = {
-                **template,
-                "id": _ID_MARK,
-                "category": category,
-                "project": self._projects[link_name],
-                "date": _DATE_MARK,
-                "payload": json.loads(payload),
-            }
-            text = render(item).replace(RECORDED_ROOT.encode(), self._root.encode())
-            head, rest = text.split(render(_ID_MARK))
-            middle, tail = rest.split(render(_DATE_MARK))
-            shape = self._shapes[(category, link_name)] = _Shape(head, middle, tail)
-        return shape
-
-    def _rebase(self, root: str) -> None:
-        """Point every stored URL at ``root``: items may be added before the port is known."""
-        old, new = f"{self._root}/".encode(), f"{root}/".encode()
-        if old != new:
-            for item in itertools.chain(self._by_id.values(), self._raw):
-                item.body = item.body.replace(old, new)
-            self._shapes.clear()
-        self._root = root
 
     # -- serving ------------------------------------------------------------------------
 
@@ -496,12 +273,12 @@ class FakePatchwork:
         async with self._workers:  # a busy server queues requests behind its workers
             await asyncio.sleep(delay_s)
 
-    def _select(self, query: Any, version: str) -> list[_Item]:
+    def _select(self, query: Any, version: str) -> list[StoredItem]:
         """Visible items matching the filters, ascending by date; bisect for since/before."""
         since, before = _parse_date(query.get("since")), _parse_date(query.get("before"))
         lo = bisect.bisect_left(self._keys, (since,)) if since else 0
         hi = bisect.bisect_left(self._keys, (before,)) if before else len(self._keys)
-        tests: list[Callable[[_Item], bool]] = []
+        tests: list[Callable[[StoredItem], bool]] = []
         if project := query.get("project"):
             link_name = self._project_link(project)
             tests.append(lambda item: item.project == link_name)

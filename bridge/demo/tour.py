@@ -25,7 +25,7 @@ from bridge.demo.patchwork_double import FakePatchwork, seed
 from bridge.demo.receiver import Received, start_receiver
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
-from bridge.runtime import build_roles
+from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.webhook.queues import marker_queue, queue_names
 from bridge.webhook.subscriptions import load_subscriptions
@@ -122,18 +122,11 @@ async def run_demo(base: Settings, events: int, linger_s: float, *, keep_exchang
             f"webhook receiver at http://127.0.0.1:{port}/hooks/patchwork (signed)\n",
             flush=True,
         )
-        stop = asyncio.Event()
         try:
-            roles = build_roles("run", settings, Metrics())
-            async with asyncio.TaskGroup() as group:
-                for role in roles:
-                    group.create_task(role.run(stop))
-                try:
-                    await asyncio.wait_for(all_in.wait(), TIMEOUT_S)
-                    # Other consumers of the exchange may still fetch mboxes from the double.
-                    await asyncio.sleep(linger_s)
-                finally:
-                    stop.set()
+            async with InProcess(build_roles("run", settings, Metrics())) as bridge:
+                await bridge.until(all_in, TIMEOUT_S)
+                # Other consumers of the exchange may still fetch mboxes from the double.
+                await asyncio.sleep(linger_s)
         finally:
             await receiver.cleanup()
             await patchwork.stop()

@@ -127,13 +127,14 @@ class CursorStore:
         self._lock_fd = fd
 
     async def load(self) -> Cursor | None:
-        return await asyncio.to_thread(self._load)
+        return await asyncio.to_thread(self.load_now)
 
     async def save(self, cursor: Cursor) -> None:
         # Serialise on the loop: the cursor may change while the thread writes.
         await asyncio.to_thread(self._write, cursor.to_json())
 
-    def _load(self) -> Cursor | None:
+    def load_now(self) -> Cursor | None:
+        """``load`` for a caller outside the event loop (check-config)."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -164,33 +165,66 @@ class CursorStore:
             os.close(dir_fd)
 
 
+def probe_writable(directory: Path) -> None:
+    """StateDirError unless a file can be created in ``directory`` (made if missing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise StateDirError(
+            f"BRIDGE_STATE_DIR {directory}: cannot write there ({exc.strerror})"
+        ) from None
+
+
 class CursorWriter:
     """Saves the latest cursor in the background, one write at a time, coalescing requests.
 
     A save (fsync and rename) costs milliseconds; waiting for it after every page
     would stall publishing. A crash loses at most the pages confirmed since the
     last write finished: they are published again, never skipped.
+
+    A write that fails (disk full, directory made read-only) does not stop the
+    producer: the cursor stays dirty, ``failure`` says why, and the next request or
+    flush writes again. The file on disk only ever lags, so a restart republishes.
     """
 
-    def __init__(self, store: CursorStore, snapshot: Callable[[], Cursor]) -> None:
+    def __init__(
+        self,
+        store: CursorStore,
+        snapshot: Callable[[], Cursor],
+        on_failure: Callable[[OSError], None] | None = None,
+    ) -> None:
         self._store = store
         self._snapshot = snapshot
+        self._on_failure = on_failure
         self._dirty = False
         self._task: asyncio.Task[None] | None = None
+        self.failure: str | None = None
+        """Why the last write failed; None once a write succeeds."""
 
     def request(self) -> None:
         self._dirty = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._write_while_dirty(), name="cursor-writer")
 
-    async def flush(self) -> None:
-        """Wait until everything requested so far is on disk; raises what a write raised."""
+    async def flush(self) -> bool:
+        """Write everything requested so far; whether it is on disk now."""
         if self._task is not None:
             await asyncio.shield(self._task)
         if self._dirty:
             await self._write_while_dirty()
+        return not self._dirty
 
     async def _write_while_dirty(self) -> None:
         while self._dirty:
             self._dirty = False
-            await self._store.save(self._snapshot())
+            try:
+                await self._store.save(self._snapshot())
+            except OSError as exc:
+                self._dirty = True  # the next request or flush tries again
+                self.failure = f"{self._store.path}: {exc.strerror or exc}"
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+                return
+            self.failure = None

@@ -7,34 +7,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bridge.amqp import connect_with_retry, declare_exchange, is_connected
-from bridge.events import BadEvent, Event, parse_event
+from bridge.events import Event
 from bridge.metrics import Metrics
 from bridge.producer.cursor import Cursor, CursorStore, CursorWriter
-from bridge.producer.patchwork import Page, PatchworkClient, PatchworkError
+from bridge.producer.patchwork import PatchworkClient, PatchworkError
 from bridge.producer.publisher import Publisher
+from bridge.producer.start import NEWEST_PROBE, initial_cursor
+from bridge.producer.triage import EventCheck, PageSorter
 from bridge.producer.window import PROBE_ABOVE_EVENTS, Window
 from bridge.settings import Settings
-from bridge.waiting import sleep_unless
+from bridge.waiting import Ticker
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 BACKOFF_MAX_S = 60.0
-# Bad items are logged once each; remember that many so memory stays bounded.
-WARNED_MAX = 10_000
-ZONE_TOLERANCE = timedelta(minutes=1)
-"""Event dates this far ahead of our clock are clock skew; further, a wrong time zone."""
-NEWEST_PROBE = 20
-"""BRIDGE_START=now starts after the newest usable of this many newest events."""
-
-# Called with (category, item) for every event before it is published; see bridge.schema.
-EventCheck = Callable[[str, Any], None]
 
 
 class PublishFailed(Exception):
@@ -65,14 +58,13 @@ class Producer:
         self._metrics = metrics
         self._source = settings.api_base  # raises SettingsError early if the URL is missing
         self._tz = settings.tz
-        self._projects = frozenset(settings.patchwork_projects)
-        self._check_event = check_event
+        self._sorter = PageSorter(settings, metrics, check_event)
         self._prepare = prepare
         self._store = CursorStore(settings.state_dir)
-        self._writer = CursorWriter(self._store, self._snapshot)
+        self._writer = CursorWriter(self._store, self._snapshot, self._cursor_write_failed)
+        self._write_failure_logged: str | None = None
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
-        self._zone_warned = False
         self._saved: Cursor | None = None
         """The cursor file as found at start-up."""
         self._overlap_s = settings.poll_overlap
@@ -81,7 +73,6 @@ class Producer:
         self._served = 0
         """Events Patchwork served us so far (count requests count as one)."""
         self._last_success: float | None = None
-        self._warned: dict[tuple[str, str], None] = {}
 
     # -- Role ---------------------------------------------------------------------------------
 
@@ -91,6 +82,8 @@ class Producer:
     def readiness(self) -> tuple[bool, str]:
         if not self.connected():
             return False, "producer not connected to RabbitMQ"
+        if self._writer.failure is not None:
+            return False, f"producer cannot save its cursor ({self._writer.failure})"
         # Three missed polls, each allowed its full request timeout.
         stale_s = 3 * self._settings.poll_interval + self._settings.patchwork_timeout
         if self._last_success is None or time.monotonic() - self._last_success > stale_s:
@@ -122,6 +115,12 @@ class Producer:
                 self._settings, self._metrics.patchwork_request_duration
             ) as client:
                 await self._poll_loop(client, publisher, stop)
+            if self._writer.failure is not None:
+                log.error(
+                    "stopping with the cursor unsaved (%s): the next start republishes "
+                    "what was published since the last save",
+                    self._writer.failure,
+                )
         finally:
             await self._connection.close()
 
@@ -131,13 +130,17 @@ class Producer:
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
     ) -> None:
         backoff_s = 0.0
-        while not stop.is_set():
+        ticker = Ticker(stop, self._settings.poll_interval)
+        async for _ in ticker:
             started = time.monotonic()
             try:
                 if self._window is None:
-                    self._window = Window(
-                        await self._initial_cursor(client, stop), self._settings.poll_overlap
+                    saved = await initial_cursor(
+                        self._saved,
+                        self._settings,
+                        lambda: _until_stopped(client.newest(NEWEST_PROBE), stop),
                     )
+                    self._window = Window(saved, self._settings.poll_overlap)
                     self._writer.request()  # "now" must mean the first start, not every start
                 published = await self._poll_once(client, publisher, stop)
             except Stopped:
@@ -148,10 +151,10 @@ class Producer:
                     self._metrics.poll_errors.labels(exc.reason).inc()
                 backoff_s = min(max(1.0, backoff_s * 2), BACKOFF_MAX_S)
                 log.warning("poll failed (%s): %s; retrying in %.0fs", exc.reason, exc, backoff_s)
-                await sleep_unless(stop, backoff_s)
+                ticker.pause(backoff_s)
                 continue
             finally:
-                await self._writer.flush()
+                await self._flush_cursor()
             backoff_s = 0.0
             self._last_success = time.monotonic()
             self._metrics.polls.inc()
@@ -159,7 +162,6 @@ class Producer:
             self._metrics.poll_duration.observe(time.monotonic() - started)
             if published:
                 log.info("published %d events; cursor at %s", published, self._window.high_water)
-            await sleep_unless(stop, self._settings.poll_interval - (time.monotonic() - started))
 
     async def _poll_once(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
@@ -275,7 +277,7 @@ class Producer:
                     break
                 self._served += len(page.items)
                 served.inc(len(page.items))
-                events, fresh = self._sort_page(page, previous)
+                events, fresh = self._sorter.sort(page, previous, self._window.is_new)
                 previous = {event.id for event in events}
                 confirming = asyncio.create_task(self._publish_page(publisher, events, fresh))
                 if stop.is_set():
@@ -287,35 +289,6 @@ class Producer:
                 published += await asyncio.shield(confirming)
             await pages.aclose()  # type: ignore[attr-defined]
         return published
-
-    def _sort_page(self, page: Page, previous: set[int]) -> tuple[list[Event], list[Event]]:
-        """(every usable event of the page, the ones to publish now)."""
-        assert self._window is not None
-        events: list[Event] = []
-        fresh: list[Event] = []
-        for item, raw in page.items:
-            try:
-                event = parse_event(item, raw)
-            except BadEvent as exc:
-                self._metrics.bad_events.labels(exc.reason).inc()
-                self._warn_once(exc.reason, str(exc))
-                continue
-            events.append(event)
-            if event.id in previous or not self._window.is_new(event):
-                continue  # seen in an earlier poll, or on the previous page as pages shifted
-            if self._projects and event.project not in self._projects:
-                continue
-            if self._check_event is not None:
-                self._check_event(event.category, item)
-            fresh.append(event)
-        if fresh:
-            now = datetime.now(self._tz).replace(tzinfo=None)
-            for event in fresh:
-                self._metrics.event_visibility_delay.observe(
-                    max(0.0, (now - event.when).total_seconds())
-                )
-            self._check_zone(max(event.when for event in fresh) - now)
-        return events, fresh
 
     async def _publish_page(
         self, publisher: Publisher, events: list[Event], fresh: list[Event]
@@ -329,63 +302,20 @@ class Producer:
         self._writer.request()
         return len(fresh)
 
-    async def _initial_cursor(self, client: PatchworkClient, stop: asyncio.Event) -> Cursor:
-        saved = self._saved
-        if saved is not None:
-            log.info("resuming from cursor %s (%d recent ids)", saved.high_water, len(saved.seen))
-            return saved
-        start = self._settings.start
-        if start == "beginning":
-            log.info("no cursor: publishing every event from the beginning")
-            return Cursor()
-        if start != "now":
-            floor = _server_local(start, self._settings)
-            log.info("no cursor: publishing events from %s (server time)", floor)
-            return Cursor(floor=floor)
-        # "now": everything already visible counts as seen; only what appears later is published.
-        newest = await _until_stopped(client.newest(NEWEST_PROBE), stop)
-        if not newest:
-            log.info("no cursor and no events yet: publishing every event from now on")
-            return Cursor()
-        usable = _usable_events(newest)
-        if not usable:
-            # Our clock, not Patchwork's: close enough when its newest items are unusable.
-            floor = datetime.now(self._tz).replace(tzinfo=None).isoformat()
+    def _cursor_write_failed(self, exc: OSError) -> None:
+        self._metrics.cursor_write_errors.inc()
+        if self._writer.failure != self._write_failure_logged:
+            self._write_failure_logged = self._writer.failure
             log.warning(
-                "no cursor, and none of the %d newest events is usable: publishing events "
-                "from %s (server time, by our clock)",
-                len(newest),
-                floor,
+                "cannot save the cursor (%s); still publishing, retrying the write every "
+                "poll; a restart before it succeeds republishes, never skips",
+                self._writer.failure,
             )
-            return Cursor(floor=floor)
-        # "Now" is the newest visible event: what was visible then counts as published,
-        # nothing else. No read of the overlap: anything committed while such a read ran
-        # would be marked seen without being published. Ids missing among these newest
-        # events are gaps, published if they fill in time.
-        # The floor keeps the sweep and the gap reads from reaching below what was seen.
-        oldest = min(usable, key=lambda e: e.when).date
-        window = Window(Cursor(floor=oldest), self._overlap_s)
-        window.confirm(usable)
-        log.info(
-            "no cursor: starting after %s, the newest event now (id %d)",
-            usable[0].date,
-            max(e.id for e in usable),
-        )
-        return window.cursor()
 
-    def _check_zone(self, ahead: timedelta) -> None:
-        """Dates ahead of our clock in the configured zone mean another zone (once a run):
-        every ce-time would be off by it and the lag would read 0."""
-        if ahead <= ZONE_TOLERANCE or self._zone_warned:
-            return
-        self._zone_warned = True
-        log.warning(
-            "Patchwork's newest event is dated %.1f h ahead of the time now in "
-            "BRIDGE_PATCHWORK_TIMEZONE=%s: set it to Patchwork's TIME_ZONE (its default is "
-            "Australia/Canberra)",
-            ahead.total_seconds() / 3600,
-            self._settings.patchwork_timezone,
-        )
+    async def _flush_cursor(self) -> None:
+        if await self._writer.flush() and self._write_failure_logged is not None:
+            log.info("cursor saved again in %s", self._store.path)
+            self._write_failure_logged = None
 
     def _snapshot(self) -> Cursor:
         assert self._window is not None
@@ -397,33 +327,6 @@ class Producer:
         if newest is not None:
             lag = datetime.now(self._tz) - newest.replace(tzinfo=self._tz)
             self._metrics.cursor_lag.set(max(0.0, lag.total_seconds()))
-
-    def _warn_once(self, reason: str, detail: str) -> None:
-        key = (reason, detail)
-        if key in self._warned:
-            return
-        if len(self._warned) >= WARNED_MAX:
-            self._warned.pop(next(iter(self._warned)))
-        self._warned[key] = None
-        log.warning("skipping unusable item from Patchwork (%s)", detail)
-
-
-def _usable_events(items: list[tuple[Any, str]]) -> list[Event]:
-    events = []
-    for item, raw in items:
-        try:
-            events.append(parse_event(item, raw))
-        except BadEvent:
-            continue  # reported when the normal poll meets it
-    return events
-
-
-def _server_local(start: str, settings: Settings) -> str:
-    """BRIDGE_START as Patchwork's naive server-local time; a zone in it is converted."""
-    when = datetime.fromisoformat(start)
-    if when.tzinfo is not None:
-        when = when.astimezone(settings.tz).replace(tzinfo=None)
-    return when.isoformat()
 
 
 async def _until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:

@@ -1,8 +1,9 @@
 """The webhook role: consume each subscription's queue, hand events to its sink, settle outcomes.
 
-Each subscription has its own channel (prefetch = its ``concurrency``) and its own
-sink, so a receiver that hangs holds only its own slots. ``_settle`` is the one
-place that turns an outcome into an AMQP action and a metric. Retries wait in
+Each subscription has its own lane (``bridge.webhook.lanes``: a channel with prefetch =
+its ``concurrency``, and its own sink), so a receiver that hangs holds only its own
+slots. ``_settle`` is the one place that turns an outcome into an AMQP action and a
+metric. Retries wait in
 broker queues (see ``bridge.webhook.queues``), so they survive a restart of this process.
 """
 
@@ -13,12 +14,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from prometheus_client import Counter, Histogram
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from bridge.amqp import (
     BROKER_ERRORS,
@@ -29,12 +27,11 @@ from bridge.amqp import (
     publish_confirmed,
     raise_if_cancelled,
 )
-from bridge.logs import one_line
 from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
-from bridge.settings import Settings, SettingsError
-from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
+from bridge.settings import Settings
+from bridge.sinks.base import Delivered, Disable, RetryLater, Sink
 from bridge.sinks.registry import load_sink
-from bridge.waiting import sleep_unless
+from bridge.webhook.lanes import Lane, Lanes
 from bridge.webhook.messages import (
     Invalid,
     InvalidMessage,
@@ -52,15 +49,13 @@ from bridge.webhook.queues import (
     QueueControl,
     TopologyError,
     dead_queue,
-    declare_subscription,
     main_queue,
-    marker_queue,
     queue_names,
     retry_queue,
 )
 from bridge.webhook.retry import delay_ladder
 from bridge.webhook.settle import Ack, DeadLetter, DisableSubscription, Retry, Settled, decide
-from bridge.webhook.subscriptions import Subscription, TopicMatcher, load_subscriptions
+from bridge.webhook.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +63,6 @@ MARKER_CHECK_INTERVAL_S = 5.0
 """How soon an enable/disable made elsewhere (CLI, another process) takes effect here."""
 DRAIN_TIMEOUT_S = 10.0
 """On shutdown, how long deliveries in flight may finish before they are cancelled."""
-SINK_GRACE_S = 5.0
-"""A sink gets its subscription's timeout plus this before the consumer gives up on it."""
 HAND_BACK_PAUSE_S = 1.0
 """Before returning a message we could not settle, so a broken queue cannot spin. Each
 return counts against the queue's delivery limit, which bounds them."""
@@ -78,46 +71,6 @@ return counts against the queue's delivery limit, which bounds them."""
 def failure_label(reason: str) -> str:
     """A third-party sink's own reasons must not grow the metric's label set."""
     return reason if reason in DELIVERY_FAILURE_REASONS else "other"
-
-
-@dataclass(eq=False)
-class _Lane:
-    """One subscription at run time: its sink, its channel and whether it consumes."""
-
-    subscription: Subscription
-    sink: Sink
-    ladder: list[float]
-    queue: AbstractQueue | None = None
-    consumer_tag: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while consuming starts or stops, so a 410 and the marker watcher cannot interleave."""
-    logged_errors: set[str] = field(default_factory=set)
-    in_flight: set[asyncio.Task[None]] = field(default_factory=set)
-    """The deliveries running now, so shutdown can wait for them."""
-    unmatched_keys: set[str] = field(default_factory=set)
-    """Routing keys seen that no pattern matches: each is logged once."""
-    cancelled: bool = False
-    """The broker cancelled our consumer (queue deleted, quorum leader moved) and it is
-    not consuming again yet."""
-    sink_times_out: bool = field(init=False)
-    wants: TopicMatcher = field(init=False)
-    # The metric children of the hot path, looked up once instead of per delivery.
-    duration: Histogram = field(init=False)
-    delivered: Counter = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sink_times_out = bool(getattr(self.sink, "enforces_timeout", False))
-        self.wants = TopicMatcher(self.subscription.events)
-
-    def bind_metrics(self, metrics: Metrics) -> None:
-        # Read when scraped: cheaper than an inc and a dec per delivery.
-        metrics.in_flight.labels(self.name).set_function(lambda: len(self.in_flight))
-        self.duration = metrics.delivery_duration.labels(self.name)
-        self.delivered = metrics.deliveries.labels(self.name, "delivered")
-
-    @property
-    def name(self) -> str:
-        return self.subscription.name
 
 
 class WebhookConsumer:
@@ -138,7 +91,7 @@ class WebhookConsumer:
         """Takes ready sinks and owns them: they are closed when ``run`` returns."""
         self.settings = settings
         self.metrics = metrics
-        self._lanes = [_Lane(s, sink, delay_ladder(s.retry_schedule)) for s, sink in subscriptions]
+        self._lanes = [Lane(s, sink, delay_ladder(s.retry_schedule)) for s, sink in subscriptions]
         for lane in self._lanes:
             lane.bind_metrics(metrics)
         self._role = connection_role
@@ -146,6 +99,7 @@ class WebhookConsumer:
         self._drain_timeout_s = drain_timeout_s
         self._connection: AbstractRobustConnection | None = None
         self._control: QueueControl | None = None
+        self._keeper: Lanes | None = None
         self._started = False
         self._closing = False
         self._stopping = asyncio.Event()
@@ -158,6 +112,14 @@ class WebhookConsumer:
         if self._connection is None:
             return  # stopped before RabbitMQ answered
         self._control = QueueControl(self._connection)
+        self._keeper = Lanes(
+            self._lanes,
+            self._connection,
+            self._control,
+            self.settings,
+            self.metrics,
+            self._on_message,
+        )
         background: list[asyncio.Task[None]] = []
         try:
             try:
@@ -172,7 +134,10 @@ class WebhookConsumer:
                 self.settings.queue_depth_interval,
             )
             background = [
-                asyncio.create_task(self._watch_markers(), name="webhook-markers"),
+                asyncio.create_task(
+                    self._keeper.watch(self._stopping, self._marker_check_interval_s),
+                    name="webhook-markers",
+                ),
                 asyncio.create_task(sampler.run(self._stopping), name="webhook-queue-depth"),
             ]
             stopped = asyncio.create_task(stop.wait())
@@ -200,22 +165,11 @@ class WebhookConsumer:
 
     async def _start(self) -> None:
         """Declare the topology once for this process, then consume every enabled subscription."""
-        assert self._connection is not None and self._control is not None
+        assert self._connection is not None and self._keeper is not None
         async with asyncio.timeout(BROKER_TIMEOUT_S):
             control = await self._connection.channel()
             await declare_exchange(control, self.settings.exchange)
-        for lane in self._lanes:
-            await self._open_lane(lane)
-            if await self._control.is_disabled(lane.name):
-                self.metrics.subscription_enabled.labels(lane.name).set(0)
-                log.warning(
-                    "webhook %s: disabled (marker queue %s exists); events wait in %s",
-                    lane.name,
-                    marker_queue(lane.name),
-                    main_queue(lane.name),
-                )
-            else:
-                await self._consume(lane)
+        await self._keeper.start()
         self._started = True
         log.info("webhook: consuming for %d subscriptions", len(self._lanes))
 
@@ -235,9 +189,8 @@ class WebhookConsumer:
                 )
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-        for lane in self._lanes:
-            if lane.consumer_tag is not None:
-                await self._stop_consuming(lane)
+        if self._keeper is not None:
+            await self._keeper.stop_all()
         in_flight = {task for lane in self._lanes for task in lane.in_flight}
         if in_flight:
             _, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout_s)
@@ -264,138 +217,11 @@ class WebhookConsumer:
                 async with asyncio.timeout(BROKER_TIMEOUT_S):
                     await self._connection.close()
 
-    async def _open_lane(self, lane: _Lane) -> None:
-        """A channel of the lane's own (prefetch = concurrency) and its declared main queue."""
-        assert self._connection is not None
-        async with asyncio.timeout(BROKER_TIMEOUT_S):
-            channel = await self._connection.channel()
-            await channel.set_qos(prefetch_count=lane.subscription.concurrency)
-        lane.queue = await declare_subscription(
-            channel, self.settings.exchange, lane.subscription, self.settings.queue_type
-        )
-
     # -- enabled / disabled ----------------------------------------------------------
-
-    async def _consume(self, lane: _Lane) -> None:
-        assert lane.queue is not None
-        # Enabled from before the first delivery can arrive (it may, before consume returns).
-        enabled = self.metrics.subscription_enabled.labels(lane.name)
-        enabled.set(1)
-        try:
-            lane.consumer_tag = await lane.queue.consume(
-                partial(self._on_message, lane), timeout=BROKER_TIMEOUT_S
-            )
-        except BaseException:
-            enabled.set(0)
-            raise
-
-    async def _stop_consuming(self, lane: _Lane) -> None:
-        """Cancel the consumer; its unacked messages stay ours to settle."""
-        tag, lane.consumer_tag = lane.consumer_tag, None
-        if tag is None or lane.queue is None:
-            return
-        try:
-            await lane.queue.cancel(tag, timeout=BROKER_TIMEOUT_S)
-        except BROKER_ERRORS as exc:
-            # The robust queue has already forgotten the consumer: it is not restored.
-            log.warning("webhook %s: cancelling its consumer failed (%s)", lane.name, exc)
-
-    async def _disable(self, lane: _Lane, outcome: Disable) -> None:
-        """Stop consuming and persist the state; the first 410 does it, later ones find it done."""
-        assert self._control is not None
-        async with lane.lock:
-            if lane.consumer_tag is None:
-                return
-            await self._stop_consuming(lane)
-            self.metrics.subscription_enabled.labels(lane.name).set(0)
-            try:
-                await self._control.set_disabled(lane.name, True, self.settings.queue_type)
-            except BROKER_ERRORS as exc:
-                log.error(
-                    "webhook %s: could not persist the disabled state (%s); "
-                    "it resumes at the next marker check",
-                    lane.name,
-                    type(exc).__name__,
-                )
-            log.warning(
-                "webhook %s: disabled (%s, status %s: %s); events wait in %s until "
-                "`patchwork-bridge subscriptions enable %s`",
-                lane.name,
-                outcome.reason,
-                outcome.status,
-                one_line(outcome.detail),
-                main_queue(lane.name),
-                lane.name,
-            )
-
-    async def _watch_markers(self) -> None:
-        """Follow enable/disable made elsewhere: the CLI, or a 410 seen by another process."""
-        assert self._control is not None
-        failing = False
-        while not await sleep_unless(self._stopping, self._marker_check_interval_s):
-            try:
-                for lane in self._lanes:
-                    await self._watch_cancel(lane)
-                    await self._sync_marker(lane)
-            except BROKER_ERRORS as exc:
-                raise_if_cancelled()
-                if not failing:
-                    log.warning("webhook: cannot check disabled markers (%s); will retry", exc)
-                failing = True
-            else:
-                if failing:
-                    log.info("webhook: checking disabled markers again")
-                failing = False
-
-    async def _watch_cancel(self, lane: _Lane) -> None:
-        """Notice a main queue that lost its consumer, and see it consume again.
-
-        The broker cancels a consumer when an operator deletes its queue or a quorum
-        leader moves; aio-pika answers by reconnecting, which declares the queue and
-        consumes again. This says so in the log and in /readyz, and declares the queue
-        itself should it still be missing at the next check.
-        """
-        assert self._control is not None and lane.queue is not None
-        if lane.consumer_tag is None:
-            return  # disabled: nobody should consume
-        found = await self._control.inspect(lane.queue.name)
-        if found is not None and (found.consumer_count or 0) > 0:
-            if lane.cancelled:
-                lane.cancelled = False
-                log.info("webhook %s: consuming %s again", lane.name, lane.queue.name)
-            return
-        if not lane.cancelled:
-            lane.cancelled = True
-            log.warning(
-                "webhook %s: %s %s (deleted by an operator, or its quorum leader moved); "
-                "consuming again as soon as it is back",
-                lane.name,
-                lane.queue.name,
-                "is gone" if found is None else "has no consumer",
-            )
-            return
-        if found is None:
-            log.warning("webhook %s: %s is still missing; declaring it", lane.name, lane.queue.name)
-            async with lane.lock:
-                await self._open_lane(lane)
-                await self._consume(lane)
-
-    async def _sync_marker(self, lane: _Lane) -> None:
-        assert self._control is not None
-        async with lane.lock:
-            disabled = await self._control.is_disabled(lane.name)
-            if disabled and lane.consumer_tag is not None:
-                await self._stop_consuming(lane)
-                self.metrics.subscription_enabled.labels(lane.name).set(0)
-                log.warning("webhook %s: disabled elsewhere; stopped consuming", lane.name)
-            elif not disabled and lane.consumer_tag is None:
-                assert lane.queue is not None
-                await self._consume(lane)
-                log.info("webhook %s: enabled; consuming %s", lane.name, lane.queue.name)
 
     # -- one message -------------------------------------------------------------------
 
-    async def _on_message(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         """Runs in the task aiormq starts for each delivery (bounded by the channel's
         prefetch); tracked so shutdown can let it finish. If the connection drops,
         aiormq cancels it and the broker redelivers the unacked message."""
@@ -409,7 +235,7 @@ class WebhookConsumer:
         finally:
             lane.in_flight.discard(task)
 
-    async def _handle(self, lane: _Lane, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, lane: Lane, message: AbstractIncomingMessage) -> None:
         attempt = attempt_of(message)
         try:
             await self._settle(lane, message, attempt, await self._outcome(lane, message))
@@ -427,7 +253,7 @@ class WebhookConsumer:
             raise_if_cancelled()
             await self._settle_bug(lane, message, attempt, exc)
 
-    async def _outcome(self, lane: _Lane, message: AbstractIncomingMessage) -> Settled:
+    async def _outcome(self, lane: Lane, message: AbstractIncomingMessage) -> Settled:
         try:
             delivery = delivery_from(message)
         except InvalidMessage as exc:
@@ -435,12 +261,12 @@ class WebhookConsumer:
         if not lane.wants(delivery.routing_key):
             return Unmatched(delivery.routing_key)
         started = time.monotonic()
-        outcome = await self._deliver(lane, delivery)
+        outcome = await lane.deliver(delivery)
         lane.duration.observe(time.monotonic() - started)
         return outcome
 
     async def _settle_bug(
-        self, lane: _Lane, message: AbstractIncomingMessage, attempt: int, exc: Exception
+        self, lane: Lane, message: AbstractIncomingMessage, attempt: int, exc: Exception
     ) -> None:
         """A bug of ours while settling: a traceback once per kind, then a bounded retry.
 
@@ -465,32 +291,8 @@ class WebhookConsumer:
             )
             await _hand_back(message)
 
-    async def _deliver(self, lane: _Lane, delivery: Delivery) -> Outcome:
-        """The sink's outcome; a sink that raises, hangs or answers nonsense is retried."""
-        limit_s = lane.subscription.timeout + SINK_GRACE_S
-        deadline: asyncio.Timeout | None = None
-        try:
-            if lane.sink_times_out:  # it needs no second deadline
-                outcome = await lane.sink.deliver(delivery)
-            else:
-                async with (deadline := asyncio.timeout(limit_s)):
-                    outcome = await lane.sink.deliver(delivery)
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
-                return RetryLater("timeout", f"sink gave no outcome within {limit_s:g}s")
-            kind = type(exc).__name__
-            if kind not in lane.logged_errors:  # a traceback once per kind, not per event
-                lane.logged_errors.add(kind)
-                log.exception("webhook %s: sink raised %s", lane.name, kind)
-            else:
-                log.warning("webhook %s: sink raised %s again", lane.name, kind)
-            return RetryLater("sink_error", kind)
-        if not isinstance(outcome, Delivered | RetryLater | GiveUp | Disable):
-            return RetryLater("sink_error", f"sink returned {type(outcome).__name__}")
-        return outcome
-
     async def _settle(
-        self, lane: _Lane, message: AbstractIncomingMessage, attempt: int, outcome: Settled
+        self, lane: Lane, message: AbstractIncomingMessage, attempt: int, outcome: Settled
     ) -> None:
         """Carry out ``decide``'s action; one metric per outcome.
 
@@ -522,8 +324,8 @@ class WebhookConsumer:
                     delay_s,
                 )
             case DisableSubscription():
-                assert isinstance(outcome, Disable)
-                await self._disable(lane, outcome)
+                assert isinstance(outcome, Disable) and self._keeper is not None
+                await self._keeper.disable(lane, outcome)
             case DeadLetter(attempts=attempts):
                 assert not isinstance(outcome, Delivered | Disable | Unmatched)
                 headers = dead_headers(message, outcome, attempts)
@@ -544,7 +346,7 @@ class WebhookConsumer:
         else:
             await _ack(message)
 
-    def _note_unmatched(self, lane: _Lane, key: str) -> None:
+    def _note_unmatched(self, lane: Lane, key: str) -> None:
         if key in lane.unmatched_keys:
             return
         lane.unmatched_keys.add(key)
@@ -559,7 +361,7 @@ class WebhookConsumer:
         )
 
     async def _copy(
-        self, lane: _Lane, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
+        self, lane: Lane, message: AbstractIncomingMessage, queue: str, headers: dict[str, Any]
     ) -> None:
         """Publish a copy to ``queue`` and wait for the broker's confirm."""
         assert lane.queue is not None
@@ -584,9 +386,8 @@ async def _hand_back(message: AbstractIncomingMessage) -> None:
         await message.nack(requeue=True)
 
 
-def build_consumer(settings: Settings, metrics: Metrics) -> WebhookConsumer:
-    """The webhook role from settings; raises SettingsError for a missing or bad subscriptions."""
-    if settings.subscriptions is None:
-        raise SettingsError("BRIDGE_SUBSCRIPTIONS: required for the webhook role")
-    subscriptions = load_subscriptions(settings.subscriptions)
+def build_consumer(
+    settings: Settings, metrics: Metrics, subscriptions: list[Subscription]
+) -> WebhookConsumer:
+    """The webhook role for the subscriptions loaded from BRIDGE_SUBSCRIPTIONS."""
     return WebhookConsumer(settings, metrics, [(s, load_sink(s)) for s in subscriptions])

@@ -64,7 +64,10 @@ class ForbiddenAddress(Exception):
     """A receiver's address is not on the public internet; the webhook sink gives up (``ssrf``)."""
 
     def __init__(self, host: str, address: str, reason: str) -> None:
-        super().__init__(f"{host} resolves to {address} ({reason}), refused")
+        super().__init__(
+            f"{host} resolves to {address} ({reason}), refused; "
+            "allow_private_network = true on the subscription allows it"
+        )
         self.host = host
         self.address = address
         self.reason = reason

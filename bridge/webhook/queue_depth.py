@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 
 from aio_pika.abc import AbstractConnection
 
 from bridge.amqp import BROKER_ERRORS, raise_if_cancelled
 from bridge.metrics import Metrics
-from bridge.waiting import sleep_unless
+from bridge.waiting import Ticker
 from bridge.webhook.queues import QueueControl
 
 log = logging.getLogger(__name__)
@@ -45,18 +44,14 @@ class QueueDepthSampler:
     async def run(self, stop: asyncio.Event) -> None:
         """Sample at a fixed rate until ``stop`` is set (between samples, so no declare is
         cut off halfway) or until cancelled; broker trouble is logged, never fatal."""
-        next_at = time.monotonic()
         try:
-            while not stop.is_set():
+            async for _ in Ticker(stop, self._interval_s):
                 try:
                     await self.sample_once()
                     self._recovered()
                 except BROKER_ERRORS as exc:
                     raise_if_cancelled()
                     self._failed(exc)
-                # Fixed rate, not fixed pause: a slow broker does not stretch the period.
-                next_at = max(next_at + self._interval_s, time.monotonic())
-                await sleep_unless(stop, next_at - time.monotonic())
         finally:
             await self._control.close()
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from bridge.settings import SettingsError
 from bridge.sinks.registry import sink_names
+from bridge.webhook.netguard import ForbiddenAddress, check_literal_host
 from bridge.webhook.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
@@ -262,7 +263,30 @@ def _load_one(
         for error in exc.errors(include_input=False, include_url=False):
             problems.add(label, _error_key(error["loc"]), _error_message(error["msg"]))
         return None
+    if subscription.sink == "webhook" and not subscription.allow_private_network:
+        _check_reachable(subscription.url or "", label, problems)
     return subscription if len(problems.lines) == before else None
+
+
+def _check_reachable(url: str, label: str, problems: _Problems) -> None:
+    """A receiver on this host or a private network would have every event dead-lettered
+    as ``ssrf``: say so now, naming the setting (names that resolve there are refused
+    at delivery time)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        reason = "loopback"
+    else:
+        try:
+            check_literal_host(host)
+            return
+        except ForbiddenAddress as exc:
+            reason = exc.reason
+    problems.add(
+        label,
+        "url",
+        f"{host} is a {reason} address, refused by the SSRF guard; "
+        "set allow_private_network = true to deliver there",
+    )
 
 
 def _read_secret_file(path: Path, label: str, key: str, problems: _Problems) -> str | None:
