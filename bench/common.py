@@ -35,6 +35,7 @@ from aiohttp import web
 
 from bridge.amqp import declare_exchange
 from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
+from bridge.eventlog import log_queue
 from bridge.events import Event, parse_event
 from bridge.metrics import Metrics
 from bridge.producer.publisher import Publisher
@@ -377,6 +378,7 @@ async def delete_topology(
             for queue in [*queue_names(subscription), marker_queue(name)]:
                 await channel.queue_delete(queue)
         await channel.exchange_delete(exchange)
+        await channel.queue_delete(log_queue(exchange))
     finally:
         await connection.close()
 

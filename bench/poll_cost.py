@@ -31,6 +31,7 @@ import aiohttp
 from common import AMQP_URL, TZ, percentile, run_id
 
 from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork
+from bridge.eventlog import log_queue
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.runtime import InProcess
@@ -248,6 +249,7 @@ async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Sid
         stop.set()
         await asyncio.gather(bridge.close(), naive)
     await channel.exchange_delete(bridge_ex)
+    await channel.queue_delete(log_queue(bridge_ex))
     await channel.exchange_delete(naive_ex)
     await connection.close()
     for fake in (ours, theirs):

@@ -24,6 +24,7 @@ HANDLERS = {
     "dlq": "bridge.cli.dlq:cli",
     "subscriptions": "bridge.cli.subscriptions:cli",
     "bind": "bridge.cli.bind:cli",
+    "replay": "bridge.cli.replay:cli",
     "check-config": "bridge.runtime:cli_check_config",
 }
 
@@ -132,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     bind.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic patterns, e.g. dpdk.*")
     bind.add_argument("--remove", action="store_true", help="delete QUEUE and QUEUE.dead instead")
     bind.add_argument("--yes", action="store_true", help="with --remove: do not ask")
+
+    replay = sub.add_parser(
+        "replay",
+        help="copy events from the event log into one queue (a CI that joined late)",
+        description="Copy the events dated from --since (to --until) out of the event log "
+        "into one queue: a queue made by `bind` (--queue) or a subscription's main queue "
+        "(--subscription). Never to the exchange, so nobody else gets them again. Each copy "
+        "keeps its message_id and carries the header x-patchwork-replay: true. Dates are "
+        "Patchwork's server time unless they carry a zone.",
+    )
+    replay.add_argument("--since", required=True, metavar="DATE", help="ISO 8601, inclusive")
+    replay.add_argument("--until", metavar="DATE", help="ISO 8601, exclusive (default: now)")
+    replay.add_argument(
+        "--events", nargs="+", metavar="PATTERN", help="topic patterns, e.g. dpdk.* (default #)"
+    )
+    target = replay.add_mutually_exclusive_group()
+    target.add_argument("--queue", help="the queue to copy into (it must exist)")
+    target.add_argument("--subscription", metavar="NAME", help="a subscription's main queue")
+    replay.add_argument("--dry-run", action="store_true", help="count, copy nothing")
 
     check = sub.add_parser(
         "check-config",

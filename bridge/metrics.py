@@ -85,6 +85,11 @@ class Metrics:
             "Now minus the time of the newest event the cursor has passed.",
             registry=r,
         )
+        self.producer_active = Gauge(
+            f"{p}_producer_active",
+            "1 on the producer that holds the poller lock and polls, 0 on a standby.",
+            registry=r,
+        )
         self.cursor_write_errors = Counter(
             f"{p}_cursor_write_errors",
             "Cursor saves that failed (the producer goes on and writes again next poll).",

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     state_dir: Path = Path("bridge-state")
     publish_in_flight: int = Field(2000, ge=1)
 
+    log_max_age: str = Field("14D", pattern=r"^[1-9][0-9]*[YMDhms]$")
+    """Event log retention by age, in RabbitMQ's syntax (14D, 12h, 1Y)."""
+    log_max_bytes: int = Field(10_000_000_000, gt=0)
+
     subscriptions: Path | None = None
 
     http_host: str = "0.0.0.0"  # noqa: S104 - a container's health check must reach it

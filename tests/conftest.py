@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 
 from bridge.demo.patchwork_double import FakePatchwork
+from bridge.eventlog import log_queue
 from tests.broker import AMQP_URL, rabbitmqctl
 
 # Every Settings() and every role run as a process talks to the broker under test.
@@ -44,6 +45,7 @@ async def exchange_name(amqp: aio_pika.abc.AbstractConnection, unique: str) -> A
     yield name
     channel = await amqp.channel()
     await channel.exchange_delete(name)
+    await channel.queue_delete(log_queue(name))  # the event log a producer declared
     await channel.close()
 
 

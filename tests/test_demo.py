@@ -10,6 +10,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from bridge.eventlog import log_queue
 from tests.broker import AMQP_URL
 
 pytestmark = pytest.mark.broker
@@ -84,4 +85,5 @@ async def test_example_ci_consumer_prints_the_series_of_the_demo(unique):
         for name in (queue, f"{queue}.dead"):
             await channel.queue_delete(name)
         await channel.exchange_delete(exchange)
+        await channel.queue_delete(log_queue(exchange))
         await connection.close()

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.demo.patchwork_double import FakePatchwork
+from bridge.eventlog import log_queue
 from bridge.http import start_server
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
@@ -251,4 +252,5 @@ async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, 
         connection = await aio_pika.connect(AMQP_URL)
         channel = await connection.channel()
         await channel.exchange_delete(settings.exchange)
+        await channel.queue_delete(log_queue(settings.exchange))
         await connection.close()

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from bridge.eventlog import log_queue
 from bridge.settings import load_settings
 from tests.broker import AMQP_URL
 
@@ -100,11 +101,17 @@ def test_log_level_is_taken_in_any_case(monkeypatch):
     assert load_settings().log_level == "DEBUG"
 
 
-async def test_a_second_producer_on_the_same_state_directory_refuses_to_start(tmp_path):
-    first = await start("producer", env(amqp_url=UNREACHABLE), tmp_path)
+@pytest.mark.broker
+async def test_a_producer_of_another_exchange_on_a_busy_state_directory_refuses_to_start(
+    tmp_path, unique, amqp
+):
+    """Producers of one exchange share a directory safely (one polls, the others stand by,
+    see test_eventlog); of two exchanges, the second would write the first's cursor."""
+    first_exchange, second_exchange = f"test-{unique}-a", f"test-{unique}-b"
+    first = await start("producer", env(amqp_url=AMQP_URL, exchange=first_exchange), tmp_path)
     try:
-        await read_until(first, "cannot reach RabbitMQ")  # it holds the directory now
-        second = await start("producer", env(amqp_url=UNREACHABLE), tmp_path)
+        await read_until(first, "this producer polls")  # it holds the directory now
+        second = await start("producer", env(amqp_url=AMQP_URL, exchange=second_exchange), tmp_path)
         _, err = await asyncio.wait_for(second.communicate(), 30)
         text = err.decode()
         assert second.returncode == 2, text
@@ -113,6 +120,11 @@ async def test_a_second_producer_on_the_same_state_directory_refuses_to_start(tm
     finally:
         first.send_signal(signal.SIGTERM)
         await asyncio.wait_for(first.communicate(), STOP_BOUND_S)
+        channel = await amqp.channel()
+        for exchange in (first_exchange, second_exchange):
+            await channel.exchange_delete(exchange)
+            await channel.queue_delete(log_queue(exchange))
+        await channel.close()
 
 
 async def test_an_unwritable_state_directory_is_one_line(tmp_path):

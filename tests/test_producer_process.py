@@ -8,6 +8,8 @@ import random
 import signal
 import sys
 import threading
+import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -18,6 +20,7 @@ from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 
 from bridge.demo.patchwork_double import MEASURED, FakePatchwork
+from bridge.eventlog import log_queue
 from tests.amqp_helpers import wait_for
 from tests.broker import AMQP_URL
 
@@ -33,6 +36,8 @@ class PikaReader(threading.Thread):
         super().__init__(daemon=True)
         self.exchange, self.queue = exchange, queue
         self.messages: list[tuple[pika.spec.Basic.Deliver, pika.BasicProperties, bytes]] = []
+        self.arrived_at: list[float] = []
+        """``time.monotonic()`` when each message was taken off the queue."""
         self.ready = threading.Event()
         self._halt = threading.Event()
 
@@ -49,8 +54,10 @@ class PikaReader(threading.Thread):
                 connection.sleep(0.05)
                 continue
             self.messages.append((method, properties, body))
+            self.arrived_at.append(time.monotonic())
         channel.queue_delete(self.queue)
         channel.exchange_delete(self.exchange)
+        channel.queue_delete(log_queue(self.exchange))
         connection.close()
 
     def stop(self) -> None:
@@ -88,11 +95,17 @@ async def start_producer(env: dict[str, str]) -> asyncio.subprocess.Process:
 
 
 async def feed(
-    patchwork: FakePatchwork, added: list[dict], hidden: set[int], stop: asyncio.Event
+    patchwork: FakePatchwork,
+    added: list[dict],
+    hidden: set[int],
+    stop: asyncio.Event,
+    *,
+    faults: bool = True,
 ) -> None:
     """New mail keeps arriving; one event in ten commits late with an older date;
-    now and then Patchwork answers a request with an error."""
+    now and then (``faults``) Patchwork answers a request with an error."""
     rng = random.Random(7)
+    last_fault = -5
     while not stop.is_set():
         added.extend(patchwork.add_events(rng.randint(1, 20)))
         if rng.random() < 0.3:
@@ -103,7 +116,10 @@ async def feed(
             asyncio.get_running_loop().call_later(
                 rng.uniform(0.2, 1.5), reveal, patchwork, hidden, late["id"]
             )
-        if rng.random() < 0.1:
+        # At most one request in five fails: a fault per request, not per second, or a
+        # producer backing off would meet one at every try.
+        if faults and rng.random() < 0.1 and patchwork.events_requests >= last_fault + 5:
+            last_fault = patchwork.events_requests
             patchwork.fail_next(rng.choice(["500", "html", "truncated", "404", "object"]))
         await asyncio.sleep(0.05)
 
@@ -120,17 +136,22 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
     added = patchwork.add_events(500)
     await patchwork.start()
     reader = tap(unique)
+    # The feed dates late events up to 5 s before their id's neighbours: beyond a gap's
+    # range, so the sweep finds them; every 5 s here instead of 60.
     env = producer_env(
         patchwork, reader.exchange, tmp_path,
         START="beginning", POLL_INTERVAL="0.2", POLL_OVERLAP="30", PATCHWORK_TIMEOUT="2",
+        POLL_SWEEP_INTERVAL="5",
     )  # fmt: skip
     stop_feeding = asyncio.Event()
     hidden: set[int] = set()
     feeder = asyncio.create_task(feed(patchwork, added, hidden, stop_feeding))
     try:
         first = await start_producer(env)
-        await asyncio.sleep(2.0)
-        first.send_signal(signal.SIGTERM)
+        try:
+            await wait_for(lambda: len(reader.messages) >= 100, 30, "the first publishing")
+        finally:
+            first.send_signal(signal.SIGTERM)
         first_log = (await asyncio.wait_for(first.communicate(), 30))[1].decode()
         assert first.returncode == 0, first_log
         second = await start_producer(env)
@@ -139,10 +160,12 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
         await feeder
         patchwork.make_visible(*hidden)
         hidden.clear()
-        await wait_for(lambda: len(reader.messages) >= len(added), 30)
-        await asyncio.sleep(1.0)  # a few more polls: nothing may come twice
-        second.send_signal(signal.SIGTERM)
-        second_log = (await asyncio.wait_for(second.communicate(), 30))[1].decode()
+        try:
+            await wait_for(lambda: len(reader.messages) >= len(added), 30)
+            await asyncio.sleep(1.0)  # a few more polls: nothing may come twice
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second_log = (await asyncio.wait_for(second.communicate(), 30))[1].decode()
         assert second.returncode == 0, second_log
     finally:
         stop_feeding.set()
@@ -224,3 +247,111 @@ async def test_first_start_under_load_publishes_everything_created_during_start_
     ids = [int(props.message_id) for _, props, _ in reader.messages]
     assert sorted(ids) == sorted(e["id"] for e in new), "each new event once, no old one"
     assert not set(ids) & {e["id"] for e in old}
+
+
+def poller_pid(user_agent: str) -> int:
+    """The pid in the producer's User-Agent: ``patchwork-bridge/x (host:pid)``."""
+    return int(user_agent.rsplit(":", 1)[1].rstrip(")"))
+
+
+@pytest.mark.timeout(240)
+async def test_two_producers_one_poller_survive_five_kills_of_the_poller(unique, tmp_path):
+    """Two producers on one exchange; the one polling is killed with SIGKILL five times
+    during a catch-up (a fresh standby started each time). Every event reaches an
+    independent tap; duplicates stay within the events in flight at each kill; and the
+    double never sees two producers polling in turn: each poller's requests are one run."""
+    patchwork = FakePatchwork(tz=TZ, cost=MEASURED)
+    added = patchwork.add_events(6000)
+    await patchwork.start()
+    reader = tap(unique)
+    logs: list[Path] = []
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(index: int) -> asyncio.subprocess.Process:
+        env = producer_env(
+            patchwork, reader.exchange, tmp_path / f"state-{index}",
+            START="beginning", POLL_INTERVAL="0.2", POLL_OVERLAP="30", PATCHWORK_TIMEOUT="5",
+            POLL_SWEEP_INTERVAL="5",  # late events of the feed are the sweep's to find
+        )  # fmt: skip
+        logs.append(tmp_path / f"producer-{index}.log")
+        with logs[-1].open("wb") as log:  # a file, not a pipe: a killed process's pipe fills
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge", "producer", env=env, stderr=log
+            )
+        processes.append(process)
+        return process
+
+    def polling() -> asyncio.subprocess.Process | None:
+        if not patchwork.pollers:
+            return None
+        pid = poller_pid(patchwork.pollers[-1])
+        return next((p for p in processes if p.pid == pid and p.returncode is None), None)
+
+    stop_feeding = asyncio.Event()
+    hidden: set[int] = set()
+    feeder: asyncio.Task[None] | None = None
+    killed: list[int] = []
+    killed_at: list[float] = []
+    try:
+        await start(0)
+        await start(1)
+        feeder = asyncio.create_task(feed(patchwork, added, hidden, stop_feeding, faults=False))
+        for kill in range(5):
+            wanted = len(reader.messages) + 250
+            await wait_for(lambda n=wanted: len(reader.messages) >= n, 60, "progress")
+            await wait_for(lambda: polling() is not None, 30, "a producer polling")
+            victim = polling()
+            assert victim is not None
+            victim.kill()  # SIGKILL: no cursor saved, no lock released by the process
+            killed_at.append(time.monotonic())
+            await victim.wait()
+            killed.append(victim.pid)
+            await start(2 + kill)
+        stop_feeding.set()
+        await feeder
+        patchwork.make_visible(*hidden)
+        hidden.clear()
+        await wait_for(lambda: len({p.message_id for _, p, _ in reader.messages}) >= len(added),
+                       90, "every event on the bus")  # fmt: skip
+        await asyncio.sleep(2.0)  # a few more polls: nothing may come again
+    finally:
+        stop_feeding.set()
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            if process.returncode is None:
+                try:
+                    await asyncio.wait_for(process.wait(), 30)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+        reader.stop()
+        await patchwork.stop()
+
+    ids = Counter(int(props.message_id) for _, props, _ in reader.messages)
+    assert set(ids) == {e["id"] for e in added}, "every event reached the tap"
+    duplicates = sum(n - 1 for n in ids.values())
+    # The poller publishes a page (250) at a time, confirms before its next: at most the
+    # page in flight per kill can come again.
+    assert duplicates <= 5 * 250, duplicates
+    runs = [poller_pid(agent) for agent in patchwork.pollers]
+    turns = [pid for i, pid in enumerate(runs) if i == 0 or runs[i - 1] != pid]
+    assert len(turns) == len(set(turns)), f"two producers polled in turn: {turns}"
+    assert set(killed) <= set(turns)
+    # Takeover: from each kill to the new poller's first request, and to the first event
+    # the tap got that the new poller read (arrived after that request).
+    first_request = [
+        next(t for t, a in zip(patchwork.poll_times, patchwork.pollers, strict=True)
+             if t > kill_time and poller_pid(a) not in killed[: i + 1])
+        for i, kill_time in enumerate(killed_at)
+    ]  # fmt: skip
+    first_event = [next(t for t in reader.arrived_at if t > request) for request in first_request]
+    request_s = [r - k for r, k in zip(first_request, killed_at, strict=True)]
+    event_s = [e - k for e, k in zip(first_event, killed_at, strict=True)]
+    print(
+        f"\n5 kills of the poller: {len(ids)} events, {duplicates} published twice, "
+        f"{len(turns)} pollers in turn, {len(runs)} requests; kill -> new poller's first "
+        f"request: {', '.join(f'{s:.1f}' for s in request_s)} s; -> its first event at the "
+        f"tap: {', '.join(f'{s:.1f}' for s in event_s)} s"
+    )

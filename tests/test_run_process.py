@@ -20,6 +20,7 @@ from cloudevents.core.formats.json import JSONFormat
 from standardwebhooks import Webhook
 
 from bridge.demo.patchwork_double import FakePatchwork
+from bridge.eventlog import log_queue
 from bridge.webhook.netguard import refusal_reason
 from bridge.webhook.queues import dead_queue
 from bridge.webhook.subscriptions import load_subscriptions
@@ -204,4 +205,5 @@ async def delete_topology(connection, subscriptions: Path, exchange: str) -> Non
     await delete_subscription_queues(connection, load_subscriptions(subscriptions))
     channel = await connection.channel()
     await channel.exchange_delete(exchange)
+    await channel.queue_delete(log_queue(exchange))
     await channel.close()

@@ -21,6 +21,7 @@ import math
 import random
 import re
 import signal
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ class FakePatchwork(EventStore):
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.requests: list[dict[str, str]] = []
+        self.pollers: list[str] = []
+        """The User-Agent of each ``/events/`` request, in order: who polled when."""
+        self.poll_times: list[float] = []
+        """``time.monotonic()`` of each of those requests."""
         self.events_requests = 0
         self.events_served = 0
         """Items served by ``/events/`` so far, over all requests."""
@@ -218,6 +223,8 @@ class FakePatchwork(EventStore):
         if request.match_info.route.name == "events":
             self.events_requests += 1
             self.requests.append(dict(request.query))
+            self.pollers.append(request.headers.get("User-Agent", ""))
+            self.poll_times.append(time.monotonic())
         if self._token is not None:
             expected = f"Token {self._token}".encode()
             if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):

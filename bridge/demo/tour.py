@@ -23,6 +23,7 @@ import aio_pika
 from bridge.amqp import connect
 from bridge.demo.patchwork_double import FakePatchwork, seed
 from bridge.demo.receiver import Received, start_receiver
+from bridge.eventlog import log_queue
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess, build_roles
@@ -153,6 +154,7 @@ async def _clean_up(settings: Settings, *, delete_exchange: bool) -> None:
                 await channel.queue_delete(name)
         if delete_exchange:
             await channel.exchange_delete(settings.exchange)
+            await channel.queue_delete(log_queue(settings.exchange))
     except aio_pika.exceptions.AMQPError as exc:
         print(f"could not clean up everything: {exc}", file=sys.stderr)
     finally:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 """2 adds the newest id and the open id gaps; a version 1 file is read as having none."""
@@ -223,8 +226,17 @@ class CursorWriter:
                 await self._store.save(self._snapshot())
             except OSError as exc:
                 self._dirty = True  # the next request or flush tries again
-                self.failure = f"{self._store.path}: {exc.strerror or exc}"
+                failure = f"{self._store.path}: {exc.strerror or exc}"
+                if failure != self.failure:  # one line per kind of failure, not per poll
+                    log.warning(
+                        "cannot save the cursor (%s); still publishing, writing it again "
+                        "every poll; a restart before it succeeds republishes, never skips",
+                        failure,
+                    )
+                self.failure = failure
                 if self._on_failure is not None:
                     self._on_failure(exc)
                 return
+            if self.failure is not None:
+                log.info("cursor saved again in %s", self._store.path)
             self.failure = None

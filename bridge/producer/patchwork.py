@@ -7,6 +7,8 @@ poll loop decides when to retry. Nothing here retries by itself.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -51,7 +53,9 @@ class PatchworkClient:
         self._timeout = aiohttp.ClientTimeout(
             total=settings.patchwork_timeout, connect=min(10.0, settings.patchwork_timeout)
         )
-        self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        # Which bridge process polls, for Patchwork's admins (and for one poller at a time).
+        agent = f"{USER_AGENT} ({socket.gethostname()}:{os.getpid()})"
+        self._headers = {"Accept": "application/json", "User-Agent": agent}
         if settings.patchwork_token is not None:
             self._headers["Authorization"] = f"Token {settings.patchwork_token.get_secret_value()}"
         # No project filter even for one project: ids come from one sequence for all

@@ -13,9 +13,12 @@ from typing import TypeVar
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bridge.amqp import connect_with_retry, declare_exchange, is_connected
+from bridge.eventlog import declare_log
 from bridge.events import Event
 from bridge.metrics import Metrics
-from bridge.producer.cursor import Cursor, CursorStore, CursorWriter
+from bridge.producer.cursor import Cursor, CursorStore, CursorWriter, probe_writable
+from bridge.producer.lock import PollerLock
+from bridge.producer.logtail import cursor_from_log
 from bridge.producer.patchwork import PatchworkClient, PatchworkError
 from bridge.producer.publisher import Publisher
 from bridge.producer.start import NEWEST_PROBE, initial_cursor
@@ -61,12 +64,16 @@ class Producer:
         self._sorter = PageSorter(settings, metrics, check_event)
         self._prepare = prepare
         self._store = CursorStore(settings.state_dir)
-        self._writer = CursorWriter(self._store, self._snapshot, self._cursor_write_failed)
-        self._write_failure_logged: str | None = None
+        self._writer = CursorWriter(
+            self._store, self._snapshot, lambda _: metrics.cursor_write_errors.inc()
+        )
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
         self._saved: Cursor | None = None
-        """The cursor file as found at start-up."""
+        """The cursor file as found when this producer took the lock."""
+        self._log_tail: Cursor | None = None
+        """The window rebuilt from the event log's tail, then."""
+        self._lock = PollerLock(settings)
         self._overlap_s = settings.poll_overlap
         self._sweep_interval_s = settings.poll_sweep_interval
         self._next_sweep = 0.0
@@ -82,6 +89,8 @@ class Producer:
     def readiness(self) -> tuple[bool, str]:
         if not self.connected():
             return False, "producer not connected to RabbitMQ"
+        if self._lock.standby:
+            return True, ""  # a standby is healthy: it takes over when the poller goes
         if self._writer.failure is not None:
             return False, f"producer cannot save its cursor ({self._writer.failure})"
         # Three missed polls, each allowed its full request timeout.
@@ -91,21 +100,17 @@ class Producer:
         return True, ""
 
     async def run(self, stop: asyncio.Event) -> None:
-        await self._store.lock()
-        try:
-            # Before connecting: an unreadable cursor is the operator's to mend, at once.
-            self._saved = await self._store.load()
-            await self._run(stop)
-        finally:
-            self._store.unlock()
-
-    async def _run(self, stop: asyncio.Event) -> None:
+        # Before connecting: an unusable state directory or an unreadable cursor is the
+        # operator's to mend, at once (not when this producer's turn to poll comes).
+        await asyncio.to_thread(probe_writable, self._settings.state_dir)
+        await self._store.load()
         self._connection = await connect_with_retry(self._settings, "producer", stop)
         if self._connection is None:
             return  # stopped before RabbitMQ answered
         try:
             channel = await self._connection.channel(publisher_confirms=True)
             exchange = await declare_exchange(channel, self._settings.exchange)
+            await declare_log(channel, self._settings)
             if self._prepare is not None:
                 await self._prepare(channel)
             publisher = Publisher(
@@ -114,7 +119,31 @@ class Producer:
             async with PatchworkClient(
                 self._settings, self._metrics.patchwork_request_duration
             ) as client:
-                await self._poll_loop(client, publisher, stop)
+                while await self._lock.acquire(stop):
+                    await self._poll_while_holding(client, publisher, stop)
+        finally:
+            await self._lock.release()
+            await self._connection.close()
+
+    async def _poll_while_holding(
+        self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
+    ) -> None:
+        """Poll until stopped or the lock is lost; then stand by again, window forgotten:
+        whoever polls next starts from the event log."""
+        polling = asyncio.Event()
+        watcher = asyncio.create_task(_set_on_first(polling, stop, self._lock.lost))
+        await self._store.lock()
+        self._metrics.producer_active.set(1)
+        try:
+            self._saved = await self._store.load()
+            assert self._connection is not None
+            try:
+                self._log_tail = await _until_stopped(
+                    cursor_from_log(self._connection, self._settings), polling
+                )
+            except Stopped:
+                return
+            await self._poll_loop(client, publisher, polling)
             if self._writer.failure is not None:
                 log.error(
                     "stopping with the cursor unsaved (%s): the next start republishes "
@@ -122,7 +151,17 @@ class Producer:
                     self._writer.failure,
                 )
         finally:
-            await self._connection.close()
+            self._metrics.producer_active.set(0)
+            self._window = None
+            self._store.unlock()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        if self._lock.lost.is_set() and not stop.is_set():
+            log.warning(
+                "lost the poller lock (its connection closed): stopped polling; "
+                "another producer may poll now, this one stands by"
+            )
+            await self._lock.release()
 
     # -- polling ------------------------------------------------------------------------------
 
@@ -136,7 +175,7 @@ class Producer:
             try:
                 if self._window is None:
                     saved = await initial_cursor(
-                        self._saved,
+                        _newer(self._saved, self._log_tail),
                         self._settings,
                         lambda: _until_stopped(client.newest(NEWEST_PROBE), stop),
                     )
@@ -154,7 +193,7 @@ class Producer:
                 ticker.pause(backoff_s)
                 continue
             finally:
-                await self._flush_cursor()
+                await self._writer.flush()
             backoff_s = 0.0
             self._last_success = time.monotonic()
             self._metrics.polls.inc()
@@ -302,21 +341,6 @@ class Producer:
         self._writer.request()
         return len(fresh)
 
-    def _cursor_write_failed(self, exc: OSError) -> None:
-        self._metrics.cursor_write_errors.inc()
-        if self._writer.failure != self._write_failure_logged:
-            self._write_failure_logged = self._writer.failure
-            log.warning(
-                "cannot save the cursor (%s); still publishing, retrying the write every "
-                "poll; a restart before it succeeds republishes, never skips",
-                self._writer.failure,
-            )
-
-    async def _flush_cursor(self) -> None:
-        if await self._writer.flush() and self._write_failure_logged is not None:
-            log.info("cursor saved again in %s", self._store.path)
-            self._write_failure_logged = None
-
     def _snapshot(self) -> Cursor:
         assert self._window is not None
         return self._window.cursor()
@@ -343,3 +367,28 @@ async def _until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise Stopped
+
+
+def _newer(saved: Cursor | None, log_tail: Cursor | None) -> Cursor | None:
+    """The cursor file when it is at least as far as the log (it also knows the open
+    gaps); else the log's tail: a lost state directory, or a takeover from another host."""
+    if log_tail is None:
+        return saved
+    if saved is not None and (saved.max_id or 0) >= (log_tail.max_id or 0):
+        return saved
+    log.info(
+        "starting from the event log's tail (newest id %s)%s",
+        log_tail.max_id,
+        "" if saved is None else f", ahead of the cursor file (newest id {saved.max_id})",
+    )
+    return log_tail
+
+
+async def _set_on_first(target: asyncio.Event, *events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        target.set()
+    finally:
+        for wait in waits:
+            wait.cancel()

@@ -1,0 +1,157 @@
+"""`patchwork-bridge replay`: copy events from the event log into one queue, for a CI that
+joined late or lost its own.
+
+Only ever into one named queue (``--queue``, e.g. one made by ``bind``) or one
+subscription's main queue, never to the exchange: the other CI systems get nothing
+again. Each copy keeps its ``message_id`` and headers and carries
+``x-patchwork-replay: true``, so a consumer that deduplicates is not confused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from bridge.amqp import BROKER_ERRORS, publish_confirmed
+from bridge.cli.common import CliError, connected, pick, run_operator_command, usage_error
+from bridge.eventlog import LogMissing, event_item, log_queue, read_log
+from bridge.events import BadEvent, parse_event
+from bridge.settings import Settings, SettingsError
+from bridge.webhook.messages import copy_message
+from bridge.webhook.queues import main_queue
+from bridge.webhook.subscriptions import Subscription, TopicMatcher, check_pattern
+
+REPLAY_HEADER = "x-patchwork-replay"
+SKEW = timedelta(seconds=60)
+"""Start reading this much before ``--since`` in publish time: clocks of Patchwork and the
+broker differ a little, and each event is kept or not by its own date anyway."""
+PROGRESS_EVERY_S = 2.0
+
+
+def cli(args: argparse.Namespace) -> int:
+    if (args.queue is None) == (args.subscription is None):
+        return usage_error("replay: give --queue QUEUE or --subscription NAME (one of them)")
+    for pattern in args.events or []:
+        try:
+            check_pattern(pattern)
+        except ValueError as exc:
+            return usage_error(f"replay: --events {pattern!r}: {exc}")
+
+    async def command(settings: Settings, subscriptions: list[Subscription]) -> None:
+        since = _server_time(args.since, settings, "--since")
+        until = _server_time(args.until, settings, "--until") if args.until else None
+        target = args.queue or main_queue(pick(subscriptions, args.subscription).name)
+        async with connected(settings, "replay") as connection:
+            await _replay(connection, settings, target, since, until, args.events, args.dry_run)
+
+    needs_subscriptions = args.subscription is not None
+    return asyncio.run(run_operator_command(command, needs_subscriptions=needs_subscriptions))
+
+
+def _server_time(text: str, settings: Settings, option: str) -> datetime:
+    """A date as Patchwork's naive server-local time; a zone in it is converted."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise SettingsError(f"{option} {text!r}: not an ISO 8601 date") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(settings.tz).replace(tzinfo=None)
+    return when
+
+
+async def _replay(
+    connection: AbstractConnection,
+    settings: Settings,
+    target: str,
+    since: datetime,
+    until: datetime | None,
+    patterns: list[str] | None,
+    dry_run: bool,
+) -> None:
+    wanted = TopicMatcher(patterns or ["#"])
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(target, passive=True)
+    except BROKER_ERRORS:
+        raise CliError(f"{target}: no such queue (replay never creates one)") from None
+    await probe.close()
+    channel = await connection.channel(publisher_confirms=True)
+    started = datetime.now(UTC)
+    await _say_where_the_log_starts(connection, settings, since)
+    read = copied = 0
+    last_said = time.monotonic()
+    start = since.replace(tzinfo=settings.tz).astimezone(UTC) - SKEW
+    try:
+        async for message in read_log(connection, settings.exchange, start):
+            if message.timestamp is not None and message.timestamp > started:
+                break  # published after the replay began: the log's end for this replay
+            read += 1
+            if not _wanted(message, since, until, wanted):
+                continue
+            if not dry_run:
+                await publish_confirmed(channel, target, _replayed(message))
+            copied += 1
+            if time.monotonic() - last_said > PROGRESS_EVERY_S:
+                last_said = time.monotonic()
+                print(f"... {copied} events so far ({read} read from the log)", file=sys.stderr)
+    except LogMissing as exc:
+        raise CliError(f"{exc}: start a producer first") from None
+    except BROKER_ERRORS as exc:
+        raise CliError(
+            f"replay stopped after {copied} events: {type(exc).__name__}: {exc}; "
+            "running it again copies those again (consumers deduplicate by message_id)"
+        ) from None
+    what = f"from {since.isoformat()}" + (f" to {until.isoformat()}" if until else "")
+    verb = "would replay" if dry_run else "replayed"
+    print(f"{verb} {copied} events {what} into {target} ({read} read from the log)")
+
+
+def _wanted(
+    message: AbstractIncomingMessage,
+    since: datetime,
+    until: datetime | None,
+    wanted: TopicMatcher,
+) -> bool:
+    try:
+        item, raw = event_item(message)
+        event = parse_event(item, raw)
+    except (BadEvent, ValueError):
+        return False
+    if event.when < since or (until is not None and event.when >= until):
+        return False
+    return wanted(message.routing_key or event.routing_key)
+
+
+def _replayed(message: AbstractIncomingMessage) -> Any:
+    headers = {k: v for k, v in (message.headers or {}).items() if k != "x-stream-offset"}
+    headers[REPLAY_HEADER] = True
+    return copy_message(message, headers)
+
+
+async def _say_where_the_log_starts(
+    connection: AbstractConnection, settings: Settings, since: datetime
+) -> None:
+    """One line when ``--since`` is older than anything the log still keeps."""
+    try:
+        async for message in read_log(connection, settings.exchange, "first", idle_end_s=2.0):
+            try:
+                item, raw = event_item(message)
+                first = parse_event(item, raw)
+            except (BadEvent, ValueError):
+                continue
+            if first.when > since:
+                print(
+                    f"the event log {log_queue(settings.exchange)} starts at {first.date} "
+                    f"(event {first.id}): nothing older is kept (BRIDGE_LOG_MAX_AGE, "
+                    "BRIDGE_LOG_MAX_BYTES)",
+                    file=sys.stderr,
+                )
+            return
+    except LogMissing:
+        return  # said by the read that follows

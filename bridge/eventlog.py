@@ -1,0 +1,122 @@
+"""The event log: a stream queue bound ``#`` that keeps every published event for a while.
+
+It is the bus's memory: a producer without a cursor file rebuilds its window from the
+log's tail, ``patchwork-bridge replay`` copies events from it into one queue, and a
+consumer joining late reads it. Messages keep their ``message_id`` and headers. A
+stream has no "end": a read ends when the broker has sent nothing for a moment, which
+only ever makes it shorter, never skips a message inside it.
+See docs/operations.md, "The event log".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S
+from bridge.settings import Settings
+
+READ_PREFETCH = 1000
+"""Stream reads must set a prefetch; a large one lets the broker send whole chunks."""
+IDLE_END_S = 0.5
+"""A read is at the log's end once nothing has come for this long."""
+FIRST_WAIT_S = 3.0
+"""Before the first message, wait longer: "nothing" means an empty log, which makes a
+producer fall back to BRIDGE_START, so a slow broker must not look like one."""
+
+Offset = int | str | datetime
+"""Where a read starts: an offset, "first", "last" (the last chunk), or a publish time
+(the broker starts at a chunk at or before it: filter by each message's timestamp)."""
+
+
+class LogMissing(Exception):
+    """The exchange has no event log yet (no producer of this version has started)."""
+
+
+def log_queue(exchange: str) -> str:
+    return f"{exchange}.log"
+
+
+def log_arguments(settings: Settings) -> dict[str, Any]:
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": settings.log_max_age,
+        "x-max-length-bytes": settings.log_max_bytes,
+    }
+
+
+async def declare_log(channel: AbstractChannel, settings: Settings) -> None:
+    """Before the producer's first publish, so nothing it publishes is missing from it."""
+    async with asyncio.timeout(BROKER_TIMEOUT_S):
+        queue = await channel.declare_queue(
+            log_queue(settings.exchange), durable=True, arguments=log_arguments(settings)
+        )
+        await queue.bind(settings.exchange, "#")
+
+
+async def read_log(
+    connection: AbstractConnection,
+    exchange: str,
+    start: Offset,
+    *,
+    idle_end_s: float = IDLE_END_S,
+    first_wait_s: float = FIRST_WAIT_S,
+) -> AsyncIterator[AbstractIncomingMessage]:
+    """The log's messages from ``start`` to its end (see the module's note), in order.
+
+    Raises LogMissing if there is no log. Its own channel, closed when the read ends.
+    """
+    channel = await connection.channel()
+    try:
+        await channel.set_qos(prefetch_count=READ_PREFETCH)
+        try:
+            queue = await channel.declare_queue(log_queue(exchange), passive=True)
+        except ChannelNotFoundEntity:
+            raise LogMissing(f"no event log {log_queue(exchange)!r} yet") from None
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+        async def arrived(message: AbstractIncomingMessage) -> None:
+            await inbox.put(message)
+
+        tag = await queue.consume(
+            arrived, arguments={"x-stream-offset": start}, timeout=BROKER_TIMEOUT_S
+        )
+        wait_s = max(first_wait_s, idle_end_s)
+        while True:
+            try:
+                message = await asyncio.wait_for(inbox.get(), wait_s)
+            except TimeoutError:
+                break
+            wait_s = idle_end_s
+            yield message
+            # Acks only move the prefetch window of a stream; nothing is removed.
+            assert message.delivery_tag is not None
+            await message.channel.basic_ack(message.delivery_tag, wait=False)
+        with contextlib.suppress(*BROKER_ERRORS):
+            await queue.cancel(tag, timeout=BROKER_TIMEOUT_S)
+    finally:
+        with contextlib.suppress(*BROKER_ERRORS):
+            await channel.close()
+
+
+def offset_of(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get("x-stream-offset")
+    if not isinstance(value, int):
+        raise ValueError(f"message {message.message_id} carries no x-stream-offset")
+    return value
+
+
+def event_item(message: AbstractIncomingMessage) -> tuple[dict[str, object], str]:
+    """The Patchwork item a log message carries, and its text (as the producer read it)."""
+    raw = message.body.decode()
+    item = json.loads(raw)
+    if not isinstance(item, dict):
+        raise ValueError(f"log message {message.message_id} is not an event object")
+    return item, raw

@@ -1,0 +1,71 @@
+"""A window rebuilt from the event log's tail: the newest date published, and the ids
+published within the overlap before it, as if the cursor file had been kept.
+
+A producer whose state directory is lost, or that takes over from another host, starts
+here: neither a gap (it resumes from what was published) nor a flood (what is in the
+overlap counts as published). Reading less than the whole tail only costs duplicates:
+an id not found here is published again, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+from aio_pika.abc import AbstractConnection
+
+from bridge.amqp import BROKER_ERRORS
+from bridge.eventlog import LogMissing, event_item, read_log
+from bridge.events import BadEvent, Event, parse_event
+from bridge.producer.cursor import Cursor
+from bridge.producer.window import Window
+from bridge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MARGIN_S = 120.0
+"""Read this much further back than the overlap: publish times trail event dates."""
+
+
+async def cursor_from_log(connection: AbstractConnection, settings: Settings) -> Cursor | None:
+    """None when the log is missing, empty or unreadable (then the cursor file, or
+    BRIDGE_START, decides)."""
+    try:
+        last = [m async for m in read_log(connection, settings.exchange, "last")]
+        stamps = [m.timestamp for m in last if m.timestamp is not None]
+        if not stamps:
+            return None
+        margin = timedelta(seconds=settings.poll_overlap + MARGIN_S)
+        start = max(stamps) - margin
+        events = await _events_since(connection, settings, start)
+        if not events:
+            return None
+        # An event is published after its date: all of the overlap below the newest date
+        # was published after (newest - overlap). Read further back if that is earlier.
+        newest = max(e.when for e in events).replace(tzinfo=settings.tz).astimezone(UTC)
+        if newest - margin < start:
+            events = await _events_since(connection, settings, newest - margin)
+    except LogMissing:
+        return None
+    except BROKER_ERRORS as exc:
+        log.warning("cannot read the event log's tail (%s); not using it", exc)
+        return None
+    window = Window(Cursor(), settings.poll_overlap)
+    window.confirm(events)
+    window.prune()
+    window.take_changes()  # the gaps it found are not news
+    return window.cursor()
+
+
+async def _events_since(
+    connection: AbstractConnection, settings: Settings, start: datetime
+) -> list[Event]:
+    events = []
+    async for message in read_log(connection, settings.exchange, start):
+        try:
+            item, raw = event_item(message)
+            events.append(parse_event(item, raw))
+        except (BadEvent, ValueError, json.JSONDecodeError):
+            continue  # not an event the producer published (a test's, an operator's)
+    return events

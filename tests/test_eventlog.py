@@ -1,0 +1,208 @@
+"""The event log: what it keeps, a producer that lost its state directory, standbys taking
+over, and replay into one queue. Real RabbitMQ (the log is a stream queue)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from bridge.__main__ import main
+from bridge.eventlog import log_queue, read_log
+from bridge.metrics import Metrics
+from bridge.producer.poller import Producer
+from bridge.runtime import InProcess
+from tests.amqp_helpers import drain, wait_for
+from tests.test_producer import make_settings, running
+
+pytestmark = pytest.mark.broker
+
+
+def active(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("patchwork_bridge_producer_active") or 0.0
+
+
+async def test_the_log_keeps_every_published_event_with_its_id_and_headers(
+    patchwork, exchange_name, bound_queue, tmp_path, amqp
+):
+    patchwork.add_events(300)
+    async with running(make_settings(patchwork, exchange_name, tmp_path)):
+        published = await drain(bound_queue, expected=300)
+    logged = [m async for m in read_log(amqp, exchange_name, "first")]
+    assert [m.message_id for m in logged] == [m.message_id for m in published]
+    for kept, sent in zip(logged, published, strict=True):
+        assert kept.body == sent.body
+        assert kept.routing_key == sent.routing_key
+        assert {k: v for k, v in kept.headers.items() if k != "x-stream-offset"} == sent.headers
+
+
+async def test_a_lost_state_directory_resumes_from_the_log_tail_without_gap_or_flood(
+    patchwork, exchange_name, bound_queue, tmp_path
+):
+    """BRIDGE_START=beginning would republish all 600 if the log were not read."""
+    state = tmp_path / "state"
+    first = patchwork.add_events(600)
+    settings = make_settings(patchwork, exchange_name, state, start="beginning")
+    async with running(settings):
+        before = await drain(bound_queue, expected=600)
+    shutil.rmtree(state)  # a new host, a container without its volume
+    later = patchwork.add_events(200)
+    async with running(settings):
+        after = await drain(bound_queue, expected=200)
+        polls = patchwork.events_requests
+        await wait_for(lambda: patchwork.events_requests >= polls + 5)
+        assert await drain(bound_queue, expected=0, timeout=1.0) == []
+    ids = Counter(int(m.message_id) for m in before + after)
+    assert set(ids) == {e["id"] for e in first + later}, "nothing skipped"
+    assert max(ids.values()) == 1, "nothing published twice"
+    assert json.loads((state / "cursor.json").read_text())["max_id"] == later[-1]["id"]
+
+
+async def test_a_standby_takes_over_when_the_poller_stops_and_resumes_from_the_log(
+    patchwork, exchange_name, bound_queue, tmp_path
+):
+    settings = make_settings(patchwork, exchange_name, tmp_path / "a", start="beginning")
+    standby_settings = settings.model_copy(update={"state_dir": tmp_path / "b"})
+    ours, theirs = Metrics(), Metrics()
+    poller = InProcess([Producer(settings, ours)])
+    standby_producer = Producer(standby_settings, theirs)
+    standby = InProcess([standby_producer])
+    poller.start()
+    try:
+        await wait_for(lambda: active(ours) == 1, what="the first producer polling")
+        standby.start()
+        await wait_for(lambda: standby_producer.connected(), what="the standby connected")
+        patchwork.add_events(300)
+        first = await drain(bound_queue, expected=300)
+        assert active(theirs) == 0
+        assert standby_producer.readiness() == (True, "")  # a standby is healthy and ready
+        await poller.close()
+        await wait_for(lambda: active(theirs) == 1, what="the standby taking over")
+        patchwork.add_events(300)
+        second = await drain(bound_queue, expected=300)
+        assert await drain(bound_queue, expected=0, timeout=1.0) == []
+    finally:
+        await poller.close()
+        await standby.close()
+    ids = Counter(int(m.message_id) for m in first + second)
+    assert len(ids) == 600 and max(ids.values()) == 1
+
+
+@pytest.fixture
+async def log_with_500(patchwork, exchange_name, bound_queue, tmp_path):
+    """300 old events (an hour ago), then 500 of dpdk and netdevbpf, all published."""
+    an_hour_ago = patchwork.now() - timedelta(hours=1)
+    old = [patchwork.add_event("patch-created", "dpdk", an_hour_ago) for _ in range(300)]
+    new = patchwork.add_events(500)
+    settings = make_settings(patchwork, exchange_name, tmp_path, start="beginning")
+    async with running(settings):
+        await drain(bound_queue, expected=800)
+    return old, new
+
+
+def replay(*args: str, exchange: str, **env: str) -> int:
+    saved = dict(os.environ)
+    os.environ.update(
+        {"BRIDGE_EXCHANGE": exchange, "BRIDGE_PATCHWORK_TIMEZONE": "Australia/Canberra", **env}
+    )
+    try:
+        return main(["replay", *args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def test_replay_gives_a_late_queue_exactly_the_events_it_asks_for(
+    log_with_500, patchwork, exchange_name, bound_queue, amqp, unique, capsys
+):
+    _, new = log_with_500
+    channel = await amqp.channel()
+    late = await channel.declare_queue(f"test-{unique}-late", durable=True)
+    since = min(e["date"] for e in new)
+    try:
+        code = await asyncio.to_thread(
+            replay, "--since", since, "--events", "dpdk.*", "--queue", late.name,
+            exchange=exchange_name,
+        )  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        wanted = {e["id"] for e in new if e["project"]["link_name"] == "dpdk"}
+        got = await drain(late.name, expected=len(wanted))
+        assert await drain(late.name, expected=0, timeout=0.5) == []
+        assert {int(m.message_id) for m in got} == wanted
+        assert all(m.headers["x-patchwork-replay"] is True for m in got)
+        assert all(m.headers["ce-id"] == m.message_id for m in got)
+        assert f"replayed {len(wanted)} events" in capsys.readouterr().out
+        # Never to the exchange: the CI queue bound # got nothing again.
+        assert await drain(bound_queue, expected=0, timeout=0.5) == []
+    finally:
+        await channel.queue_delete(late.name)
+        await channel.close()
+
+
+async def test_replay_dry_run_counts_and_copies_nothing(
+    log_with_500, exchange_name, amqp, unique, capsys
+):
+    old, _ = log_with_500
+    channel = await amqp.channel()
+    late = await channel.declare_queue(f"test-{unique}-late", durable=True)
+    try:
+        since = min(e["date"] for e in old)
+        code = await asyncio.to_thread(
+            replay, "--since", since, "--queue", late.name, "--dry-run", exchange=exchange_name
+        )
+        assert code == 0
+        assert "would replay 800 events" in capsys.readouterr().out
+        assert await drain(late.name, expected=0, timeout=0.5) == []
+    finally:
+        await channel.queue_delete(late.name)
+        await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--since", "2000-01-01", "--queue", "{late}"], "starts at"),
+        (["--since", "yesterday", "--queue", "{late}"], "--since 'yesterday': not an ISO 8601"),
+        (["--since", "2000-01-01"], "give --queue QUEUE or --subscription NAME"),
+        (["--since", "2000-01-01", "--queue", "nope-{late}"], "no such queue"),
+        (["--since", "2000-01-01", "--queue", "{late}", "--events", "a.**"], "--events"),
+    ],
+)
+async def test_replay_says_what_is_wrong_in_one_line(
+    log_with_500, exchange_name, amqp, unique, capsys, args, says
+):
+    channel = await amqp.channel()
+    late = await channel.declare_queue(f"test-{unique}-late", durable=True)
+    try:
+        argv = [a.format(late=late.name) for a in args]
+        await asyncio.to_thread(replay, *argv, "--dry-run", exchange=exchange_name)
+        err = capsys.readouterr().err
+        assert says in err, err
+        assert "Traceback" not in err
+    finally:
+        await channel.queue_delete(late.name)
+        await channel.close()
+
+
+async def test_the_log_is_a_stream_with_the_configured_retention(
+    patchwork, exchange_name, tmp_path, amqp
+):
+    settings = make_settings(patchwork, exchange_name, tmp_path, log_max_age="2D")
+    patchwork.add_events(5)
+    async with running(settings):
+        await wait_for(lambda: patchwork.events_requests > 1)
+    channel = await amqp.channel()
+    with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+        # Declared with other arguments than the producer's: the broker refuses.
+        await channel.declare_queue(
+            log_queue(exchange_name), durable=True, arguments={"x-queue-type": "stream",
+            "x-max-age": "14D", "x-max-length-bytes": settings.log_max_bytes},
+        )  # fmt: skip
+    assert Path(tmp_path / "cursor.json").exists()
