@@ -125,7 +125,7 @@ async def main() -> int:
                 sides.reverse()
             for name, side in sides:
                 target = targets[0] if name == "replay" else targets[1]
-                await channel.queue_purge(target)
+                await (await channel.get_queue(target)).purge()
                 started = time.perf_counter()
                 if name == "replay":
                     await side(exchange, target)

@@ -32,6 +32,8 @@ SKEW = timedelta(seconds=60)
 """Start reading this much before ``--since`` in publish time: clocks of Patchwork and the
 broker differ a little, and each event is kept or not by its own date anyway."""
 PROGRESS_EVERY_S = 2.0
+IN_FLIGHT = 500
+"""Copies published and not yet confirmed, at most."""
 
 
 def cli(args: argparse.Namespace) -> int:
@@ -87,6 +89,9 @@ async def _replay(
     read = copied = 0
     last_said = time.monotonic()
     start = since.replace(tzinfo=settings.tz).astimezone(UTC) - SKEW
+    # Many copies in flight, each confirmed: one at a time, a confirm's round trip (and
+    # the broker's disk write) would cap a replay at a few hundred events a second.
+    in_flight: set[asyncio.Task[None]] = set()
     try:
         async for message in read_log(connection, settings.exchange, start):
             if message.timestamp is not None and message.timestamp > started:
@@ -95,18 +100,30 @@ async def _replay(
             if not _wanted(message, since, until, wanted):
                 continue
             if not dry_run:
-                await publish_confirmed(channel, target, _replayed(message))
+                if len(in_flight) >= IN_FLIGHT:
+                    done, in_flight = await asyncio.wait(
+                        in_flight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()  # raises what the broker refused
+                in_flight.add(
+                    asyncio.create_task(publish_confirmed(channel, target, _replayed(message)))
+                )
             copied += 1
             if time.monotonic() - last_said > PROGRESS_EVERY_S:
                 last_said = time.monotonic()
                 print(f"... {copied} events so far ({read} read from the log)", file=sys.stderr)
+        await asyncio.gather(*in_flight)
     except LogMissing as exc:
         raise CliError(f"{exc}: start a producer first") from None
     except BROKER_ERRORS as exc:
         raise CliError(
-            f"replay stopped after {copied} events: {type(exc).__name__}: {exc}; "
+            f"replay stopped after about {copied} events: {type(exc).__name__}: {exc}; "
             "running it again copies those again (consumers deduplicate by message_id)"
         ) from None
+    finally:
+        for task in in_flight:
+            task.cancel()
     what = f"from {since.isoformat()}" + (f" to {until.isoformat()}" if until else "")
     verb = "would replay" if dry_run else "replayed"
     print(f"{verb} {copied} events {what} into {target} ({read} read from the log)")
