@@ -352,6 +352,17 @@ async def preload(exchange: str, events: Sequence[Event]) -> None:
         await connection.close()
 
 
+async def forget_log(exchange: str) -> None:
+    """Delete the exchange's event log, so the next producer's first start is a first start:
+    with the log, a producer without a cursor resumes after what the log holds."""
+    connection = await aio_pika.connect(AMQP_URL, timeout=CONTROL_TIMEOUT_S)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(log_queue(exchange))
+    finally:
+        await connection.close()
+
+
 async def queue_depth(queue: str) -> int:
     connection = await aio_pika.connect(AMQP_URL, timeout=CONTROL_TIMEOUT_S)
     try:

@@ -40,6 +40,7 @@ from common import (
     declare,
     delete_topology,
     fill_backlog,
+    forget_log,
     preload,
     py_spy,
     py_spy_summary,
@@ -212,6 +213,7 @@ class Bench:
         if self.args.only:
             return None
         await self.receiver.reset()
+        await forget_log(self.exchange)  # the backlog was preloaded: it is all in the log
         settings_kw = self.settings(
             self.full_url, f"state-e2e-{round_no}", start="beginning", poll_interval=0.5
         )

@@ -25,7 +25,7 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 import aiohttp
-from common import AMQP_URL, round_ratios
+from common import AMQP_URL, forget_log, round_ratios
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
@@ -113,6 +113,7 @@ def plain_message(item: dict, base_url: str, contract_headers: bool) -> aio_pika
 
 async def bridge_producer(base_url: str, exchange_name: str, expected: int) -> Measure:
     """The real producer from an empty cursor until every event is confirmed."""
+    await forget_log(exchange_name)  # else it resumes after what the last round published
     metrics = Metrics()
     with tempfile.TemporaryDirectory() as state_dir:
         settings = Settings(
