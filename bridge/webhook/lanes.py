@@ -8,12 +8,19 @@ process, and a consumer the broker cancelled (queue deleted, quorum leader moved
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from prometheus_client import Counter, Histogram
 
 from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, raise_if_cancelled
@@ -145,6 +152,35 @@ class Lanes:
         lane.queue = await declare_subscription(
             channel, self.settings.exchange, lane.subscription, self.settings.queue_type
         )
+        self._hear_broker_cancel(lane, channel)
+
+    def _hear_broker_cancel(self, lane: Lane, channel: AbstractChannel) -> None:
+        """Say so the moment the broker cancels the lane's consumer (queue deleted, quorum
+        leader moved). aio-pika recovers by reconnecting, often before the watcher's next
+        look at the queue; the watcher then says when it consumes again."""
+
+        def cancelled(_: object) -> None:
+            if lane.consumer_tag is None or lane.cancelled or lane.queue is None:
+                return
+            lane.cancelled = True
+            log.warning(
+                "webhook %s: %s is gone or lost its consumer (deleted by an operator, or its "
+                "quorum leader moved); consuming again as soon as it is back",
+                lane.name,
+                lane.queue.name,
+            )
+
+        def listen(robust: object, *_: object) -> None:
+            # A callback cannot await get_underlay_channel(); the property it replaces
+            # still gives the same aiormq channel. Closed in between: the next reopen.
+            with warnings.catch_warnings(), contextlib.suppress(Exception):
+                warnings.simplefilter("ignore", DeprecationWarning)
+                robust.channel.on_consumer_cancel_callbacks.add(cancelled)  # type: ignore[attr-defined]
+
+        listen(channel)
+        reopen = getattr(channel, "reopen_callbacks", None)
+        if reopen is not None:
+            reopen.add(listen)
 
     async def _consume(self, lane: Lane) -> None:
         assert lane.queue is not None
