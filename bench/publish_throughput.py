@@ -184,6 +184,7 @@ async def main() -> None:
         await queue.delete(if_unused=False, if_empty=False)
         await exchange.delete()
         await connection.close()
+        await forget_log(exchange_name)  # the producer's last round declared it
         await fake.stop()
 
     print(f"catch-up of a {args.events}-event backlog, {args.rounds} rounds, best of each")

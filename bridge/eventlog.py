@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S
+from bridge.events import BadEvent, Event, parse_event
 from bridge.settings import Settings
 
 READ_PREFETCH = 1000
@@ -106,17 +107,11 @@ async def read_log(
             await channel.close()
 
 
-def offset_of(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get("x-stream-offset")
-    if not isinstance(value, int):
-        raise ValueError(f"message {message.message_id} carries no x-stream-offset")
-    return value
-
-
-def event_item(message: AbstractIncomingMessage) -> tuple[dict[str, object], str]:
-    """The Patchwork item a log message carries, and its text (as the producer read it)."""
-    raw = message.body.decode()
-    item = json.loads(raw)
-    if not isinstance(item, dict):
-        raise ValueError(f"log message {message.message_id} is not an event object")
-    return item, raw
+def logged_event(message: AbstractIncomingMessage) -> Event | None:
+    """The event a log message carries, as the producer read it from Patchwork; None for
+    anything else in the log (published there by hand or by a test)."""
+    try:
+        item = json.loads(message.body)
+        return parse_event(item, message.body.decode())
+    except (BadEvent, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None

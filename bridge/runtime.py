@@ -278,9 +278,7 @@ def cli_check_config(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     if settings is None:
         return 2
-    role = args.role or (
-        "webhook" if settings.patchwork_url is None and settings.subscriptions else "run"
-    )
+    role = args.role or _role_described_by(settings)
     problems: list[str] = []
     try:
         subscriptions = subscriptions_for(role, settings)

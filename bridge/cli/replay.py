@@ -14,14 +14,13 @@ import asyncio
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.amqp import BROKER_ERRORS, publish_confirmed
 from bridge.cli.common import CliError, connected, pick, run_operator_command, usage_error
-from bridge.eventlog import LogMissing, event_item, log_queue, read_log
-from bridge.events import BadEvent, parse_event
+from bridge.eventlog import LogMissing, log_queue, logged_event, read_log
 from bridge.settings import Settings, SettingsError
 from bridge.webhook.messages import copy_message
 from bridge.webhook.queues import main_queue
@@ -135,17 +134,15 @@ def _wanted(
     until: datetime | None,
     wanted: TopicMatcher,
 ) -> bool:
-    try:
-        item, raw = event_item(message)
-        event = parse_event(item, raw)
-    except (BadEvent, ValueError):
+    event = logged_event(message)
+    if event is None:
         return False
     if event.when < since or (until is not None and event.when >= until):
         return False
     return wanted(message.routing_key or event.routing_key)
 
 
-def _replayed(message: AbstractIncomingMessage) -> Any:
+def _replayed(message: AbstractIncomingMessage) -> aio_pika.Message:
     headers = {k: v for k, v in (message.headers or {}).items() if k != "x-stream-offset"}
     headers[REPLAY_HEADER] = True
     return copy_message(message, headers)
@@ -157,10 +154,8 @@ async def _say_where_the_log_starts(
     """One line when ``--since`` is older than anything the log still keeps."""
     try:
         async for message in read_log(connection, settings.exchange, "first", idle_end_s=2.0):
-            try:
-                item, raw = event_item(message)
-                first = parse_event(item, raw)
-            except (BadEvent, ValueError):
+            first = logged_event(message)
+            if first is None:
                 continue
             if first.when > since:
                 print(

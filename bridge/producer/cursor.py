@@ -113,9 +113,7 @@ class CursorStore:
             directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StateDirError(
-                f"BRIDGE_STATE_DIR {directory}: cannot write there ({exc.strerror})"
-            ) from None
+            raise _cannot_write(directory, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,9 +173,11 @@ def probe_writable(directory: Path) -> None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as exc:
-        raise StateDirError(
-            f"BRIDGE_STATE_DIR {directory}: cannot write there ({exc.strerror})"
-        ) from None
+        raise _cannot_write(directory, exc) from None
+
+
+def _cannot_write(directory: Path, exc: OSError) -> StateDirError:
+    return StateDirError(f"BRIDGE_STATE_DIR {directory}: cannot write there ({exc.strerror})")
 
 
 class CursorWriter:

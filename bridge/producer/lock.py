@@ -42,10 +42,6 @@ class PollerLock:
         self.standby = False
         """Another producer holds the lock (this one found so at its last try)."""
 
-    @property
-    def held(self) -> bool:
-        return self._connection is not None and not self.lost.is_set()
-
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this process holds the lock (True) or ``stop`` is set (False)."""
         name = lock_queue(self._settings.exchange)

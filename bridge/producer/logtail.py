@@ -9,15 +9,14 @@ an id not found here is published again, never skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractConnection
 
 from bridge.amqp import BROKER_ERRORS
-from bridge.eventlog import LogMissing, event_item, read_log
-from bridge.events import BadEvent, Event, parse_event
+from bridge.eventlog import LogMissing, logged_event, read_log
+from bridge.events import Event
 from bridge.producer.cursor import Cursor
 from bridge.producer.window import Window
 from bridge.settings import Settings
@@ -63,9 +62,6 @@ async def _events_since(
 ) -> list[Event]:
     events = []
     async for message in read_log(connection, settings.exchange, start):
-        try:
-            item, raw = event_item(message)
-            events.append(parse_event(item, raw))
-        except (BadEvent, ValueError, json.JSONDecodeError):
-            continue  # not an event the producer published (a test's, an operator's)
+        if (event := logged_event(message)) is not None:
+            events.append(event)
     return events

@@ -69,10 +69,9 @@ class Producer:
         )
         self._connection: AbstractRobustConnection | None = None
         self._window: Window | None = None
-        self._saved: Cursor | None = None
-        """The cursor file as found when this producer took the lock."""
-        self._log_tail: Cursor | None = None
-        """The window rebuilt from the event log's tail, then."""
+        self._resume_from: Cursor | None = None
+        """When this producer took the lock: the cursor file or the log's tail, whichever
+        is further (None: neither, BRIDGE_START decides)."""
         self._lock = PollerLock(settings)
         self._overlap_s = settings.poll_overlap
         self._sweep_interval_s = settings.poll_sweep_interval
@@ -132,17 +131,18 @@ class Producer:
         whoever polls next starts from the event log."""
         polling = asyncio.Event()
         watcher = asyncio.create_task(_set_on_first(polling, stop, self._lock.lost))
-        await self._store.lock()
-        self._metrics.producer_active.set(1)
         try:
-            self._saved = await self._store.load()
+            await self._store.lock()
+            self._metrics.producer_active.set(1)
+            saved = await self._store.load()
             assert self._connection is not None
             try:
-                self._log_tail = await _until_stopped(
+                log_tail = await _until_stopped(
                     cursor_from_log(self._connection, self._settings), polling
                 )
             except Stopped:
                 return
+            self._resume_from = _newer(saved, log_tail)
             await self._poll_loop(client, publisher, polling)
             if self._writer.failure is not None:
                 log.error(
@@ -175,7 +175,7 @@ class Producer:
             try:
                 if self._window is None:
                     saved = await initial_cursor(
-                        _newer(self._saved, self._log_tail),
+                        self._resume_from,
                         self._settings,
                         lambda: _until_stopped(client.newest(NEWEST_PROBE), stop),
                     )

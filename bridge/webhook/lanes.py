@@ -57,6 +57,9 @@ class Lane:
     cancelled: bool = False
     """The broker cancelled our consumer (queue deleted, quorum leader moved) and it is
     not consuming again yet."""
+    seen_missing: bool = False
+    """The watcher found the main queue missing at its last look (at the next, it
+    declares the queue itself)."""
     sink_times_out: bool = field(init=False)
     wants: TopicMatcher = field(init=False)
     # The metric children of the hot path, looked up once instead of per delivery.
@@ -76,6 +79,19 @@ class Lane:
     @property
     def name(self) -> str:
         return self.subscription.name
+
+    def mark_cancelled(self, what: str) -> None:
+        """Not consuming its main queue: one warning, and /readyz says so until it is."""
+        if self.cancelled or self.queue is None:
+            return
+        self.cancelled = True
+        log.warning(
+            "webhook %s: %s %s (deleted by an operator, or its quorum leader moved); "
+            "consuming again as soon as it is back",
+            self.name,
+            self.queue.name,
+            what,
+        )
 
     async def deliver(self, delivery: Delivery) -> Outcome:
         """The sink's outcome; a sink that raises, hangs or answers nonsense is retried."""
@@ -160,15 +176,8 @@ class Lanes:
         look at the queue; the watcher then says when it consumes again."""
 
         def cancelled(_: object) -> None:
-            if lane.consumer_tag is None or lane.cancelled or lane.queue is None:
-                return
-            lane.cancelled = True
-            log.warning(
-                "webhook %s: %s is gone or lost its consumer (deleted by an operator, or its "
-                "quorum leader moved); consuming again as soon as it is back",
-                lane.name,
-                lane.queue.name,
-            )
+            if lane.consumer_tag is not None:  # not our own cancel of a disabled lane
+                lane.mark_cancelled("is gone or lost its consumer")
 
         def listen(robust: object, *_: object) -> None:
             # A callback cannot await get_underlay_channel(); the property it replaces
@@ -264,25 +273,21 @@ class Lanes:
             return  # disabled: nobody should consume
         found = await self._control.inspect(lane.queue.name)
         if found is not None and (found.consumer_count or 0) > 0:
+            lane.seen_missing = False
             if lane.cancelled:
                 lane.cancelled = False
                 log.info("webhook %s: consuming %s again", lane.name, lane.queue.name)
             return
-        if not lane.cancelled:
-            lane.cancelled = True
-            log.warning(
-                "webhook %s: %s %s (deleted by an operator, or its quorum leader moved); "
-                "consuming again as soon as it is back",
-                lane.name,
-                lane.queue.name,
-                "is gone" if found is None else "has no consumer",
-            )
-            return
-        if found is None:
+        lane.mark_cancelled("is gone" if found is None else "has no consumer")
+        if found is None and lane.seen_missing:
+            # Missing at two looks in a row: aio-pika's own recovery did not bring it back.
             log.warning("webhook %s: %s is still missing; declaring it", lane.name, lane.queue.name)
             async with lane.lock:
                 await self._open(lane)
                 await self._consume(lane)
+            lane.seen_missing = False
+        else:
+            lane.seen_missing = found is None
 
     async def _sync_marker(self, lane: Lane) -> None:
         async with lane.lock:
