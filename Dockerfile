@@ -42,8 +42,8 @@ WORKDIR /var/lib/patchwork-bridge
 # The producer's cursor lives here; a new named volume inherits the bridge user's ownership.
 VOLUME ["/var/lib/patchwork-bridge"]
 
-# /metrics, /healthz and /readyz (BRIDGE_HTTP_PORT).
-EXPOSE 9464
+# /metrics, /healthz and /readyz (BRIDGE_HTTP_PORT); the event stream (BRIDGE_STREAM_PORT).
+EXPOSE 9464 9470
 # No curl in slim images: python's urllib fails the check on any non-2xx or timeout.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('BRIDGE_HTTP_PORT', '9464'), timeout=4)"]

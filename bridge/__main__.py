@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from bridge import __version__
 from bridge.logs import setup_logging
 
-CHECKED_ROLES = ("producer", "webhook", "run")
+CHECKED_ROLES = ("producer", "webhook", "stream", "checks", "run")
 
 # command -> "module:function"; the function takes the parsed args and returns an exit code.
 HANDLERS = {
     "producer": "bridge.runtime:cli_run",
     "webhook": "bridge.runtime:cli_run",
+    "stream": "bridge.runtime:cli_run",
+    "checks": "bridge.runtime:cli_run",
     "run": "bridge.runtime:cli_run",
     "demo": "bridge.demo.tour:cli",
     "dlq": "bridge.cli.dlq:cli",
@@ -51,10 +53,31 @@ ROLE_COMMANDS = (
         "BRIDGE_QUEUE_TYPE, BRIDGE_QUEUE_DEPTH_INTERVAL.",
     ),
     (
+        "stream",
+        "serve the event log as Server-Sent Events to CI systems without a public URL",
+        "Serve GET /v1/events (Server-Sent Events from the event log, resumable with\n"
+        "Last-Event-ID) and a live page at / to the consumers of BRIDGE_STREAM_CONSUMERS\n"
+        "(a TOML file of [[consumer]] tables, each with a token). Run as many as you like.\n\n"
+        "Settings: BRIDGE_STREAM_CONSUMERS (required), BRIDGE_STREAM_HOST, BRIDGE_STREAM_PORT,\n"
+        "BRIDGE_AMQP_URL, BRIDGE_EXCHANGE, BRIDGE_PATCHWORK_TIMEZONE (for since=).",
+    ),
+    (
+        "checks",
+        "post CI results from the results exchange to Patchwork as checks",
+        "Consume the results CI systems publish to <exchange>.results (routing key\n"
+        "<project>.check) or POST to the stream's /v1/checks, and create each as a check in\n"
+        "Patchwork: one per patch (a series' result on each of its patches), once even if\n"
+        "delivered twice; retries through the broker, invalid results and 4xx to\n"
+        "bridge.checks.dead.\n\n"
+        "Settings: BRIDGE_PATCHWORK_URL and BRIDGE_PATCHWORK_TOKEN (a maintainer's; both\n"
+        "required), BRIDGE_CHECKS_RATE, BRIDGE_AMQP_URL, BRIDGE_EXCHANGE, BRIDGE_QUEUE_TYPE.",
+    ),
+    (
         "run",
-        "producer and webhook in one process (small sites)",
-        "The producer and, when BRIDGE_SUBSCRIPTIONS lists any, the webhook role in one\n"
-        "process: the default for a small site. The settings of both apply.",
+        "producer, webhook and stream in one process (small sites)",
+        "The producer and, when BRIDGE_SUBSCRIPTIONS lists any, the webhook role, and when\n"
+        "BRIDGE_STREAM_CONSUMERS is set, the stream role, and with BRIDGE_CHECKS=true the\n"
+        "checks role, in one process: the default for a small site. The settings of each apply.",
     ),
 )
 ROLE_EPILOG = (

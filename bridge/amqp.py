@@ -105,6 +105,8 @@ async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
 RECONNECT_NOTE = {
     "producer": "events not yet confirmed are published again from the cursor",
     "webhook": "deliveries not yet acked go back to their queues",
+    "checks": "results not yet acked go back to bridge.checks",
+    "stream": "clients keep their streams; the log is followed again from where it was",
 }
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
-from datetime import datetime
+from collections.abc import AsyncGenerator
+from datetime import datetime, timedelta
 from typing import Any
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
@@ -26,6 +26,9 @@ from bridge.settings import Settings
 
 READ_PREFETCH = 1000
 """Stream reads must set a prefetch; a large one lets the broker send whole chunks."""
+SINCE_SKEW = timedelta(seconds=60)
+"""Read this much before a ``since`` in publish time: clocks of Patchwork and the broker
+differ a little, and each event is kept or not by its own date anyway."""
 IDLE_END_S = 0.5
 """A read is at the log's end once nothing has come for this long."""
 FIRST_WAIT_S = 3.0
@@ -69,14 +72,15 @@ async def read_log(
     *,
     idle_end_s: float = IDLE_END_S,
     first_wait_s: float = FIRST_WAIT_S,
-) -> AsyncIterator[AbstractIncomingMessage]:
+    prefetch: int = READ_PREFETCH,
+) -> AsyncGenerator[AbstractIncomingMessage]:
     """The log's messages from ``start`` to its end (see the module's note), in order.
 
     Raises LogMissing if there is no log. Its own channel, closed when the read ends.
     """
     channel = await connection.channel()
     try:
-        await channel.set_qos(prefetch_count=READ_PREFETCH)
+        await channel.set_qos(prefetch_count=prefetch)
         try:
             queue = await channel.declare_queue(log_queue(exchange), passive=True)
         except ChannelNotFoundEntity:
@@ -105,6 +109,14 @@ async def read_log(
     finally:
         with contextlib.suppress(*BROKER_ERRORS):
             await channel.close()
+
+
+def offset_of(message: AbstractIncomingMessage) -> int:
+    """A log message's offset, which the broker puts in its headers."""
+    offset = (message.headers or {}).get("x-stream-offset")
+    if not isinstance(offset, int):
+        raise ValueError("a stream message without an x-stream-offset header")
+    return offset
 
 
 def logged_event(message: AbstractIncomingMessage) -> Event | None:

@@ -181,6 +181,38 @@ class Metrics:
             ["queue"],
             registry=r,
         )
+        # Stream
+        self.stream_clients = Gauge(
+            f"{p}_stream_clients",
+            "Clients connected to the event stream, by consumer.",
+            ["consumer"],
+            registry=r,
+        )
+        self.stream_events_sent = Counter(
+            f"{p}_stream_events_sent",
+            "Events sent to stream clients, by consumer.",
+            ["consumer"],
+            registry=r,
+        )
+        self.stream_disconnects = Counter(
+            f"{p}_stream_disconnects",
+            "Stream clients gone, by reason: client (it left), slow (fell a buffer behind "
+            "the log's tail), stalled (a write did not finish), shutdown, broker, error.",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_refused = Counter(
+            f"{p}_stream_requests_refused",
+            "Stream and checks requests refused, by HTTP status (400, 401, 403).",
+            ["status"],
+            registry=r,
+        )
+        self.stream_lag = Gauge(
+            f"{p}_stream_client_lag_events",
+            "Events between the log's tail and the furthest-behind client, by consumer.",
+            ["consumer"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             f"{p}_broker_connected",
             "1 while the role's connection to RabbitMQ is up.",

@@ -22,6 +22,7 @@ from bridge.settings import Settings, SettingsError, load_settings
 from bridge.waiting import Ticker
 
 if TYPE_CHECKING:
+    from bridge.stream.consumers import StreamConsumers
     from bridge.webhook.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
     """Raises SettingsError for configuration a role cannot start with.
 
     ``run`` without subscriptions is a producer alone: a site that only feeds CI
-    systems binding their own queues.
+    systems binding their own queues; with BRIDGE_STREAM_CONSUMERS it serves the stream too.
     """
     roles: list[Role] = []
     subscriptions = subscriptions_for(command, settings)
@@ -75,8 +76,30 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
 
         roles.append(build_consumer(settings, metrics, subscriptions))
     elif command == "run":
-        log.info("no subscriptions: running the producer only")
+        log.info("no subscriptions: no webhook role")
+    consumers = consumers_for(command, settings)
+    if consumers is not None:
+        from bridge.stream.role import StreamRole
+
+        roles.append(StreamRole(settings, metrics, consumers))
+    if command == "checks" or (command == "run" and settings.checks):
+        from bridge.checks.role import build_checks_role
+
+        roles.append(build_checks_role(settings, metrics))
     return roles
+
+
+def consumers_for(command: str, settings: Settings) -> StreamConsumers | None:
+    """The stream's consumers where the command serves the stream, read once."""
+    from bridge.stream.consumers import load_consumers
+
+    if command not in ("stream", "run"):
+        return None
+    if settings.stream_consumers is None:
+        if command == "stream":
+            raise SettingsError("BRIDGE_STREAM_CONSUMERS: required for the stream role")
+        return None
+    return load_consumers(settings.stream_consumers)
 
 
 def subscriptions_for(command: str, settings: Settings) -> list[Subscription]:
@@ -84,7 +107,7 @@ def subscriptions_for(command: str, settings: Settings) -> list[Subscription]:
     role would have nothing to do."""
     from bridge.webhook.subscriptions import load_subscriptions
 
-    if settings.subscriptions is None:
+    if settings.subscriptions is None or command == "stream":
         if command == "webhook":
             raise SettingsError("BRIDGE_SUBSCRIPTIONS: required for the webhook role")
         return []
@@ -285,27 +308,41 @@ def cli_check_config(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         problems.extend(str(exc).splitlines())
         subscriptions = []
-    if role in ("producer", "run"):
+    try:
+        consumers = consumers_for(role, settings)
+    except SettingsError as exc:
+        problems.extend(str(exc).splitlines())
+        consumers = None
+    if role in ("producer", "run", "checks"):
         try:
             settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
         except SettingsError as exc:
             problems.append(str(exc))
+    if role in ("producer", "run"):
         problems.extend(_state_dir_problems(settings))
+    if (role == "checks" or (role == "run" and settings.checks)) and (
+        settings.patchwork_token is None
+    ):
+        problems.append("BRIDGE_PATCHWORK_TOKEN: required for the checks role")
     for problem in problems:
         print(f"patchwork-bridge: {problem}", file=sys.stderr)
     if problems:
         return 2
     if role == "run" and not subscriptions:
-        print("configuration ok for run (no subscriptions: the producer only)")
+        also = " and the stream" if consumers is not None else " only"
+        print(f"configuration ok for run (no subscriptions: the producer{also})")
     else:
         print(f"configuration ok for {role}")
     return 0
 
 
 def _role_described_by(settings: Settings) -> str:
-    """Without --role: a webhook process where only subscriptions are set, else ``run``."""
+    """Without --role: a webhook (or stream) process where only subscriptions (or stream
+    consumers) are set, else ``run``."""
     if settings.patchwork_url is None and settings.subscriptions is not None:
         return "webhook"
+    if settings.patchwork_url is None and settings.stream_consumers is not None:
+        return "stream"
     return "run"
 
 

@@ -25,6 +25,7 @@ from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from pydantic.plugin._schema_validator import PluggableSchemaValidator
 from pydantic_core import SchemaValidator
 
+from bridge.checks.result import CheckResult
 from bridge.metrics import Metrics
 from bridge.models import EVENT_MODELS, OBJECT_MODELS, EventItem
 
@@ -193,7 +194,10 @@ def dispatch_schema() -> dict[str, Any]:
 
 def render_schemas() -> dict[str, str]:
     """Every generated file under `schemas/`, by relative path, as it must be on disk."""
-    documents: dict[str, dict[str, Any]] = {"event.json": dispatch_schema()}
+    documents: dict[str, dict[str, Any]] = {
+        "event.json": dispatch_schema(),
+        "check-result.json": model_schema(CheckResult),
+    }
     for category, event_model in EVENT_MODELS.items():
         documents[f"events/{category}.json"] = model_schema(event_model)
     for name, object_model in OBJECT_MODELS.items():

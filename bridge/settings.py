@@ -53,6 +53,17 @@ class Settings(BaseSettings):
 
     subscriptions: Path | None = None
 
+    checks: bool = False
+    """``run`` also runs the checks role (CI results posted to Patchwork)."""
+    checks_rate: float = Field(5.0, gt=0)
+    """Requests a second to Patchwork, at most, from the checks role."""
+
+    stream_consumers: Path | None = None
+    stream_host: str = "0.0.0.0"  # noqa: S104 - the stream is for CI systems elsewhere
+    stream_port: int = Field(9470, ge=0, le=65535)
+    stream_client_buffer: int = Field(2000, ge=1)
+    """Events waiting for one stream client at most; past that it is disconnected as slow."""
+
     http_host: str = "0.0.0.0"  # noqa: S104 - a container's health check must reach it
     http_port: int = Field(9464, ge=0, le=65535)
     queue_depth_interval: float = Field(15.0, gt=0)
@@ -81,11 +92,11 @@ class Settings(BaseSettings):
             )
         return value.rstrip("/")
 
-    @field_validator("subscriptions", mode="before")
+    @field_validator("subscriptions", "stream_consumers", mode="before")
     @classmethod
     def _subscriptions_path(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
-            raise ValueError("is empty: name the subscriptions file, or unset it")
+            raise ValueError("is empty: name the file, or unset it")
         return value
 
     @field_validator("patchwork_timezone")

@@ -31,14 +31,8 @@ from bridge.producer.cursor import Cursor
 from bridge.producer.patchwork import PAGE_SIZE, PatchworkClient
 from bridge.producer.window import Window
 from bridge.settings import Settings, SettingsError
-from bridge.webhook.subscriptions import (
-    MAX_RETRY_DELAY_S,
-    Subscription,
-    TopicMatcher,
-    check_pattern,
-    load_subscriptions,
-    matches,
-)
+from bridge.topics import TopicMatcher, check_pattern, matches
+from bridge.webhook.subscriptions import MAX_RETRY_DELAY_S, Subscription, load_subscriptions
 
 FAST = settings(max_examples=60, deadline=None)
 # Examples share the test's tmp_path: each writes its own file, nothing carries over.

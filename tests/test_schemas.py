@@ -352,4 +352,4 @@ def test_asyncapi_document_validates_with_the_asyncapi_parser():
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "valid AsyncAPI 3.0.0, 12 messages (0 warnings)" in result.stdout
+    assert "valid AsyncAPI 3.0.0, 13 messages (0 warnings)" in result.stdout

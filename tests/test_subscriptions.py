@@ -15,12 +15,11 @@ from bridge.sinks.base import is_sink
 from bridge.sinks.command import CommandSink
 from bridge.sinks.registry import load_sink, sink_names
 from bridge.sinks.webhook import WebhookSink
+from bridge.topics import TopicMatcher, matches
 from bridge.webhook.subscriptions import (
     DEFAULT_RETRY_SCHEDULE_S,
     Subscription,
-    TopicMatcher,
     load_subscriptions,
-    matches,
 )
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -309,3 +308,13 @@ def test_unknown_sink_is_a_settings_error_naming_the_subscription() -> None:
 def test_sink_that_cannot_use_its_settings_is_a_settings_error() -> None:
     with pytest.raises(SettingsError, match="webhook 'x': sink: webhook: a webhook needs a url"):
         load_sink(Subscription(name="x"))
+
+
+def test_the_checks_roles_own_name_is_refused_for_a_subscription(tmp_path):
+    """Its queues would be the checks role's bridge.checks, not a webhook's."""
+    path = write(tmp_path, '[[webhook]]\nname = "checks"\nurl = "https://ci.example/"\n')
+    with pytest.raises(SettingsError) as caught:
+        load_subscriptions(path)
+    assert str(caught.value) == (
+        f"{path}: webhook 'checks': name: 'checks' is the checks role's own; choose another"
+    )

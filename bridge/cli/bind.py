@@ -21,7 +21,7 @@ import aio_pika
 from bridge.amqp import connect, declare_exchange, declare_queue, queue_arguments
 from bridge.cli.common import connected, delete_queues, run_operator_command
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.webhook.subscriptions import check_pattern
+from bridge.topics import check_pattern
 
 DEAD_SUFFIX = ".dead"
 # Declarations are a few round trips; a broker that takes this long is not answering.

@@ -40,7 +40,7 @@ from bridge.webhook.messages import (
     header_text,
     replay_headers,
 )
-from bridge.webhook.queues import dead_queue, main_queue
+from bridge.webhook.queues import RESERVED, dead_queue, main_queue
 
 
 def describe(message: AbstractIncomingMessage) -> str:
@@ -211,6 +211,12 @@ async def cli(args: argparse.Namespace) -> int:
         )
     if args.name is None:
         return usage_error("dlq: give a subscription NAME, or --queue QUEUE for a bind queue")
+    if args.name in RESERVED:  # the checks role's lane: bridge.checks.dead
+        target = Target.of_subscription(args.name)
+        return await run_operator_command(
+            lambda settings, _: run_dlq(settings, target, args.dlq_command, limit, yes=yes),
+            needs_subscriptions=False,
+        )
     return await run_operator_command(
         lambda settings, subscriptions: run_dlq(
             settings,

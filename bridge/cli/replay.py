@@ -13,23 +13,21 @@ import argparse
 import asyncio
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.amqp import BROKER_ERRORS, publish_confirmed
 from bridge.cli.common import CliError, connected, pick, run_operator_command, usage_error
-from bridge.eventlog import LogMissing, log_queue, logged_event, read_log
+from bridge.eventlog import SINCE_SKEW, LogMissing, log_queue, logged_event, read_log
 from bridge.settings import Settings, SettingsError
+from bridge.topics import TopicMatcher, check_pattern
 from bridge.webhook.messages import copy_message
 from bridge.webhook.queues import main_queue
-from bridge.webhook.subscriptions import Subscription, TopicMatcher, check_pattern
+from bridge.webhook.subscriptions import Subscription
 
 REPLAY_HEADER = "x-patchwork-replay"
-SKEW = timedelta(seconds=60)
-"""Start reading this much before ``--since`` in publish time: clocks of Patchwork and the
-broker differ a little, and each event is kept or not by its own date anyway."""
 PROGRESS_EVERY_S = 2.0
 IN_FLIGHT = 500
 """Copies published and not yet confirmed, at most."""
@@ -87,7 +85,7 @@ async def _replay(
     await _say_where_the_log_starts(connection, settings, since)
     read = copied = 0
     last_said = time.monotonic()
-    start = since.replace(tzinfo=settings.tz).astimezone(UTC) - SKEW
+    start = since.replace(tzinfo=settings.tz).astimezone(UTC) - SINCE_SKEW
     # Many copies in flight, each confirmed: one at a time, a confirm's round trip (and
     # the broker's disk write) would cap a replay at a few hundred events a second.
     in_flight: set[asyncio.Task[None]] = set()

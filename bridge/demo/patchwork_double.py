@@ -23,7 +23,7 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
+from bridge.demo.patchwork_checks import FakeChecks
 from bridge.demo.patchwork_store import (
     CATEGORIES,
     COMMENT_CATEGORIES,
@@ -149,10 +150,15 @@ class FakePatchwork(EventStore):
         token: str | None = None,
         public_url: str | None = None,
         cost: ServingCost | None = None,
+        maintainers: Mapping[str, set[str]] | None = None,
     ) -> None:
-        """``cost``: what each ``/events/`` request takes to serve (none by default)."""
+        """``cost``: what each ``/events/`` request takes to serve (none by default).
+        ``maintainers``: token -> projects its user maintains, for the checks API."""
         super().__init__(tz=tz, api_version=api_version, projects=projects, public_url=public_url)
         self.cost = cost or ServingCost()
+        self.checks = FakeChecks(self, maintainers or {})
+        self.series_patches: dict[int, list[int]] = {}
+        """A series' patch ids; a series not named here has the recorded four."""
         self._workers = asyncio.Semaphore(self.cost.workers) if self.cost.workers else None
         self._token = token
         self._url: str | None = None
@@ -195,6 +201,7 @@ class FakePatchwork(EventStore):
         app.router.add_get(api + "/projects/", self._projects_handler)
         app.router.add_get(api + "/series/{id:[0-9]+}/", self._series_handler)
         app.router.add_get(api + "/patches/{id:[0-9]+}/", self._patch_handler)
+        self.checks.routes(app, api)
         app.router.add_get("/series/{id:[0-9]+}/mbox/", self._series_mbox)
         app.router.add_get("/project/{project}/{kind:patch|cover}/{msgid}/mbox/", self._mbox)
         self._stopping.clear()
@@ -225,7 +232,7 @@ class FakePatchwork(EventStore):
             self.requests.append(dict(request.query))
             self.pollers.append(request.headers.get("User-Agent", ""))
             self.poll_times.append(time.monotonic())
-        if self._token is not None:
+        if self._token is not None and request.method == "GET":
             expected = f"Token {self._token}".encode()
             if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
                 return web.json_response(
@@ -339,8 +346,13 @@ class FakePatchwork(EventStore):
 
     async def _series_handler(self, request: web.Request) -> web.Response:
         series_id = int(request.match_info["id"])
+        patches = self._series["patches"]
+        if series_id in self.series_patches:
+            template = patches[0]
+            patches = [{**template, "id": i} for i in self.series_patches[series_id]]
         series = {
             **self._series,
+            "patches": patches,
             "id": series_id,
             "url": f"{RECORDED_ROOT}/api/{self.api_version}/series/{series_id}/",
             "web_url": f"{RECORDED_ROOT}/project/netdevbpf/list/?series={series_id}",

@@ -39,6 +39,7 @@ COMMENT_CATEGORIES = frozenset({"cover-comment-created", "patch-comment-created"
 _ID_MARK, _DATE_MARK = "\x00id\x00", "\x00date\x00"
 
 
+_EVENT_CHECK_FIELDS = ("id", "url", "date", "state", "target_url", "context")
 _PROJECT_LIST_ONLY = frozenset({"maintainers", "subject_match", "show_dependencies"})
 
 
@@ -201,6 +202,30 @@ class EventStore:
         else:
             self._hidden[event_id] = item
         return item
+
+    def add_check_event(self, project: str, patch_id: int, check: dict[str, Any]) -> None:
+        """The ``check-created`` event Patchwork writes when a check is created."""
+        template = self._templates["check-created"]
+        patch = template["payload"]["patch"]
+        root = f"{self._root}/api/{self.api_version}"
+        event_id, self._next_id = self._next_id, self._next_id + 1
+        date = self.now()
+        item = {
+            **template,
+            "id": event_id,
+            "project": self._project(project),
+            "date": _date_text(date),
+            "payload": {
+                "patch": {**patch, "id": patch_id, "url": f"{root}/patches/{patch_id}/"},
+                "check": {
+                    k: check[k] for k in ("id", "url", "date", "state", "target_url", "context")
+                },
+            },
+        }
+        body = render(item).replace(RECORDED_ROOT.encode(), self._root.encode())
+        stored = StoredItem((date, next(self._seq)), body, project, "check-created", event_id)
+        self._by_id[event_id] = stored
+        self._show(stored)
 
     def _show(self, item: StoredItem) -> None:
         index = bisect.bisect_right(self._keys, item.key)

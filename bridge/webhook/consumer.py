@@ -155,12 +155,12 @@ class WebhookConsumer:
 
     def readiness(self) -> tuple[bool, str]:
         if self._connection is None or not self._started:
-            return False, "webhook: connecting to RabbitMQ and declaring queues"
+            return False, f"{self.name}: connecting to RabbitMQ and declaring queues"
         if not self.connected():
-            return False, "webhook: connection to RabbitMQ lost, reconnecting"
+            return False, f"{self.name}: connection to RabbitMQ lost, reconnecting"
         cancelled = [lane.name for lane in self._lanes if lane.cancelled]
         if cancelled:
-            return False, f"webhook: not consuming the main queue of {', '.join(cancelled)}"
+            return False, f"{self.name}: not consuming the main queue of {', '.join(cancelled)}"
         return True, ""
 
     async def _start(self) -> None:

@@ -28,9 +28,10 @@ from bridge.logs import one_line
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
+from bridge.topics import TopicMatcher
 from bridge.waiting import Ticker
 from bridge.webhook.queues import QueueControl, declare_subscription, main_queue, marker_queue
-from bridge.webhook.subscriptions import Subscription, TopicMatcher
+from bridge.webhook.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
 

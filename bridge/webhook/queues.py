@@ -32,6 +32,9 @@ from bridge.webhook.retry import delay_ladder
 from bridge.webhook.subscriptions import Subscription
 
 PREFIX = "bridge.webhook"
+RESERVED = {"checks": "bridge.checks"}
+"""Lanes of the bridge's own roles, named for the role: a subscription may not take these
+names (the subscriptions file refuses them)."""
 
 
 class TopologyError(Exception):
@@ -39,15 +42,15 @@ class TopologyError(Exception):
 
 
 def main_queue(name: str) -> str:
-    return f"{PREFIX}.{name}"
+    return RESERVED.get(name, f"{PREFIX}.{name}")
 
 
 def dead_queue(name: str) -> str:
-    return f"{PREFIX}.{name}.dead"
+    return f"{main_queue(name)}.dead"
 
 
 def marker_queue(name: str) -> str:
-    return f"{PREFIX}.{name}.disabled"
+    return f"{main_queue(name)}.disabled"
 
 
 def retry_queue(name: str, delay_s: float) -> str:
@@ -56,7 +59,7 @@ def retry_queue(name: str, delay_s: float) -> str:
     The name fixes the TTL, so every process declares the same queue the same way.
     """
     text = f"{ttl_ms(delay_s) / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{PREFIX}.{name}.retry.{text}s"
+    return f"{main_queue(name)}.retry.{text}s"
 
 
 def ttl_ms(delay_s: float) -> int:

@@ -9,27 +9,32 @@ they were given inline or in a file.
 
 from __future__ import annotations
 
-import re
-import tomllib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from bridge.settings import SettingsError
 from bridge.sinks.registry import sink_names
+from bridge.tablefile import (
+    Problems,
+    error_key,
+    error_message,
+    is_one_word,
+    label_of,
+    read_secret_file,
+    read_tables,
+    resolve,
+)
+from bridge.topics import check_pattern
 from bridge.webhook.netguard import ForbiddenAddress, check_literal_host
 from bridge.webhook.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+RESERVED_NAMES = frozenset({"checks"})
+"""Names of the bridge's own lanes (bridge.webhook.queues.RESERVED)."""
 MAX_RETRY_DELAY_S = 4_294_967.0
 """RabbitMQ's largest queue TTL (2^32-1 ms); delays are realised as queue TTLs."""
-
-_WORD = r"(?:[A-Za-z0-9_-]+|\*|#)"
-_PATTERN_RE = re.compile(rf"{_WORD}(?:\.{_WORD})*")
-_MAX_PATTERN_BYTES = 255  # an AMQP binding key is a short string
 
 
 class Subscription(BaseModel):
@@ -99,74 +104,9 @@ def check_url(url: str) -> None:
         raise ValueError("must not contain user:password@, use bearer_token_file")
 
 
-def check_pattern(pattern: str) -> None:
-    """ValueError unless ``pattern`` is an AMQP topic pattern the bridge can bind.
-
-    Words are separated by ``.``; ``*`` and ``#`` stand only as whole words.
-    """
-    if len(pattern.encode()) > _MAX_PATTERN_BYTES:
-        raise ValueError(f"pattern longer than {_MAX_PATTERN_BYTES} bytes")
-    if not _PATTERN_RE.fullmatch(pattern):
-        raise ValueError(
-            f"bad topic pattern {pattern!r}: words of letters, digits, '-' or '_' separated"
-            " by '.', with '*' (one word) and '#' (any words) only as whole words"
-        )
-
-
-def matches(pattern: str, routing_key: str) -> bool:
-    """Topic match: ``*`` is exactly one word, ``#`` zero or more (``a.#`` matches ``a``)."""
-    return _match_words(pattern.split("."), routing_key.split("."))
-
-
-class TopicMatcher:
-    """Several patterns compiled once; true if any matches (a queue bound with each of them)."""
-
-    def __init__(self, patterns: Iterable[str]) -> None:
-        self._patterns = [tuple(p.split(".")) for p in patterns]
-        self._everything = ("#",) in self._patterns  # the default: no work per event
-
-    def __call__(self, routing_key: str) -> bool:
-        if self._everything:
-            return True
-        words = routing_key.split(".")
-        return any(_match_words(p, words) for p in self._patterns)
-
-
-def _match_words(pattern: Iterable[str], words: list[str]) -> bool:
-    # The set of positions in ``words`` reachable after each pattern word: linear
-    # in both lengths, no backtracking blow-up on patterns like "#.#.#.x".
-    reachable = {0}
-    for word in pattern:
-        if word == "#":
-            reachable = set(range(min(reachable), len(words) + 1))
-        elif word == "*":
-            reachable = {i + 1 for i in reachable if i < len(words)}
-        else:
-            reachable = {i + 1 for i in reachable if i < len(words) and words[i] == word}
-        if not reachable:
-            return False
-    return len(words) in reachable
-
-
 # Loading ---------------------------------------------------------------------
 
 _FILE_KEYS = {"secret_file": "secret", "bearer_token_file": "bearer_token"}
-
-
-_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits on
-
-
-class _Problems:
-    """One line per problem: ``<file>: webhook <name>: <key>: <what is wrong>``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: list[str] = []
-
-    def add(self, label: str, key: str, message: str) -> None:
-        # A quoted TOML key may hold a line break: escape it so one problem stays one line.
-        key = "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in key)
-        self.lines.append(f"{self.path}: webhook {label}: {key}: {message}")
 
 
 def load_subscriptions(path: Path) -> list[Subscription]:
@@ -175,30 +115,16 @@ def load_subscriptions(path: Path) -> list[Subscription]:
     Relative ``secret_file`` and ``bearer_token_file`` paths are taken from the
     file's directory. An empty file is valid and yields no subscriptions.
     """
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read subscriptions ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise SettingsError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        # tomllib's messages give a position, never the text found there.
-        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
-
-    problems = _Problems(path)
-    for key in sorted(set(data) - {"webhook"}):
-        problems.lines.append(f"{path}: {key}: unknown key, subscriptions are [[webhook]] tables")
-    tables = data.get("webhook", [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        problems.lines.append(f"{path}: webhook: must be [[webhook]] tables")
-        tables = []
-
+    tables, problems = read_tables(path, "webhook", "subscriptions")
     known_sinks = set(sink_names())
     subscriptions: list[Subscription] = []
     first_index: dict[str, int] = {}
     for index, table in enumerate(tables, start=1):
-        label = _label(table, index)
+        label = label_of(table, index)
         name = table.get("name")
+        if name in RESERVED_NAMES:
+            problems.add(label, "name", f"{name!r} is the checks role's own; choose another")
+            continue
         if isinstance(name, str):
             if name in first_index:
                 problems.add(label, "name", f"duplicate name (also webhook #{first_index[name]})")
@@ -207,20 +133,12 @@ def load_subscriptions(path: Path) -> list[Subscription]:
         subscription = _load_one(table, label, path.parent, known_sinks, problems)
         if subscription is not None:
             subscriptions.append(subscription)
-    if problems.lines:
-        raise SettingsError("\n".join(problems.lines))
+    problems.raise_any()
     return subscriptions
 
 
-def _label(table: dict[str, Any], index: int) -> str:
-    name = table.get("name")
-    if isinstance(name, str) and re.fullmatch(r"[a-z0-9-]+", name):
-        return repr(name)
-    return f"#{index}"
-
-
 def _load_one(
-    table: dict[str, Any], label: str, base: Path, known_sinks: set[str], problems: _Problems
+    table: dict[str, Any], label: str, base: Path, known_sinks: set[str], problems: Problems
 ) -> Subscription | None:
     before = len(problems.lines)
     values = dict(table)
@@ -232,11 +150,9 @@ def _load_one(
         if file_key in values and value_key in values:
             problems.add(label, file_key, f"set either {value_key} or {file_key}, not both")
         elif isinstance(values.get(file_key), str):
-            file_path = Path(values[file_key]).expanduser()
-            if not file_path.is_absolute():
-                file_path = base / file_path
+            file_path = resolve(values[file_key], base)
             values[file_key] = file_path
-            content = _read_secret_file(file_path, label, file_key, problems)
+            content = read_secret_file(file_path, label, file_key, problems)
             if content is not None:
                 values[value_key] = content
 
@@ -245,7 +161,7 @@ def _load_one(
         _check_secret(values["secret"], label, given_by, problems)
     token_key = "bearer_token_file" if "bearer_token_file" in table else "bearer_token"
     token = values.get("bearer_token")
-    if isinstance(token, str) and (not token or any(c.isspace() or ord(c) < 32 for c in token)):
+    if isinstance(token, str) and not is_one_word(token):
         problems.add(label, token_key, "must be one word, without spaces or control characters")
 
     sink = values.get("sink", "webhook")
@@ -261,14 +177,14 @@ def _load_one(
         subscription = Subscription.model_validate(values)
     except ValidationError as exc:
         for error in exc.errors(include_input=False, include_url=False):
-            problems.add(label, _error_key(error["loc"]), _error_message(error["msg"]))
+            problems.add(label, error_key(error["loc"]), error_message(error["msg"]))
         return None
     if subscription.sink == "webhook" and not subscription.allow_private_network:
         _check_reachable(subscription.url or "", label, problems)
     return subscription if len(problems.lines) == before else None
 
 
-def _check_reachable(url: str, label: str, problems: _Problems) -> None:
+def _check_reachable(url: str, label: str, problems: Problems) -> None:
     """A receiver on this host or a private network would have every event dead-lettered
     as ``ssrf``: say so now, naming the setting (names that resolve there are refused
     at delivery time)."""
@@ -289,22 +205,7 @@ def _check_reachable(url: str, label: str, problems: _Problems) -> None:
     )
 
 
-def _read_secret_file(path: Path, label: str, key: str, problems: _Problems) -> str | None:
-    try:
-        content = path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        problems.add(label, key, f"cannot read {path} ({exc.strerror})")
-        return None
-    except UnicodeDecodeError:
-        problems.add(label, key, f"{path} is not UTF-8 text")
-        return None
-    if not content:
-        problems.add(label, key, f"{path} is empty")
-        return None
-    return content
-
-
-def _check_secret(secret: str, label: str, key: str, problems: _Problems) -> None:
+def _check_secret(secret: str, label: str, key: str, problems: Problems) -> None:
     try:
         size = len(decode_secret(secret))
     except ValueError as exc:
@@ -314,12 +215,3 @@ def _check_secret(secret: str, label: str, key: str, problems: _Problems) -> Non
         problems.add(
             label, key, f"the key must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes long"
         )
-
-
-def _error_key(loc: tuple[int | str, ...]) -> str:
-    key = str(loc[0]) if loc else "?"
-    return key + "".join(f"[{part}]" for part in loc[1:])
-
-
-def _error_message(message: str) -> str:
-    return message.removeprefix("Value error, ")

@@ -1,0 +1,1 @@
+"""The checks role: CI results from the results exchange, posted to Patchwork as checks."""

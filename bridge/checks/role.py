@@ -1,0 +1,38 @@
+"""The ``checks`` role: the webhook consumer with one lane, ``checks``, bound to the
+results exchange, whose sink posts to Patchwork. See docs/checks.md."""
+
+from __future__ import annotations
+
+from bridge.checks.result import QUEUE, ROUTING_PATTERN, results_exchange
+from bridge.checks.sink import ChecksSink
+from bridge.metrics import Metrics
+from bridge.settings import Settings, SettingsError
+from bridge.webhook.consumer import WebhookConsumer
+from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S, Subscription
+
+
+def checks_lane(settings: Settings, retry_schedule: list[float] | None = None) -> Subscription:
+    """The webhooks' default retry schedule (5 s to 10 h) unless given (tests)."""
+    return Subscription(
+        name=QUEUE,
+        sink="checks",
+        events=[ROUTING_PATTERN],
+        timeout=settings.patchwork_timeout * 4,  # a series: several requests in turn
+        concurrency=8,
+        retry_schedule=DEFAULT_RETRY_SCHEDULE_S if retry_schedule is None else retry_schedule,
+    )
+
+
+def build_checks_role(
+    settings: Settings, metrics: Metrics, *, retry_schedule: list[float] | None = None
+) -> WebhookConsumer:
+    """Raises SettingsError without what posting needs."""
+    settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
+    if settings.patchwork_token is None:
+        raise SettingsError("BRIDGE_PATCHWORK_TOKEN: required for the checks role")
+    # Its lane binds the results exchange, not the events one.
+    on_results = settings.model_copy(update={"exchange": results_exchange(settings.exchange)})
+    lane = (checks_lane(settings, retry_schedule), ChecksSink(settings))
+    role = WebhookConsumer(on_results, metrics, [lane], connection_role="checks")
+    role.name = "checks"
+    return role

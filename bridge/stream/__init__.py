@@ -1,0 +1,1 @@
+"""The stream role: the event log as Server-Sent Events, for CI systems without a public URL."""

@@ -1,0 +1,183 @@
+"""One client's events: read from the log from its position, then handed on by the hub.
+
+The seam between the two is exact: the client joins the hub, which notes the last
+offset it had handed out (the seam), and the client reads the log up to the seam
+itself. Offsets in a stream are consecutive, so nothing falls between and nothing is
+sent twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from bridge.eventlog import SINCE_SKEW, logged_event, offset_of, read_log
+from bridge.stream.hub import Hub, LogEntry, Subscriber, entry_of
+from bridge.stream.positions import BadPosition, Position, position_of
+
+log = logging.getLogger(__name__)
+
+HISTORY_PREFETCH = 100
+"""Per client catching up: what the broker may send ahead of what the client took."""
+FIRST_WAIT_S = 3.0
+"""A position with nothing at it within this long is not in this log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The client asked for a position older than the log: events between are gone."""
+
+    asked: Position
+    oldest: Position
+
+
+@dataclass(frozen=True, slots=True)
+class After:
+    """Resume right after this position (Last-Event-ID)."""
+
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """Events dated at or after this time, naive in Patchwork's zone, as replay's --since."""
+
+    local: datetime
+    utc: datetime
+
+
+Start = After | Since | None
+"""None: from now on."""
+
+
+class Feed:
+    def __init__(
+        self,
+        hub: Hub,
+        connection: AbstractConnection,
+        exchange: str,
+        wanted: Callable[[str], bool],
+        limit: int,
+    ) -> None:
+        self._hub = hub
+        self._connection = connection
+        self._exchange = exchange
+        self._wanted = wanted
+        self.subscriber = Subscriber(wanted, limit)
+        self.last_read: int | None = None
+        """The newest offset this client is past (sent, or not wanted)."""
+        self._since: datetime | None = None
+        self._history: AsyncGenerator[AbstractIncomingMessage] | None = None
+        self._first: AbstractIncomingMessage | None = None
+
+    async def open(self, start: Start) -> Gap | None:
+        """Find the start before anything is sent: raises BadPosition (and LogMissing)."""
+        if start is None:
+            return None
+        if isinstance(start, Since):
+            self._since = start.local
+            self._history = self._read(start.utc - SINCE_SKEW, FIRST_WAIT_S)
+            self._first = await anext(self._history, None)  # raises LogMissing now, not later
+            return None
+        asked = start.position
+        self._history = self._read(asked.offset, FIRST_WAIT_S)
+        first = await anext(self._history, None)
+        found = None if first is None else position_of(offset_of(first), first.message_id)
+        if found is None or found.offset < asked.offset:
+            await self.close()
+            raise BadPosition("Last-Event-ID: a position past the end of this stream's log")
+        if found.offset == asked.offset:
+            if found.tag != asked.tag:
+                await self.close()
+                raise BadPosition("Last-Event-ID: a position of another log than this one")
+            self.last_read = found.offset  # the client has it
+            return None
+        self._first = first  # the log starts after the position asked for
+        return Gap(asked, found)
+
+    async def entries(self) -> AsyncIterator[LogEntry]:
+        """The client's events, history then live, each once; ends only by raising
+        (a broker error, or the hub's overflow seen by the caller)."""
+        if self._history is not None:
+            async for entry in self._catch_up():
+                yield entry
+        self._hub.subscribe(self.subscriber)
+        seam_closed = self.last_read is None  # from now on: nothing before to read
+        if not seam_closed and self.subscriber.seam is not None:
+            async for older in self._up_to(self.subscriber.seam):
+                yield older
+            seam_closed = True
+        while True:
+            entry = await self.subscriber.entries.get()
+            if not seam_closed and self.subscriber.seam is not None:
+                async for older in self._up_to(self.subscriber.seam):
+                    yield older
+                seam_closed = True
+            if self.last_read is None or entry.offset > self.last_read:
+                self.last_read = entry.offset
+                yield entry
+
+    def waiting(self) -> int:
+        """Events the hub has handed this client that it has not taken yet."""
+        return self.subscriber.entries.qsize()
+
+    async def _catch_up(self) -> AsyncIterator[LogEntry]:
+        assert self._history is not None
+        if self._first is not None:
+            for entry in self._take(self._first):
+                yield entry
+        async for message in self._history:
+            for entry in self._take(message):
+                yield entry
+            tail = self._hub.tail
+            if tail is not None and self.last_read is not None and self.last_read >= tail:
+                break  # at the hub's tail: the hub takes it from here
+        await self.close()
+
+    async def _up_to(self, seam: int) -> AsyncIterator[LogEntry]:
+        """What lies between this client's history and the hub's first event for it."""
+        if self.last_read is None or self.last_read >= seam:
+            return
+        async with contextlib.aclosing(self._read(self.last_read + 1, FIRST_WAIT_S)) as messages:
+            async for message in messages:
+                for entry in self._take(message):
+                    yield entry
+                if self.last_read >= seam:
+                    return
+        log.warning("stream: the log ended at %s before the seam %s", self.last_read, seam)
+
+    def _take(self, message: AbstractIncomingMessage) -> list[LogEntry]:
+        offset = offset_of(message)
+        if self.last_read is not None and offset <= self.last_read:
+            return []
+        self.last_read = offset
+        entry = entry_of(message)
+        if entry is None or not self._wanted(entry.routing_key):
+            return []
+        if self._since is not None:
+            event = logged_event(message)
+            if event is None or event.when < self._since:
+                return []
+        return [entry]
+
+    def _read(
+        self, start: int | datetime, first_wait_s: float
+    ) -> AsyncGenerator[AbstractIncomingMessage]:
+        return read_log(
+            self._connection,
+            self._exchange,
+            start,
+            first_wait_s=first_wait_s,
+            prefetch=HISTORY_PREFETCH,
+        )
+
+    async def close(self) -> None:
+        self._hub.unsubscribe(self.subscriber)
+        if self._history is not None:
+            history, self._history = self._history, None
+            await history.aclose()

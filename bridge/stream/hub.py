@@ -1,0 +1,165 @@
+"""The one live reader of the event log, shared by every client of the stream.
+
+Each client's own read of the log lasts only while it catches up; from the log's tail
+on, the hub hands it each event it may see. A client that falls ``limit`` events behind
+is told so (``overflow``) and dropped: memory per client stays bounded, and it resumes
+from its last id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, is_connected, open_channel
+from bridge.eventlog import READ_PREFETCH, LogMissing, log_queue, offset_of
+from bridge.stream.positions import Position, position_of
+from bridge.waiting import sleep_unless
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 3.0
+"""How often the hub looks again for a log that is missing or a broker that is back."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One event of the log as the stream sends it."""
+
+    offset: int
+    position: Position
+    routing_key: str
+    category: str
+    data: str
+    """The Patchwork event's JSON, on one line."""
+    frame: bytes
+    """The event as an SSE block, rendered once for every client it goes to."""
+
+
+def entry_of(message: AbstractIncomingMessage) -> LogEntry | None:
+    """None for a message that is not an event (published to the exchange by hand)."""
+    try:
+        data = message.body.decode()
+        if "\n" in data or "\r" in data:  # SSE data lines: the contract says one line
+            data = json.dumps(json.loads(data), separators=(",", ":"), ensure_ascii=False)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    key = message.routing_key or ""
+    category = key.rpartition(".")[2]
+    if any(c in category for c in "\r\n\0"):
+        return None
+    offset = offset_of(message)
+    position = position_of(offset, message.message_id)
+    frame = f"id: {position}\r\nevent: {category}\r\ndata: {data}\r\n\r\n".encode()
+    return LogEntry(offset, position, key, category, data, frame)
+
+
+class Subscriber:
+    """A client's place at the hub: the events it may see, ``limit`` at most waiting."""
+
+    def __init__(self, wanted: Callable[[str], bool], limit: int) -> None:
+        self.wanted = wanted
+        self.entries: asyncio.Queue[LogEntry] = asyncio.Queue(limit)
+        self.seam: int | None = None
+        """The last offset the client must read from the log itself; all after it come here."""
+        self.overflowed = asyncio.Event()
+
+    def offer(self, entry: LogEntry) -> None:
+        if self.overflowed.is_set():
+            return
+        try:
+            self.entries.put_nowait(entry)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+
+
+class Hub:
+    def __init__(self, connection: AbstractRobustConnection, exchange: str) -> None:
+        self._connection = connection
+        self._exchange = exchange
+        self._subscribers: set[Subscriber] = set()
+        self.tail: int | None = None
+        """The newest offset the hub has handed out; None before its first event."""
+        self.attached = False
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        # No await between reading the tail and joining: every later event reaches it.
+        subscriber.seam = self.tail
+        self._subscribers.add(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Follow the log until stop, from where it left off after a broker outage."""
+        said_missing = False
+        while not stop.is_set():
+            try:
+                await self._follow(stop)
+            except LogMissing:
+                if not said_missing:
+                    log.warning(
+                        "stream: no event log %s yet; waiting for a producer to declare it",
+                        log_queue(self._exchange),
+                    )
+                    said_missing = True
+            except BROKER_ERRORS as exc:
+                if is_connected(self._connection):
+                    log.warning("stream: reading the event log failed (%s); again", exc)
+            finally:
+                self.attached = False
+            await sleep_unless(stop, RETRY_S)
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        channel = await open_channel(self._connection)
+        lost = asyncio.Event()
+        channel.close_callbacks.add(lambda *_: lost.set())
+        try:
+            await channel.set_qos(prefetch_count=READ_PREFETCH)
+            try:
+                queue = await channel.declare_queue(
+                    log_queue(self._exchange), passive=True, timeout=BROKER_TIMEOUT_S
+                )
+            except BROKER_ERRORS as exc:
+                if "NOT_FOUND" in str(exc):
+                    raise LogMissing(str(exc)) from None
+                raise
+            start: int | str = "next" if self.tail is None else self.tail + 1
+            await queue.consume(
+                self._arrived, arguments={"x-stream-offset": start}, timeout=BROKER_TIMEOUT_S
+            )
+            self.attached = True
+            log.info("stream: following the event log from %s", start)
+            stopped = asyncio.ensure_future(stop.wait())
+            gone = asyncio.ensure_future(lost.wait())
+            try:
+                await asyncio.wait({stopped, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+                gone.cancel()
+            if lost.is_set() and not stop.is_set():
+                log.warning("stream: the event log's channel closed; following it again")
+        finally:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await asyncio.wait_for(channel.close(), BROKER_TIMEOUT_S)
+
+    async def _arrived(self, message: AbstractIncomingMessage) -> None:
+        # Nothing awaited before the fan-out: messages are handed out in the log's order.
+        entry = entry_of(message)
+        offset = offset_of(message)
+        if self.tail is None or offset > self.tail:
+            for subscriber in self._subscribers:
+                if subscriber.seam is None:
+                    subscriber.seam = offset - 1
+                if entry is not None and subscriber.wanted(entry.routing_key):
+                    subscriber.offer(entry)
+            self.tail = offset
+        assert message.delivery_tag is not None
+        # Acks only move a stream's prefetch window.
+        await message.channel.basic_ack(message.delivery_tag, wait=False)

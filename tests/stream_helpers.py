@@ -1,0 +1,92 @@
+"""Stream test helpers: consumers, the role in-process, an independent SSE client (httpx-sse)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from bridge.demo.patchwork_double import FakePatchwork
+from bridge.metrics import Metrics
+from bridge.producer.poller import Producer
+from bridge.runtime import InProcess
+from bridge.settings import Settings
+from bridge.stream.consumers import load_consumers
+from bridge.stream.role import StreamRole
+from tests.test_producer import make_settings
+
+NIPA = "nipa-token-0123456789abcdef"
+DPDK = "dpdk-token-0123456789abcdef"
+
+
+def write_consumers(tmp_path: Path) -> Path:
+    path = tmp_path / "consumers.toml"
+    path.write_text(
+        f'[[consumer]]\nname = "nipa"\ntoken = "{NIPA}"\n\n'
+        f'[[consumer]]\nname = "dpdk"\ntoken = "{DPDK}"\nevents = ["dpdk.*"]\n'
+    )
+    return path
+
+
+def stream_settings(patchwork: FakePatchwork, exchange_name: str, tmp_path: Path) -> Settings:
+    """A producer's settings against the double, with two stream consumers, any port."""
+    return make_settings(
+        patchwork,
+        exchange_name,
+        tmp_path / "state",
+        stream_consumers=write_consumers(tmp_path),
+        stream_host="127.0.0.1",
+        stream_port=0,
+    )
+
+
+@asynccontextmanager
+async def stream_role(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[str]:
+    """A stream role in this process; yields its base URL once it follows the log."""
+    role = StreamRole(settings, metrics or Metrics(), load_consumers(settings.stream_consumers))
+    async with InProcess([role]) as bridge:
+        await bridge.wait_ready()
+        yield f"http://127.0.0.1:{role.port}"
+
+
+@asynccontextmanager
+async def producer(settings: Settings) -> AsyncIterator[None]:
+    async with InProcess([Producer(settings, Metrics())]) as bridge:
+        await bridge.wait_ready()
+        yield
+
+
+async def read_events(
+    url: str,
+    count: int,
+    *,
+    token: str = NIPA,
+    last_id: str | None = None,
+    params: dict[str, str | list[str]] | None = None,
+    timeout_s: float = 60,
+) -> list[ServerSentEvent]:
+    """The first ``count`` events (gap events included) of a stream, then hang up."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    got: list[ServerSentEvent] = []
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client,
+        asyncio.timeout(timeout_s),
+        aconnect_sse(client, "GET", f"{url}/v1/events", headers=headers, params=params) as source,
+    ):
+        source.response.raise_for_status()
+        async for event in source.aiter_sse():
+            got.append(event)
+            if len(got) == count:
+                break
+    return got
+
+
+def event_ids(events: list[ServerSentEvent]) -> list[int]:
+    return [json.loads(e.data)["id"] for e in events if e.event != "gap"]
