@@ -276,3 +276,17 @@ def test_the_sweep_stops_below_the_oldest_open_gap():
     assert window.sweep_range() == (at(30).isoformat(), at(39.95).isoformat())
     window.confirm([event(4, at(45))])  # the gap fills: the sweep reaches the newest date
     assert window.sweep_range() == (at(30).isoformat(), at(90).isoformat())
+
+
+def test_between_pages_a_catch_up_forgets_ids_older_than_the_window_and_the_planned_reads():
+    """A backlog of hours read in one poll: only the last overlap's ids are kept (and
+    saved with each page), except where a read of an older range is still to come."""
+    window = Window(Cursor(), 60)
+    window.confirm([event(i, at(i * 10)) for i in range(1, 361)])  # an hour, one every 10 s
+    window.forget_seen_before(None)
+    assert len(window) == 7  # 3,540 s to 3,600 s
+    assert not window.is_new(event(360, at(3600))) and window.is_new(event(300, at(3000)))
+    window.confirm([event(i, at(i * 10)) for i in range(300, 361)])
+    window.forget_seen_before(at(3300))  # a gap read from 3,300 s is planned in this poll
+    assert len(window) == 31
+    assert not window.is_new(event(330, at(3300)))

@@ -23,7 +23,7 @@ from bridge.producer.patchwork import PatchworkClient, PatchworkError
 from bridge.producer.publisher import Publisher
 from bridge.producer.start import NEWEST_PROBE, initial_cursor
 from bridge.producer.triage import EventCheck, PageSorter
-from bridge.producer.window import PROBE_ABOVE_EVENTS, Window
+from bridge.producer.window import PROBE_ABOVE_EVENTS, Window, parse_date
 from bridge.settings import Settings
 from bridge.waiting import Ticker
 
@@ -77,6 +77,8 @@ class Producer:
         self._sweep_interval_s = settings.poll_sweep_interval
         self._next_sweep = 0.0
         self._served = 0
+        self._keep_from: datetime | None = None
+        """This poll's oldest planned read of an older range: ids from then on are kept."""
         """Events Patchwork served us so far (count requests count as one)."""
         self._last_success: float | None = None
 
@@ -210,7 +212,13 @@ class Producer:
         assert self._window is not None
         read_before = self._served
         published = 0
-        for since, before, kind in await self._plan(client, stop):
+        reads = await self._plan(client, stop)
+        # Reads of older ranges (gaps, sweep) still to come need their ids kept.
+        older = [
+            parse_date(since) for since, _, kind in reads if kind != "new" and since is not None
+        ]
+        self._keep_from = min(older, default=None)
+        for since, before, kind in reads:
             published += await self._read(client, publisher, stop, since, before, kind)
         self._window.prune()
         changes = self._window.take_changes()
@@ -338,6 +346,7 @@ class Producer:
             self._window.confirm(result.confirmed, advance=False)
             raise PublishFailed(result.failed)
         self._window.confirm(events)
+        self._window.forget_seen_before(self._keep_from)
         self._writer.request()
         return len(fresh)
 

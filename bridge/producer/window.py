@@ -57,7 +57,7 @@ class Window:
         self._high_water = cursor.high_water
         self._high_water_dt = _parse(cursor.high_water)
         self._seen: dict[int, tuple[datetime, str]] = {
-            event_id: (_when(date), date) for event_id, date in cursor.seen.items()
+            event_id: (parse_date(date), date) for event_id, date in cursor.seen.items()
         }
         self._max_id = cursor.max_id
         self._gaps: dict[int, Gap] = dict(cursor.gaps)
@@ -89,7 +89,7 @@ class Window:
             return None
         start = self._window_start()
         before = min(
-            (_when(gap.below) - GAP_SLACK for gap in self._gaps.values()),
+            (parse_date(gap.below) - GAP_SLACK for gap in self._gaps.values()),
             default=self._high_water_dt,
         )
         before = min(before, self._high_water_dt)
@@ -100,7 +100,7 @@ class Window:
     def known_between(self, since: str, before: str) -> int:
         """Events already published with ``since <= date < before``; the sweep compares
         this with Patchwork's count of the same range."""
-        return self._known(_when(since), _when(before))
+        return self._known(parse_date(since), parse_date(before))
 
     def _known(self, lo: datetime, hi: datetime) -> int:
         return sum(1 for when, _ in self._seen.values() if lo <= when < hi)
@@ -124,7 +124,7 @@ class Window:
         for event_id, gap in sorted(self._gaps.items(), key=lambda kv: kv[1].below):
             if self._next_check.get(event_id, 0.0) > now:
                 continue
-            lo, hi = _when(gap.below) - GAP_SLACK, _when(gap.above) + GAP_SLACK
+            lo, hi = parse_date(gap.below) - GAP_SLACK, parse_date(gap.above) + GAP_SLACK
             if start is not None:
                 if hi <= start:
                     continue
@@ -152,7 +152,7 @@ class Window:
                 and self._known(lo, self._high_water_dt) <= PROBE_ABOVE_EVENTS
             ):
                 # Serving these few events again costs Patchwork less than a request.
-                if since is not None and lo < _when(since):  # None: from the start anyway
+                if since is not None and lo < parse_date(since):  # None: from the start anyway
                     since = lo.isoformat()
             elif len(gap_reads) < MAX_GAP_READS:
                 gap_reads.append((lo.isoformat(), hi.isoformat()))
@@ -208,6 +208,18 @@ class Window:
             self.changes.opened + opened, self.changes.filled + filled, self.changes.expired
         )
 
+    def forget_seen_before(self, keep_from: datetime | None) -> None:
+        """Between the pages of a poll: forget ids older than the window and than every read
+        still planned (``keep_from``). Else a catch-up carries, and saves with each page,
+        every id it has read: quadratic in the backlog."""
+        if self._high_water_dt is None:
+            return
+        start = self._window_start()
+        if keep_from is not None:
+            start = min(start, keep_from)
+        for event_id in [i for i, (when, _) in self._seen.items() if when < start]:
+            del self._seen[event_id]
+
     def prune(self) -> int:
         """Forget ids older than the overlap, and close gaps waited for long enough.
 
@@ -222,7 +234,7 @@ class Window:
         expired = [
             event_id
             for event_id, gap in self._gaps.items()
-            if now - gap.opened_at > self._overlap.total_seconds() or _when(gap.above) < start
+            if now - gap.opened_at > self._overlap.total_seconds() or parse_date(gap.above) < start
         ]
         for event_id in expired:
             del self._gaps[event_id]
@@ -256,9 +268,10 @@ class Window:
         return max(start, floor_dt) if floor_dt is not None else start
 
 
-def _when(date: str) -> datetime:
+def parse_date(date: str) -> datetime:
+    """A Patchwork date (naive, server-local) as the window compares it."""
     return datetime.fromisoformat(date).replace(tzinfo=None)
 
 
 def _parse(date: str | None) -> datetime | None:
-    return None if date is None else _when(date)
+    return None if date is None else parse_date(date)
