@@ -8,6 +8,8 @@ bytes and we parse each page only once.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,6 +19,14 @@ from bridge import __version__
 
 APP_ID = "patchwork-bridge"
 USER_AGENT = f"patchwork-bridge/{__version__}"
+
+
+def user_agent(role: str = "") -> str:
+    """Which bridge process sent a request, for Patchwork's admins: role, host and pid."""
+    who = f"{socket.gethostname()}:{os.getpid()}"
+    return f"{USER_AGENT} {role} ({who})" if role else f"{USER_AGENT} ({who})"
+
+
 CE_TYPE_PREFIX = "org.patchwork."
 
 _decoder = json.JSONDecoder()

@@ -82,11 +82,15 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
         from bridge.stream.role import StreamRole
 
         roles.append(StreamRole(settings, metrics, consumers))
-    if command == "checks" or (command == "run" and settings.checks):
+    if runs_checks(command, settings):
         from bridge.checks.role import build_checks_role
 
         roles.append(build_checks_role(settings, metrics))
     return roles
+
+
+def runs_checks(command: str, settings: Settings) -> bool:
+    return command == "checks" or (command == "run" and settings.checks)
 
 
 def consumers_for(command: str, settings: Settings) -> StreamConsumers | None:
@@ -313,17 +317,16 @@ def cli_check_config(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         problems.extend(str(exc).splitlines())
         consumers = None
-    if role in ("producer", "run", "checks"):
+    if role in ("producer", "run"):
         try:
             settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
         except SettingsError as exc:
             problems.append(str(exc))
-    if role in ("producer", "run"):
         problems.extend(_state_dir_problems(settings))
-    if (role == "checks" or (role == "run" and settings.checks)) and (
-        settings.patchwork_token is None
-    ):
-        problems.append("BRIDGE_PATCHWORK_TOKEN: required for the checks role")
+    if runs_checks(role, settings):
+        from bridge.checks.role import checks_settings_problems
+
+        problems.extend(checks_settings_problems(settings))
     for problem in problems:
         print(f"patchwork-bridge: {problem}", file=sys.stderr)
     if problems:

@@ -23,13 +23,23 @@ def checks_lane(settings: Settings, retry_schedule: list[float] | None = None) -
     )
 
 
+def checks_settings_problems(settings: Settings) -> list[str]:
+    """What posting needs and lacks: the site, and a maintainer's token."""
+    problems = []
+    if settings.patchwork_url is None:
+        problems.append("BRIDGE_PATCHWORK_URL: required for the checks role")
+    if settings.patchwork_token is None:
+        problems.append("BRIDGE_PATCHWORK_TOKEN: required for the checks role")
+    return problems
+
+
 def build_checks_role(
     settings: Settings, metrics: Metrics, *, retry_schedule: list[float] | None = None
 ) -> WebhookConsumer:
     """Raises SettingsError without what posting needs."""
-    settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
-    if settings.patchwork_token is None:
-        raise SettingsError("BRIDGE_PATCHWORK_TOKEN: required for the checks role")
+    problems = checks_settings_problems(settings)
+    if problems:
+        raise SettingsError("\n".join(problems))
     # Its lane binds the results exchange, not the events one.
     on_results = settings.model_copy(update={"exchange": results_exchange(settings.exchange)})
     lane = (checks_lane(settings, retry_schedule), ChecksSink(settings))

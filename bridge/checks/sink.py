@@ -10,9 +10,6 @@ Patchwork waits its turn under BRIDGE_CHECKS_RATE.
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -20,12 +17,10 @@ from typing import Any
 import aiohttp
 
 from bridge.checks.result import CheckResult, InvalidResult, parse_result
-from bridge.events import USER_AGENT
+from bridge.events import user_agent
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, GiveUp, Outcome, RetryLater
 from bridge.webhook.retry import parse_retry_after
-
-log = logging.getLogger(__name__)
 
 CHECK_FIELDS = ("state", "context", "target_url", "description")
 
@@ -56,20 +51,18 @@ class Refused(Exception):
 class ChecksSink:
     enforces_timeout = True
 
-    def __init__(self, settings: Settings, *, rate: RateLimit | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         if settings.patchwork_token is None:
             raise ValueError("BRIDGE_PATCHWORK_TOKEN: required to create checks")
         self._api = settings.api_base
-        self._rate = rate or RateLimit(settings.checks_rate)
+        self._rate = RateLimit(settings.checks_rate)
         self._timeout = aiohttp.ClientTimeout(total=settings.patchwork_timeout)
         self._headers = {
             "Accept": "application/json",
             "Authorization": f"Token {settings.patchwork_token.get_secret_value()}",
-            "User-Agent": f"{USER_AGENT} checks ({socket.gethostname()}:{os.getpid()})",
+            "User-Agent": user_agent("checks"),
         }
         self._session: aiohttp.ClientSession | None = None
-        self.created = 0
-        self.unchanged = 0
 
     async def deliver(self, delivery: Delivery) -> Outcome:
         try:
@@ -102,11 +95,9 @@ class ChecksSink:
             same_context, key=lambda c: (c.get("date") or "", c.get("id") or 0), default=None
         )
         if newest is not None and all(newest.get(k) == wanted[k] for k in CHECK_FIELDS):
-            self.unchanged += 1  # delivered before: the check is there
-            return
+            return  # delivered before: the check is there
         body = {k: v for k, v in wanted.items() if v is not None}
         await self._call("POST", f"/patches/{patch}/checks/", body)
-        self.created += 1
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         await self._rate.turn()

@@ -40,7 +40,8 @@ from bridge.webhook.messages import (
     header_text,
     replay_headers,
 )
-from bridge.webhook.queues import RESERVED, dead_queue, main_queue
+from bridge.webhook.queues import dead_queue, main_queue
+from bridge.webhook.subscriptions import RESERVED
 
 
 def describe(message: AbstractIncomingMessage) -> str:
@@ -201,18 +202,16 @@ async def run_dlq(
 async def cli(args: argparse.Namespace) -> int:
     limit = getattr(args, "limit", None)
     yes = getattr(args, "yes", False)
-    if args.queue is not None:
-        if args.name is not None:
-            return usage_error("dlq: give a subscription NAME or --queue QUEUE, not both")
-        target = Target.of_bound_queue(args.queue)
-        return await run_operator_command(
-            lambda settings, _: run_dlq(settings, target, args.dlq_command, limit, yes=yes),
-            needs_subscriptions=False,
-        )
-    if args.name is None:
+    if args.queue is not None and args.name is not None:
+        return usage_error("dlq: give a subscription NAME or --queue QUEUE, not both")
+    if args.queue is None and args.name is None:
         return usage_error("dlq: give a subscription NAME, or --queue QUEUE for a bind queue")
-    if args.name in RESERVED:  # the checks role's lane: bridge.checks.dead
-        target = Target.of_subscription(args.name)
+    if args.queue is not None or args.name in RESERVED:  # RESERVED: the checks role's lane
+        target = (
+            Target.of_bound_queue(args.queue)
+            if args.queue is not None
+            else Target.of_subscription(args.name)
+        )
         return await run_operator_command(
             lambda settings, _: run_dlq(settings, target, args.dlq_command, limit, yes=yes),
             needs_subscriptions=False,

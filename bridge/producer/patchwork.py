@@ -7,8 +7,6 @@ poll loop decides when to retry. Nothing here retries by itself.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ import aiohttp
 from prometheus_client import Histogram
 from yarl import URL
 
-from bridge.events import USER_AGENT, BadPage, split_array
+from bridge.events import BadPage, split_array, user_agent
 from bridge.settings import Settings
 
 # Patchwork silently caps per_page at 250; asking for more would only hide that.
@@ -54,8 +52,7 @@ class PatchworkClient:
             total=settings.patchwork_timeout, connect=min(10.0, settings.patchwork_timeout)
         )
         # Which bridge process polls, for Patchwork's admins (and for one poller at a time).
-        agent = f"{USER_AGENT} ({socket.gethostname()}:{os.getpid()})"
-        self._headers = {"Accept": "application/json", "User-Agent": agent}
+        self._headers = {"Accept": "application/json", "User-Agent": user_agent()}
         if settings.patchwork_token is not None:
             self._headers["Authorization"] = f"Token {settings.patchwork_token.get_secret_value()}"
         # No project filter even for one project: ids come from one sequence for all

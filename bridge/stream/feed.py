@@ -67,7 +67,6 @@ class Feed:
         self._hub = hub
         self._connection = connection
         self._exchange = exchange
-        self._wanted = wanted
         self.subscriber = Subscriber(wanted, limit)
         self.last_read: int | None = None
         """The newest offset this client is past (sent, or not wanted)."""
@@ -107,20 +106,19 @@ class Feed:
             async for entry in self._catch_up():
                 yield entry
         self._hub.subscribe(self.subscriber)
+        # Known now if the hub had handed out events, else set by its first one: either
+        # way the log up to it is read before a live event is sent.
         seam_closed = self.last_read is None  # from now on: nothing before to read
-        if not seam_closed and self.subscriber.seam is not None:
-            async for older in self._up_to(self.subscriber.seam):
-                yield older
-            seam_closed = True
+        live: LogEntry | None = None
         while True:
-            entry = await self.subscriber.entries.get()
             if not seam_closed and self.subscriber.seam is not None:
                 async for older in self._up_to(self.subscriber.seam):
                     yield older
                 seam_closed = True
-            if self.last_read is None or entry.offset > self.last_read:
-                self.last_read = entry.offset
-                yield entry
+            if live is not None and (self.last_read is None or live.offset > self.last_read):
+                self.last_read = live.offset
+                yield live
+            live = await self.subscriber.entries.get()
 
     def waiting(self) -> int:
         """Events the hub has handed this client that it has not taken yet."""
@@ -156,8 +154,8 @@ class Feed:
         if self.last_read is not None and offset <= self.last_read:
             return []
         self.last_read = offset
-        entry = entry_of(message)
-        if entry is None or not self._wanted(entry.routing_key):
+        entry = entry_of(message, offset)
+        if entry is None or not self.subscriber.wanted(entry.routing_key):
             return []
         if self._since is not None:
             event = logged_event(message)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, is_connected, open_channel
 from bridge.eventlog import READ_PREFETCH, LogMissing, log_queue, offset_of
@@ -35,15 +36,14 @@ class LogEntry:
     offset: int
     position: Position
     routing_key: str
-    category: str
-    data: str
-    """The Patchwork event's JSON, on one line."""
     frame: bytes
-    """The event as an SSE block, rendered once for every client it goes to."""
+    """The event as an SSE block (id, category, Patchwork's JSON on one line), rendered
+    once for every client it goes to."""
 
 
-def entry_of(message: AbstractIncomingMessage) -> LogEntry | None:
-    """None for a message that is not an event (published to the exchange by hand)."""
+def entry_of(message: AbstractIncomingMessage, offset: int) -> LogEntry | None:
+    """The log message at ``offset`` as the stream sends it; None for a message that is not
+    an event (published to the exchange by hand)."""
     try:
         data = message.body.decode()
         if "\n" in data or "\r" in data:  # SSE data lines: the contract says one line
@@ -54,10 +54,9 @@ def entry_of(message: AbstractIncomingMessage) -> LogEntry | None:
     category = key.rpartition(".")[2]
     if any(c in category for c in "\r\n\0"):
         return None
-    offset = offset_of(message)
     position = position_of(offset, message.message_id)
     frame = f"id: {position}\r\nevent: {category}\r\ndata: {data}\r\n\r\n".encode()
-    return LogEntry(offset, position, key, category, data, frame)
+    return LogEntry(offset, position, key, frame)
 
 
 class Subscriber:
@@ -126,10 +125,8 @@ class Hub:
                 queue = await channel.declare_queue(
                     log_queue(self._exchange), passive=True, timeout=BROKER_TIMEOUT_S
                 )
-            except BROKER_ERRORS as exc:
-                if "NOT_FOUND" in str(exc):
-                    raise LogMissing(str(exc)) from None
-                raise
+            except ChannelNotFoundEntity:
+                raise LogMissing(f"no event log {log_queue(self._exchange)!r} yet") from None
             start: int | str = "next" if self.tail is None else self.tail + 1
             await queue.consume(
                 self._arrived, arguments={"x-stream-offset": start}, timeout=BROKER_TIMEOUT_S
@@ -151,9 +148,9 @@ class Hub:
 
     async def _arrived(self, message: AbstractIncomingMessage) -> None:
         # Nothing awaited before the fan-out: messages are handed out in the log's order.
-        entry = entry_of(message)
         offset = offset_of(message)
         if self.tail is None or offset > self.tail:
+            entry = entry_of(message, offset)
             for subscriber in self._subscribers:
                 if subscriber.seam is None:
                     subscriber.seam = offset - 1

@@ -43,10 +43,7 @@ def parse_request(
 ) -> StreamRequest:
     """Raises Refused. Last-Event-ID wins over ``since``: a browser reconnects with the
     same URL and the id of the last event it got."""
-    for key in query:
-        if key.lower() in SECRET_KEYS:
-            # Never echoed, never logged: the URL may already be in a proxy's log.
-            raise Refused(400, "a token goes in the Authorization header, never in the URL")
+    refuse_token_in_query(query)
     consumer = authenticate(headers, consumers)
     for key in query:
         if key not in KNOWN_KEYS:
@@ -64,6 +61,13 @@ def parse_request(
                 f"(it may ask for {', '.join(consumer.events)})",
             )
     return StreamRequest(consumer, patterns or list(consumer.events), _start(query, headers, tz))
+
+
+def refuse_token_in_query(query: MultiMapping[str]) -> None:
+    """Checked before anything else, on every endpoint. The value is never echoed or
+    logged: the URL may already be in a proxy's log."""
+    if any(key.lower() in SECRET_KEYS for key in query):
+        raise Refused(400, "a token goes in the Authorization header, never in the URL")
 
 
 def authenticate(headers: Mapping[str, str], consumers: StreamConsumers) -> StreamConsumer:

@@ -26,7 +26,13 @@ from bridge.stream.consumers import StreamConsumers
 from bridge.stream.feed import Feed, Gap
 from bridge.stream.hub import Hub
 from bridge.stream.positions import BadPosition
-from bridge.stream.query import SECRET_KEYS, Refused, StreamRequest, authenticate, parse_request
+from bridge.stream.query import (
+    Refused,
+    StreamRequest,
+    authenticate,
+    parse_request,
+    refuse_token_in_query,
+)
 from bridge.topics import TopicMatcher, covers
 
 log = logging.getLogger(__name__)
@@ -54,18 +60,15 @@ class StreamServer:
         consumers: StreamConsumers,
         hub: Hub,
         connection: AbstractRobustConnection,
-        *,
-        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._consumers = consumers
         self._hub = hub
         self._connection = connection
-        self._keepalive_s = keepalive_s
         self.closing = asyncio.Event()
-        self._results: AbstractExchange | None = None
-        self._results_channel: AbstractChannel | None = None
+        self._results: tuple[AbstractChannel, AbstractExchange] | None = None
+        """The confirming channel results are published on, and the exchange on it."""
         self._results_lock = asyncio.Lock()
         self.feeds: dict[Feed, str] = {}
         """Each connected client's feed, with its consumer's name."""
@@ -128,7 +131,7 @@ class StreamServer:
         reason = "client"
         try:
             async with sse_response(
-                request, ping_interval=self._keepalive_s, send_timeout=SEND_TIMEOUT_S
+                request, ping_interval=KEEPALIVE_S, send_timeout=SEND_TIMEOUT_S
             ) as response:
                 if gap is not None:
                     gone = {"asked": str(gap.asked), "oldest": str(gap.oldest)}
@@ -207,8 +210,7 @@ class StreamServer:
     async def post_check(self, request: web.Request) -> web.Response:
         """A CI result over HTTP: 202 once the broker confirms it on the results exchange."""
         try:
-            if SECRET_KEYS & {k.lower() for k in request.query}:
-                raise Refused(400, "a token goes in the Authorization header, never in the URL")
+            refuse_token_in_query(request.query)
             consumer = authenticate(request.headers, self._consumers)
             if request.content_length is not None and request.content_length > MAX_RESULT_BYTES:
                 raise Refused(413, f"a result is at most {MAX_RESULT_BYTES} bytes")
@@ -236,16 +238,14 @@ class StreamServer:
 
     async def _publish_result(self, body: bytes, key: str, message_id: str, by: str) -> None:
         async with self._results_lock:
-            if (
-                self._results is None
-                or self._results_channel is None
-                or (self._results_channel.is_closed)
-            ):
-                self._results_channel = await self._connection.channel(publisher_confirms=True)
-                self._results = await declare_exchange(
-                    self._results_channel, results_exchange(self._settings.exchange)
+            if self._results is None or self._results[0].is_closed:
+                channel = await self._connection.channel(publisher_confirms=True)
+                exchange = await declare_exchange(
+                    channel, results_exchange(self._settings.exchange)
                 )
-        answer = await self._results.publish(
+                self._results = (channel, exchange)
+            _, exchange = self._results
+        answer = await exchange.publish(
             aio_pika.Message(
                 body,
                 message_id=message_id,

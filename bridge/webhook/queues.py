@@ -29,12 +29,9 @@ from bridge.amqp import (
     queue_arguments,
 )
 from bridge.webhook.retry import delay_ladder
-from bridge.webhook.subscriptions import Subscription
+from bridge.webhook.subscriptions import RESERVED, Subscription
 
 PREFIX = "bridge.webhook"
-RESERVED = {"checks": "bridge.checks"}
-"""Lanes of the bridge's own roles, named for the role: a subscription may not take these
-names (the subscriptions file refuses them)."""
 
 
 class TopologyError(Exception):

@@ -31,8 +31,9 @@ from bridge.webhook.netguard import ForbiddenAddress, check_literal_host
 from bridge.webhook.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
-RESERVED_NAMES = frozenset({"checks"})
-"""Names of the bridge's own lanes (bridge.webhook.queues.RESERVED)."""
+RESERVED = {"checks": "bridge.checks"}
+"""Lanes of the bridge's own roles and their main queues, named for the role: a
+subscription may not take these names."""
 MAX_RETRY_DELAY_S = 4_294_967.0
 """RabbitMQ's largest queue TTL (2^32-1 ms); delays are realised as queue TTLs."""
 
@@ -122,7 +123,7 @@ def load_subscriptions(path: Path) -> list[Subscription]:
     for index, table in enumerate(tables, start=1):
         label = label_of(table, index)
         name = table.get("name")
-        if name in RESERVED_NAMES:
+        if name in RESERVED:
             problems.add(label, "name", f"{name!r} is the checks role's own; choose another")
             continue
         if isinstance(name, str):
