@@ -1,7 +1,8 @@
 """The checks loop, result -> check in Patchwork -> `check-created` on the bus, against a
 CI posting its check to Patchwork itself.
 
-Both run in one process against the Patchwork double, with the producer polling at
+Both run in one process against the Patchwork double, its /events/ charging the measured
+serving cost (``MEASURED``: 60 ms a request, 1.9 ms an event), with the producer polling at
 ``--poll`` s and a CI queue bound to the exchange. The bridge side publishes each result
 to the results exchange and the checks role posts it; the plain side POSTs the check
 straight to the double's checks API (its own token, no dedup, no rate limit). Each side
@@ -32,7 +33,7 @@ from bench.common import AMQP_URL, TZ, bridge_settings, run_id
 from bridge.amqp import declare_exchange
 from bridge.checks.result import results_exchange
 from bridge.checks.role import build_checks_role
-from bridge.demo.patchwork_double import FakePatchwork
+from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.runtime import InProcess
@@ -77,7 +78,8 @@ async def main() -> None:
     args = parser.parse_args()
 
     exchange = f"bench-checks-{run_id()}"
-    fake = FakePatchwork(tz=TZ, maintainers={TOKEN: {"netdevbpf"}})
+    # /events/ costs what a real Patchwork's did (60 ms a request, 1.9 ms an event).
+    fake = FakePatchwork(tz=TZ, maintainers={TOKEN: {"netdevbpf"}}, cost=MEASURED)
     await fake.start()
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True)
