@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import tempfile
@@ -144,16 +145,30 @@ class Tap:
         return await queue.consume(on_message, no_ack=True)
 
 
+async def until_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+
+
 async def naive_poller(
-    fake: FakePatchwork, exchange: str, interval_s: float, stop: asyncio.Event
+    fake: FakePatchwork,
+    exchange: str,
+    interval_s: float,
+    stop: asyncio.Event,
+    first_after_s: float = 0.0,
 ) -> None:
-    """NIPA's loop: ``since`` the newest date seen plus a microsecond, every interval."""
+    """NIPA's loop: ``since`` the newest date seen plus a microsecond, every interval.
+
+    It starts from "now" and polls first after ``first_after_s``: CI systems polling the
+    same Patchwork are not in phase.
+    """
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True)
     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     newest = fake.now()
     seen: set[int] = set()
     url = f"{fake.url}/api/1.3/events/"
+    await until_stop(stop, first_after_s)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         while not stop.is_set():
             started = time.monotonic()
@@ -179,7 +194,7 @@ async def naive_poller(
                 for item in fresh:
                     seen.add(item["id"])
                     newest = max(newest, datetime.fromisoformat(item["date"]))
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+            await until_stop(stop, interval_s - (time.monotonic() - started))
     await connection.close()
 
 
@@ -233,9 +248,13 @@ async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Sid
         producer = Producer(settings, metrics)
         bridge = InProcess([producer])
         bridge.start()
+        # The naive poller starts with the bridge's first poll: at long intervals, when each
+        # polls against the burst decides the p50.
+        while ours.events_requests < 1:
+            await asyncio.sleep(0.01)
         naive = asyncio.create_task(naive_poller(theirs, naive_ex, interval_s, stop))
         # Both start from "now": wait until each has read once, then count from here.
-        while ours.events_requests < 1 or theirs.events_requests < 1:
+        while theirs.events_requests < 1:
             await asyncio.sleep(0.05)
         await asyncio.sleep(interval_s + 0.5)
         base = {id(f): (f.events_served, f.events_requests, f.busy_s) for f in (ours, theirs)}

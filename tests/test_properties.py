@@ -218,13 +218,13 @@ def test_since_is_always_a_naive_date_patchwork_accepts(
         parsed = datetime.fromisoformat(since)
         # A zone suffix makes Patchwork answer HTTP 500.
         assert parsed.tzinfo is None and not since.endswith("Z")
-        assert parsed == max(dates)
+        assert parsed == max(dates) + timedelta(microseconds=1)  # just after the newest
         sweep = w.sweep_range()
         if timedelta(seconds=overlap_s):  # below a microsecond, there is no overlap
             assert sweep is not None
             assert datetime.fromisoformat(sweep[0]) == max(dates) - timedelta(seconds=overlap_s)
-        else:
-            assert sweep is None  # no overlap: nothing to sweep
+        else:  # no overlap: only the newest date itself, for an event sharing it
+            assert sweep == (max(dates).isoformat(), since)
         assert all(not w.is_new(e) for e in confirmed)
         w.prune()  # the window start is inclusive: the newest event is never pruned
         assert not w.is_new(confirmed[dates.index(max(dates))])

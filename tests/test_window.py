@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 from bridge.events import Event, parse_event
 from bridge.producer.cursor import Cursor, Gap
-from bridge.producer.window import GAP_RECHECK_MAX_S, MAX_GAP_READS, PROBE_ABOVE_EVENTS, Window
+from bridge.producer.window import (
+    GAP_RECHECK_MAX_S,
+    GAP_RECHECK_MIN_S,
+    GAP_SLACK,
+    GAP_WIDEN_AFTER_S,
+    MAX_GAP_CHECKS,
+    MERGE_ABOVE_EVENTS,
+    TICK,
+    GapCheck,
+    Window,
+)
 
 T0 = datetime(2026, 11, 24, 13, 0, 0)
 SWEEP_S = 10.0
@@ -43,11 +53,12 @@ def test_first_poll_asks_from_the_floor_or_from_the_beginning():
     assert Window(Cursor(floor="2026-01-01T00:00:00"), 60).since() == "2026-01-01T00:00:00"
 
 
-def test_a_poll_reads_from_the_newest_date_published_inclusive():
+def test_a_poll_reads_just_after_the_newest_date_published():
     window = Window(Cursor(), 60)
     window.confirm([event(1, T0), event(2, at(0.5))])
-    assert window.since() == at(0.5).isoformat()
-    assert window.reads() == [(at(0.5).isoformat(), None)]  # contiguous ids: nothing more
+    # ``since`` is inclusive: from the newest date itself, it would be served every poll.
+    assert window.since() == (at(0.5) + TICK).isoformat()
+    assert window.gap_checks() == []  # contiguous ids: nothing more
 
 
 def after(first_id: int, n: int, t: float) -> list[Event]:
@@ -55,21 +66,39 @@ def after(first_id: int, n: int, t: float) -> list[Event]:
     return [event(first_id + i, at(t + 0.1 * i)) for i in range(n)]
 
 
-def test_a_gap_just_below_the_newest_date_widens_the_read_of_new_events():
-    window = Window(Cursor(), 300, clock=Clock())
+def test_a_young_gap_is_looked_for_strictly_between_its_neighbours_an_older_one_wider():
+    clock = Clock()
+    window = Window(Cursor(), 300, clock=clock)
     window.confirm([event(10, at(0)), event(12, at(2)), event(13, at(3))])
-    assert window.open_gaps == 1
-    # From the date just below the gap, less a little slack: one request, not two.
-    assert window.reads() == [(at(-0.05).isoformat(), None)]
-    assert window.take_changes().opened == 1
+    assert window.open_gaps == 1 and window.take_changes().opened == 1
+    # Nothing published lies in that range: its count serves no event until the late one
+    # is there, and then serves exactly it.
+    assert window.gap_checks() == [GapCheck((((at(0) + TICK).isoformat(), at(2).isoformat()),))]
+    clock.now += GAP_WIDEN_AFTER_S
+    # Old enough for a date set a moment before a neighbour's: a little slack each side.
+    assert window.gap_checks() == [
+        GapCheck((((at(0) - GAP_SLACK).isoformat(), (at(2) + GAP_SLACK).isoformat()),))
+    ]
 
 
-def test_the_read_of_a_gap_does_not_reach_up_to_the_newest_date():
+def test_neighbours_sharing_a_date_are_looked_around_at_once():
     window = Window(Cursor(), 300, clock=Clock())
-    window.confirm([event(10, at(0)), event(12, at(2)), *after(13, PROBE_ABOVE_EVENTS + 5, 3)])
-    [new, gap] = window.reads()
-    assert new == (window.since(), None)
-    assert gap == (at(-0.05).isoformat(), at(2.05).isoformat())
+    window.confirm([event(10, at(1)), event(12, at(1)), event(13, at(3))])
+    assert window.gap_checks() == [
+        GapCheck((((at(1) - GAP_SLACK).isoformat(), (at(1) + GAP_SLACK).isoformat()),))
+    ]
+
+
+def test_near_gaps_are_one_check_far_ones_their_own():
+    window = Window(Cursor(), 300, clock=Clock())
+    events = [event(1, at(0)), *after(3, 5, 1), *after(9, MERGE_ABOVE_EVENTS + 5, 2)]
+    events += after(9 + MERGE_ABOVE_EVENTS + 6, 3, 20)  # id 9 + MERGE + 5 is missing too
+    window.confirm(events)
+    far, near = window.gap_checks()  # never checked: the youngest first
+    assert [len(near.spans), len(far.spans)] == [2, 1]
+    assert near.since == (at(0) + TICK).isoformat() and near.before == at(2).isoformat()
+    low, high = near.halves()
+    assert low.spans + high.spans == near.spans and low.spans and high.spans
 
 
 def test_the_late_event_fills_its_gap_and_is_new_once():
@@ -78,43 +107,43 @@ def test_the_late_event_fills_its_gap_and_is_new_once():
     late = event(11, at(1))
     assert window.is_new(late)
     window.confirm([event(10, at(0)), late, event(12, at(2))])
-    assert not window.is_new(late)
-    assert window.open_gaps == 0 and window.reads() == [(window.since(), None)]
+    assert not window.is_new(late) and window.has_seen(11)
+    assert window.open_gaps == 0 and window.gap_checks() == []
     assert window.take_changes().filled == 1
 
 
-def gap_reads(window: Window) -> list[tuple[str | None, str | None]]:
-    return window.reads()[1:]
-
-
-def test_a_young_gap_is_read_every_poll_an_old_one_less_often():
+def test_a_young_gap_is_checked_about_once_a_second_an_old_one_less_often():
     clock = Clock()
     window = Window(Cursor(), 3600, clock=clock)
-    window.confirm([event(1, at(0)), *after(3, PROBE_ABOVE_EVENTS + 5, 1)])
-    assert len(gap_reads(window)) == 1
-    clock.now += 1
-    assert len(gap_reads(window)) == 1  # a quarter of 1 s old: due again
+    window.confirm([event(1, at(0)), *after(3, 5, 1)])
+    assert len(window.gap_checks()) == 1
+    clock.now += 0.2  # a 0.2 s poll does not check it again yet
+    assert window.gap_checks() == []
+    clock.now += GAP_RECHECK_MIN_S
+    assert len(window.gap_checks()) == 1
     clock.now += 1000
-    assert len(gap_reads(window)) == 1
+    assert len(window.gap_checks()) == 1
     clock.now += 1  # checked at age 1001 s: next in 30 s, not sooner
-    assert gap_reads(window) == []
+    assert window.gap_checks() == []
     clock.now += GAP_RECHECK_MAX_S
-    assert len(gap_reads(window)) == 1
+    assert len(window.gap_checks()) == 1
 
 
-def test_at_most_a_few_gap_reads_a_poll_youngest_first_the_others_next_poll():
-    window = Window(Cursor(), 3600, clock=Clock())
+def test_at_most_a_few_gap_checks_a_poll_youngest_first_the_others_next_poll():
+    clock = Clock()
+    window = Window(Cursor(), 3600, clock=clock)
     events: list[Event] = []
-    for k in range(MAX_GAP_READS + 3):  # gaps far apart, each followed by many events
+    for k in range(MAX_GAP_CHECKS + 3):  # gaps far apart, each followed by many events
         first = 1 + k * 100
-        events += after(first, PROBE_ABOVE_EVENTS + 5, k * 100)
+        events += after(first, MERGE_ABOVE_EVENTS + 5, k * 100)
     window.confirm(events)
-    first_poll = gap_reads(window)
-    assert len(first_poll) == MAX_GAP_READS
-    assert first_poll == sorted(first_poll, reverse=True)  # youngest first
-    # The two not read yet come first next time, before those just read.
-    second_poll = gap_reads(window)
-    assert len(second_poll) == MAX_GAP_READS
+    first_poll = window.gap_checks()
+    assert len(first_poll) == MAX_GAP_CHECKS
+    assert [c.since for c in first_poll] == sorted((c.since for c in first_poll), reverse=True)
+    # The two not checked yet come first next time, before those just checked.
+    clock.now += GAP_RECHECK_MIN_S
+    second_poll = window.gap_checks()
+    assert len(second_poll) == MAX_GAP_CHECKS
     assert not set(second_poll[:2]) & set(first_poll)
 
 
@@ -156,8 +185,9 @@ def test_the_sweep_covers_the_overlap_below_the_newest_date():
     assert window.sweep_range() is None
     window.confirm([event(1, at(0)), event(2, at(30)), event(3, at(90))])
     since, before = window.sweep_range()
-    assert (since, before) == (at(30).isoformat(), at(90).isoformat())
-    assert window.known_between(since, before) == 1  # event 2; 3 is at `before`, excluded
+    # Up to the newest date included: the new events are read from just after it.
+    assert (since, before) == (at(30).isoformat(), (at(90) + TICK).isoformat())
+    assert window.known_between(since, before) == 2
 
 
 def test_pruning_forgets_ids_older_than_the_overlap_never_the_newest():
@@ -173,12 +203,12 @@ def test_cursor_round_trips_gaps_and_all():
     window = Window(Cursor(floor="2026-11-01T00:00:00"), 60, clock=clock)
     window.confirm([event(1, T0), event(3, T0 + timedelta(microseconds=163041))])
     restored = Window(Cursor.from_json(window.cursor().to_json()), 60, clock=clock)
-    assert restored.since() == window.since() == "2026-11-24T13:00:00.163041"
+    assert restored.since() == window.since() == "2026-11-24T13:00:00.163042"
     assert not restored.is_new(event(3, T0))
     assert restored.cursor().gaps == {
         2: Gap(T0.isoformat(), "2026-11-24T13:00:00.163041", clock.now)
     }
-    assert restored.reads() == window.reads()
+    assert restored.gap_checks() == window.gap_checks()
 
 
 def test_a_version_1_cursor_is_read_as_having_no_gaps():
@@ -206,17 +236,36 @@ def between(visible: list[Event], since: str | None, before: str | None) -> list
 
 
 def poll(window: Window, visible: list[Event], sweep: bool = False) -> list[int]:
-    """One poll as the poller plans it: the new read, then the gap reads, or, when a
-    sweep counts a difference, one read of the whole overlap. Returns the ids published."""
+    """One poll as the poller runs it: the new events; then, when a sweep counts a
+    difference, the whole overlap; then each gap check counted, halved on a difference,
+    and the ranges holding it read (a count's one event, when it is the only one
+    missing). Returns the ids published."""
     published: list[int] = []
-    reads = window.reads()
+
+    def read(since: str | None, before: str | None) -> None:
+        page = between(visible, since, before)
+        published.extend(e.id for e in page if window.is_new(e))
+        window.confirm(page)
+
+    def filled(check: GapCheck) -> list[tuple[str, str]]:
+        served = between(visible, check.since, check.before)
+        known = window.known_between(check.since, check.before)
+        if len(served) == known:
+            return []
+        if len(served) == known + 1 and window.is_new(served[0]):
+            read(served[0].date, (served[0].when + TICK).isoformat())
+            return []
+        if len(check.spans) == 1:
+            return list(check.spans)
+        low, high = check.halves()
+        return filled(low) + filled(high)
+
+    read(window.since(), None)
     span = window.sweep_range() if sweep else None
     if span is not None and len(between(visible, *span)) != window.known_between(*span):
-        reads = [(span[0], None)]
-    for since, before in reads:
-        page = between(visible, since, before)
-        published += [e.id for e in page if window.is_new(e)]
-        window.confirm(page)
+        read(*span)
+    for since, before in [s for check in window.gap_checks() for s in filled(check)]:
+        read(since, before)
     window.prune()
     return published
 
@@ -275,7 +324,7 @@ def test_the_sweep_stops_below_the_oldest_open_gap():
     window.confirm([event(i, at(t)) for i, t in [(1, 0), (2, 30), (3, 40), (5, 50), (6, 90)]])
     assert window.sweep_range() == (at(30).isoformat(), at(39.95).isoformat())
     window.confirm([event(4, at(45))])  # the gap fills: the sweep reaches the newest date
-    assert window.sweep_range() == (at(30).isoformat(), at(90).isoformat())
+    assert window.sweep_range() == (at(30).isoformat(), (at(90) + TICK).isoformat())
 
 
 def test_between_pages_a_catch_up_forgets_ids_older_than_the_window_and_the_planned_reads():

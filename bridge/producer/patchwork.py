@@ -89,16 +89,17 @@ class PatchworkClient:
             page = await self._get(page.next_url, None)
             yield page
 
-    async def count(self, since: str, before: str) -> int | None:
-        """How many events have ``since <= date < before``, for one event's serving cost.
+    async def count(self, since: str, before: str) -> tuple[int | None, Page]:
+        """How many events have ``since <= date < before``, and the oldest of them: a
+        one-event page, which costs Patchwork one event at most.
 
-        Read from the ``rel="last"`` link of a one-event page (Patchwork counts the rows
-        for every page anyway). None when the server sends no such link (older ones).
+        Read from the ``rel="last"`` link (Patchwork counts the rows for every page
+        anyway). None when the server sends no such link (older ones).
         """
         page = await self._get(self._events_url, self._params(since, "date", 1, before))
         if page.last_page is not None:
-            return page.last_page if page.items else 0
-        return len(page.items) if page.next_url is None else None
+            return (page.last_page if page.items else 0), page
+        return (len(page.items) if page.next_url is None else None), page
 
     async def newest(self, count: int) -> list[tuple[Any, str]]:
         """The ``count`` newest visible events, newest first (none when Patchwork has none)."""

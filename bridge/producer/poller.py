@@ -19,11 +19,11 @@ from bridge.metrics import Metrics
 from bridge.producer.cursor import Cursor, CursorStore, CursorWriter, probe_writable
 from bridge.producer.lock import PollerLock
 from bridge.producer.logtail import cursor_from_log
-from bridge.producer.patchwork import PatchworkClient, PatchworkError
+from bridge.producer.patchwork import Page, PatchworkClient, PatchworkError
 from bridge.producer.publisher import Publisher
 from bridge.producer.start import NEWEST_PROBE, initial_cursor
 from bridge.producer.triage import EventCheck, PageSorter
-from bridge.producer.window import PROBE_ABOVE_EVENTS, Window, parse_date
+from bridge.producer.window import GapCheck, Window, parse_date
 from bridge.settings import Settings
 from bridge.waiting import Ticker
 
@@ -208,16 +208,17 @@ class Producer:
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
     ) -> int:
         """Read what is new, then the open gaps and, on a sweep that counts a difference,
-        that range; publish each page while the next one is fetched."""
+        that range; publish each page while the next one is fetched. The new events
+        first: counting the gaps takes a request each, and they are late already."""
         assert self._window is not None
         read_before = self._served
-        published = 0
-        reads = await self._plan(client, stop)
-        # Reads of older ranges (gaps, sweep) still to come need their ids kept.
-        older = [
-            parse_date(since) for since, _, kind in reads if kind != "new" and since is not None
-        ]
-        self._keep_from = min(older, default=None)
+        self._keep_from = None
+        published = await self._read(client, publisher, stop, self._window.since(), None, "new")
+        found, reads = await self._plan(client, stop)
+        for page in found:
+            published += await self._publish_found(publisher, page)
+        # Ids the reads of older ranges still need are kept between their pages.
+        self._keep_from = min((parse_date(since) for since, _, _ in reads), default=None)
         for since, before, kind in reads:
             published += await self._read(client, publisher, stop, since, before, kind)
         self._window.prune()
@@ -242,16 +243,17 @@ class Producer:
 
     async def _plan(
         self, client: PatchworkClient, stop: asyncio.Event
-    ) -> list[tuple[str | None, str | None, str]]:
-        """(since, before, kind) of each read of this poll."""
+    ) -> tuple[list[Page], list[tuple[str, str, str]]]:
+        """The late events the gap checks found themselves, and (since, before, kind) of
+        each read of older dates this poll."""
         assert self._window is not None
-        reads: list[tuple[str | None, str | None, str]] = []
+        reads: list[tuple[str, str, str]] = []
         sweep = self._window.sweep_range()
         now = time.monotonic()
         if sweep is not None and self._sweep_interval_s and now >= self._next_sweep:
             self._next_sweep = now + self._sweep_interval_s
             # Patchwork counts the range for one event's cost; read it only on a difference.
-            counted = await self._count(client, stop, *sweep)
+            counted, _ = await self._count(client, stop, *sweep)
             known = self._window.known_between(*sweep)
             if counted != known:
                 log.info(
@@ -262,40 +264,46 @@ class Producer:
                     known,
                 )
                 reads.append((*sweep, "sweep"))
-        new_read, *gap_reads = self._window.reads()
-        reads.insert(0, (*new_read, "new"))
-        for since, before in gap_reads:
-            assert since is not None and before is not None
-            if await self._may_have_filled(client, stop, since, before):
-                reads.append((since, before, "gap"))
-        return reads
+        # Counted side by side: Patchwork serves several requests at once, and the next
+        # poll's new events wait for these.
+        found = await asyncio.gather(
+            *(self._filled(client, stop, check) for check in self._window.gap_checks())
+        )
+        reads += [(*span, "gap") for _, spans in found for span in spans]
+        return [page for pages, _ in found for page in pages], reads
 
-    async def _may_have_filled(
-        self, client: PatchworkClient, stop: asyncio.Event, since: str, before: str
-    ) -> bool:
-        """Whether a gap's range may hold an event not yet published.
+    async def _filled(
+        self, client: PatchworkClient, stop: asyncio.Event, check: GapCheck
+    ) -> tuple[list[Page], list[tuple[str, str]]]:
+        """What ``check`` found: the one-event pages that are the late event itself, and
+        the gap ranges still to read.
 
-        While a writer has not committed, every poll would serve the events around its
-        gap again. Where that is more than a request's worth of events (a burst shares
-        one date), Patchwork counts the range first, for one event's cost, and the range
-        is read only once the count differs from what was published.
+        Patchwork counts a range for one event's cost at most (none for an empty range);
+        a read would serve every event around a gap again on each check, while its
+        writer has not committed. A count that differs is halved until the ranges
+        holding the difference are found.
         """
         assert self._window is not None
-        known = self._window.known_between(since, before)
-        if known <= PROBE_ABOVE_EVENTS:
-            return True
-        counted = await self._count(client, stop, since, before)
-        return counted is None or counted != known
+        counted, page = await self._count(client, stop, check.since, check.before)
+        known = self._window.known_between(check.since, check.before)
+        if counted is not None and counted == known:
+            return [], []
+        if counted == known + 1 and page.items and not self._window.has_seen(_item_id(page)):
+            return [page], []  # the oldest event of the range is the only one missing
+        if counted is None or len(check.spans) == 1:
+            return [], list(check.spans)
+        low, high = await asyncio.gather(*(self._filled(client, stop, h) for h in check.halves()))
+        return [*low[0], *high[0]], [*low[1], *high[1]]
 
     async def _count(
         self, client: PatchworkClient, stop: asyncio.Event, since: str, before: str
-    ) -> int | None:
-        """Patchwork's count of ``since <= date < before`` (None: it cannot tell), which
-        it serves as one event."""
-        counted = await _until_stopped(client.count(since, before), stop)
-        self._served += 1
-        self._metrics.patchwork_events_read.labels("count").inc()
-        return counted
+    ) -> tuple[int | None, Page]:
+        """Patchwork's count of ``since <= date < before`` (None: it cannot tell), and the
+        one-event page it came with."""
+        counted, page = await _until_stopped(client.count(since, before), stop)
+        self._served += len(page.items)
+        self._metrics.patchwork_events_read.labels("count").inc(len(page.items))
+        return counted, page
 
     async def _read(
         self,
@@ -337,6 +345,12 @@ class Producer:
             await pages.aclose()  # type: ignore[attr-defined]
         return published
 
+    async def _publish_found(self, publisher: Publisher, page: Page) -> int:
+        """A late event a gap check served (a one-event page): published as a read's."""
+        assert self._window is not None
+        events, fresh = self._sorter.sort(page, set(), self._window.is_new)
+        return await self._publish_page(publisher, events, fresh)
+
     async def _publish_page(
         self, publisher: Publisher, events: list[Event], fresh: list[Event]
     ) -> int:
@@ -376,6 +390,11 @@ async def _until_stopped(aw: Awaitable[T], stop: asyncio.Event) -> T:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise Stopped
+
+
+def _item_id(page: Page) -> object:
+    item = page.items[0][0]
+    return item.get("id") if isinstance(item, dict) else None
 
 
 def _newer(saved: Cursor | None, log_tail: Cursor | None) -> Cursor | None:

@@ -2,13 +2,16 @@
 
 Patchwork makes events visible out of date order: concurrent writers commit late.
 Ids come from one sequence at insert, inside the writer's transaction, so a late
-event is a **gap** in the ids read so far. A poll therefore reads from the newest
-date already published (``since`` is inclusive; ids already out are dropped) and
-reaches back only where a gap is open: between the dates of the events just below
-and above it. A gap is waited for at most ``overlap`` seconds (a rolled-back mail
-burns its id for good), and never reaches back further than ``overlap`` before the
-newest date. A slow sweep of the whole ``overlap`` (see ``sweep_range``) catches what
-a Patchwork whose ids do not behave like that would still show late.
+event is a **gap** in the ids read so far. A poll therefore reads what is newer than
+the newest date published, and reaches back only where a gap is open: between the
+dates of the events just below and above it. Such a range is counted first (a count
+serves Patchwork one event) and read only when it holds more than was published: a
+read would serve every neighbour of the gap again, each time it is checked. A gap is
+waited for at most ``overlap`` seconds (a rolled-back mail burns its id for good), and
+never reaches back further than ``overlap`` before the newest date. A slow sweep of the
+whole ``overlap`` (see ``sweep_range``) catches what a Patchwork whose ids do not behave
+like that would still show late, and an event sharing the newest date to the
+microsecond but committed after it was read.
 """
 
 from __future__ import annotations
@@ -21,18 +24,28 @@ from datetime import datetime, timedelta
 from bridge.events import Event
 from bridge.producer.cursor import Cursor, Gap
 
+TICK = timedelta(microseconds=1)
+"""Patchwork's dates are to the microsecond."""
 GAP_SLACK = timedelta(seconds=0.05)
-"""Added on both sides of a gap's dates: an event's date is set just before its id (the
-row is built, then inserted), so a late event's date lies between its neighbours' or a
-moment before. A larger skew is left to the sweep."""
+"""Added on both sides of a gap's dates once it is ``GAP_WIDEN_AFTER_S`` old: an event's
+date is set just before its id (the row is built, then inserted), so a late event's date
+lies between its neighbours' or a moment before. A larger skew is left to the sweep."""
+GAP_WIDEN_AFTER_S = 5.0
+"""Until then a gap is checked strictly between its neighbours' dates: a range holding
+nothing published, so that the count costs Patchwork no event at all until the late
+event is there, and then serves exactly that event."""
+GAP_RECHECK_MIN_S = 0.9
 GAP_RECHECK_MAX_S = 30.0
-"""A gap is read again every poll while young, then less often, at most this far apart."""
-MAX_GAP_READS = 3
-"""Gap reads per poll at most, longest waiting first; the others wait for the next poll."""
-PROBE_ABOVE_EVENTS = 30
-"""A gap range holding more published events than this is counted before it is read:
-a count serves one event, a read serves them all again. 30 events cost Patchwork about
-what one request costs (1.9 ms each against 60 ms)."""
+"""A gap is checked again a quarter of its age later, within these bounds: about once a
+second while young (a poll of 0.2 s does not check it five times as often), at most 30 s
+apart once old (a rolled-back mail's id is waited for the whole overlap)."""
+MAX_GAP_CHECKS = 10
+"""Gap checks per poll at most, longest waiting first; the others wait for the next poll.
+Each is a count, side by side with the others; a long poll interval finds many due."""
+MERGE_ABOVE_EVENTS = 30
+"""Gap ranges with fewer published events than this between them are checked as one:
+reading them again costs Patchwork about what one more request costs (1.9 ms an event
+against 60 ms a request)."""
 MAX_OPEN_GAPS = 10_000
 """Beyond this many open gaps, the newest are not tracked (the sweep still covers them)."""
 
@@ -44,6 +57,27 @@ class GapChange:
     opened: int = 0
     filled: int = 0
     expired: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GapCheck:
+    """Near gap ranges, checked with one count; on a difference, halved until the ranges
+    that hold it are found (``halves``), and those read."""
+
+    spans: tuple[tuple[str, str], ...]
+    """``(since, before)`` of each gap's range, in date order; they may overlap."""
+
+    @property
+    def since(self) -> str:
+        return self.spans[0][0]
+
+    @property
+    def before(self) -> str:
+        return max(before for _, before in self.spans)
+
+    def halves(self) -> tuple[GapCheck, GapCheck]:
+        middle = len(self.spans) // 2
+        return GapCheck(self.spans[:middle]), GapCheck(self.spans[middle:])
 
 
 class Window:
@@ -78,8 +112,12 @@ class Window:
         return len(self._gaps)
 
     def since(self) -> str | None:
-        """The ``since`` of the next poll's read of new events: the newest date published."""
-        return self._high_water if self._high_water is not None else self._floor
+        """The ``since`` of the next poll's read of new events: a microsecond after the
+        newest date published (``since`` is inclusive; the newest would be served again
+        on every poll)."""
+        if self._high_water_dt is None:
+            return self._floor
+        return (self._high_water_dt + TICK).isoformat()
 
     def sweep_range(self) -> tuple[str, str] | None:
         """``(since, before)`` for the sweep: the overlap below the newest date, up to the
@@ -90,9 +128,9 @@ class Window:
         start = self._window_start()
         before = min(
             (parse_date(gap.below) - GAP_SLACK for gap in self._gaps.values()),
-            default=self._high_water_dt,
+            default=self._high_water_dt + TICK,
         )
-        before = min(before, self._high_water_dt)
+        before = min(before, self._high_water_dt + TICK)
         if before <= start:
             return None
         return start.isoformat(), before.isoformat()
@@ -105,66 +143,58 @@ class Window:
     def _known(self, lo: datetime, hi: datetime) -> int:
         return sum(1 for when, _ in self._seen.values() if lo <= when < hi)
 
-    def reads(self) -> list[tuple[str | None, str | None]]:
-        """``(since, before)`` of each read of the next poll: the new events first.
+    def gap_checks(self) -> list[GapCheck]:
+        """The gap ranges due a check this poll, which the poller has Patchwork count
+        before it reads them (the new events are read from ``since``).
 
-        Due gaps get one range each (near ones merged), longest waiting first. A
-        range starting only a few published events below the newest date
-        (``PROBE_ABOVE_EVENTS``) widens the read of new events; the others get a read of
-        their own, at most ``MAX_GAP_READS`` (the rest stay due for the next poll), which
-        the poller may have Patchwork count first. Each gap read is marked checked:
-        a young gap is read every poll, an old one every quarter of its age, at most
-        ``GAP_RECHECK_MAX_S`` apart. No read reaches below the window's start, where
-        forgotten ids would be published again.
+        Near ranges are checked as one (``MERGE_ABOVE_EVENTS``); at most
+        ``MAX_GAP_CHECKS`` checks, longest waiting first, the others stay due for the next
+        poll. Each gap returned is marked checked (``GAP_RECHECK_MIN_S``,
+        ``GAP_RECHECK_MAX_S``). No range reaches below the window's start, where forgotten
+        ids would be published again.
         """
-        since = self.since()
         now = self._clock()
         start = self._window_start() if self._high_water_dt is not None else _parse(self._floor)
-        spans: list[tuple[datetime, datetime, list[int]]] = []
+        checks: list[tuple[list[tuple[datetime, datetime]], list[int]]] = []
         for event_id, gap in sorted(self._gaps.items(), key=lambda kv: kv[1].below):
             if self._next_check.get(event_id, 0.0) > now:
                 continue
-            lo, hi = parse_date(gap.below) - GAP_SLACK, parse_date(gap.above) + GAP_SLACK
+            lo, hi = _gap_range(gap, now)
             if start is not None:
                 if hi <= start:
                     continue
                 lo = max(lo, start)
-            # Overlapping ranges, or ranges with fewer published events between them than a
-            # request costs, are one read.
-            if spans and (
-                lo <= spans[-1][1] or self._known(spans[-1][1], lo) <= PROBE_ABOVE_EVENTS
-            ):
-                spans[-1] = (spans[-1][0], max(spans[-1][1], hi), [*spans[-1][2], event_id])
+            if checks and self._known(checks[-1][0][-1][1], lo) <= MERGE_ABOVE_EVENTS:
+                spans, ids = checks[-1]
+                if lo <= spans[-1][1] and hi <= spans[-1][1]:
+                    ids.append(event_id)  # within the range before
+                else:
+                    spans.append((lo, hi))
+                    ids.append(event_id)
             else:
-                spans.append((lo, hi, [event_id]))
-        gap_reads: list[tuple[str | None, str | None]] = []
-        # Longest waiting first (never read counts as longest), then youngest: under a
+                checks.append(([(lo, hi)], [event_id]))
+        # Longest waiting first (never checked counts as longest), then youngest: under a
         # stream of new gaps, the old ones still get their turn.
-        spans.sort(
-            key=lambda span: (
-                min(self._next_check.get(i, 0.0) for i in span[2]),
-                -span[0].timestamp(),
+        checks.sort(
+            key=lambda check: (
+                min(self._next_check.get(i, 0.0) for i in check[1]),
+                -check[0][0][0].timestamp(),
             )
         )
-        for lo, hi, ids in spans:
-            if (
-                self._high_water_dt is not None
-                and self._known(lo, self._high_water_dt) <= PROBE_ABOVE_EVENTS
-            ):
-                # Serving these few events again costs Patchwork less than a request.
-                if since is not None and lo < parse_date(since):  # None: from the start anyway
-                    since = lo.isoformat()
-            elif len(gap_reads) < MAX_GAP_READS:
-                gap_reads.append((lo.isoformat(), hi.isoformat()))
-            else:
-                continue  # due again next poll
+        due = []
+        for spans, ids in checks[:MAX_GAP_CHECKS]:
+            due.append(GapCheck(tuple((lo.isoformat(), hi.isoformat()) for lo, hi in spans)))
             for event_id in ids:
                 age_s = max(0.0, now - self._gaps[event_id].opened_at)
-                self._next_check[event_id] = now + min(GAP_RECHECK_MAX_S, age_s / 4)
-        return [(since, None), *gap_reads]
+                wait_s = min(GAP_RECHECK_MAX_S, max(GAP_RECHECK_MIN_S, age_s / 4))
+                self._next_check[event_id] = now + wait_s
+        return due
 
     def is_new(self, event: Event) -> bool:
         return event.id not in self._seen
+
+    def has_seen(self, event_id: object) -> bool:
+        return event_id in self._seen
 
     def confirm(self, events: Iterable[Event], *, advance: bool = True) -> None:
         """Record events the broker has confirmed (and those not ours to publish).
@@ -266,6 +296,15 @@ class Window:
         start = self._high_water_dt - self._overlap
         floor_dt = _parse(self._floor)
         return max(start, floor_dt) if floor_dt is not None else start
+
+
+def _gap_range(gap: Gap, now: float) -> tuple[datetime, datetime]:
+    """Where a gap's event is looked for: strictly between its neighbours' dates while the
+    gap is young, with ``GAP_SLACK`` on both sides after that."""
+    below, above = parse_date(gap.below), parse_date(gap.above)
+    if now - gap.opened_at < GAP_WIDEN_AFTER_S and below + TICK < above:
+        return below + TICK, above
+    return below - GAP_SLACK, above + GAP_SLACK
 
 
 def parse_date(date: str) -> datetime:
