@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from bridge.amqp import connection_name
+from bridge.amqp import connection_name, declare_exchange
 from bridge.cli.subscriptions import run_subscriptions
 from bridge.metrics import Metrics
-from bridge.runtime import build_roles
+from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings, SettingsError
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, RetryLater
 from bridge.sinks.registry import load_sink
@@ -34,6 +34,7 @@ from bridge.webhook.queues import (
     QueueControl,
     TopologyError,
     dead_queue,
+    declare_subscription,
     main_queue,
     marker_queue,
     retry_queue,
@@ -459,6 +460,54 @@ async def test_competing_consumers_deliver_every_event_once_in_total(
         await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
         await wait_for(lambda: one.delivered_ids() | two.delivered_ids() == ids, what="60 events")
     assert len(one.deliveries) + len(two.deliveries) == 60
+
+
+async def test_many_subscriptions_with_a_backlog_start_and_deliver_everything_once(
+    amqp: aio_pika.abc.AbstractConnection,
+    exchange_name: str,
+    make_sub: MakeSub,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first lanes' acks fill the connection while later lanes start: their marker
+    checks (passive declares the broker answers by closing the channel) once made the
+    broker close the whole connection, and the role died on every start."""
+    receiver = Receiver()
+    await receiver.start()
+    try:
+        subs = [
+            make_sub(f"fan{i}", concurrency=16, allow_private_network=True).model_copy(
+                update={"url": receiver.url(f"/fan{i}")}
+            )
+            for i in range(20)
+        ]
+        channel = await amqp.channel()
+        await declare_exchange(channel, exchange_name)
+        for sub in subs:
+            await declare_subscription(channel, exchange_name, sub, "classic")
+        await channel.close()
+        ids = await publish_events(exchange_name, [("patch-created", i) for i in range(1, 501)])
+        consumer = make_consumer(exchange_name, [(sub, load_sink(sub)) for sub in subs])
+        async with InProcess([consumer]) as bridge:
+
+            def all_delivered() -> bool:
+                bridge.check()  # the role must not have died meanwhile
+                return sum(receiver.successes.values()) >= len(ids) * len(subs)
+
+            try:
+                await wait_for(all_delivered, timeout=120)
+            except AssertionError:
+                got, want = sum(receiver.successes.values()), len(ids) * len(subs)
+                raise AssertionError(f"{got} of {want} deliveries after 120 s") from None
+            assert consumer.readiness() == (True, "")
+    finally:
+        await receiver.stop()
+    for i in range(len(subs)):
+        got = [json.loads(hit.body)["id"] for hit in receiver.requests if hit.path == f"/fan{i}"]
+        assert sorted(got) == sorted(int(event_id) for event_id in ids), "each event once"
+    lost = [
+        r.getMessage() for r in caplog.records if "lost its RabbitMQ connection" in r.getMessage()
+    ]
+    assert lost == [], "the broker never closed the webhook role's connection"
 
 
 async def test_consuming_resumes_by_itself_after_the_connection_is_cut(

@@ -98,6 +98,7 @@ class WebhookConsumer:
         self._marker_check_interval_s = marker_check_interval_s
         self._drain_timeout_s = drain_timeout_s
         self._connection: AbstractRobustConnection | None = None
+        self._control_connection: AbstractRobustConnection | None = None
         self._control: QueueControl | None = None
         self._keeper: Lanes | None = None
         self._started = False
@@ -111,7 +112,17 @@ class WebhookConsumer:
         self._connection = await connect_with_retry(self.settings, self._role, stop)
         if self._connection is None:
             return  # stopped before RabbitMQ answered
-        self._control = QueueControl(self._connection)
+        # Passive declares on a connection of their own: the broker closes the channel of
+        # one that finds no queue, and aiormq 7.2 drops the Close-Ok when the connection's
+        # write queue is full (acks of busy lanes), then reuses the channel number; the
+        # broker closes the whole connection ("second 'channel.open' seen").
+        self._control_connection = await connect_with_retry(
+            self.settings, f"{self._role}-control", stop
+        )
+        if self._control_connection is None:
+            await self._close_connections()
+            return
+        self._control = QueueControl(self._control_connection)
         self._keeper = Lanes(
             self._lanes,
             self._connection,
@@ -128,7 +139,7 @@ class WebhookConsumer:
                 log.error("webhook: %s", exc)
                 raise
             sampler = QueueDepthSampler(
-                self._connection,
+                self._control_connection,
                 [q for lane in self._lanes for q in queue_names(lane.subscription)],
                 self.metrics,
                 self.settings.queue_depth_interval,
@@ -212,10 +223,14 @@ class WebhookConsumer:
                 log.warning("webhook %s: closing its sink failed (%s)", lane.name, exc)
         if self._control is not None:
             await self._control.close()
-        if self._connection is not None:
-            with contextlib.suppress(*BROKER_ERRORS):
-                async with asyncio.timeout(BROKER_TIMEOUT_S):
-                    await self._connection.close()
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for connection in (self._control_connection, self._connection):
+            if connection is not None:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    async with asyncio.timeout(BROKER_TIMEOUT_S):
+                        await connection.close()
 
     # -- enabled / disabled ----------------------------------------------------------
 
