@@ -56,6 +56,21 @@ def log_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def log_exists(connection: AbstractConnection, exchange: str) -> bool:
+    """Whether the log was declared before. One that was not never got a message, which a
+    read can only tell by waiting (see FIRST_WAIT_S)."""
+    channel = await connection.channel()  # a failed passive declare closes its channel
+    try:
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            await channel.declare_queue(log_queue(exchange), passive=True)
+        return True
+    except ChannelNotFoundEntity:
+        return False
+    finally:
+        with contextlib.suppress(*BROKER_ERRORS):
+            await channel.close()
+
+
 async def declare_log(channel: AbstractChannel, settings: Settings) -> None:
     """Before the producer's first publish, so nothing it publishes is missing from it."""
     async with asyncio.timeout(BROKER_TIMEOUT_S):

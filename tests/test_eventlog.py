@@ -95,6 +95,42 @@ async def test_a_standby_takes_over_when_the_poller_stops_and_resumes_from_the_l
     assert len(ids) == 600 and max(ids.values()) == 1
 
 
+async def test_two_first_starts_on_a_new_log_the_second_still_reads_it_before_taking_over(
+    patchwork, exchange_name, bound_queue, tmp_path, caplog
+):
+    """Both find no event log; only the one that takes the lock at once may skip reading it.
+    The other would otherwise fall back to BRIDGE_START=beginning and republish all 300."""
+    patchwork.add_events(300)
+    settings = make_settings(patchwork, exchange_name, tmp_path / "a", start="beginning")
+    metrics = {"a": Metrics(), "b": Metrics()}
+    sides = {
+        "a": InProcess([Producer(settings, metrics["a"])]),
+        "b": InProcess(
+            [Producer(settings.model_copy(update={"state_dir": tmp_path / "b"}), metrics["b"])]
+        ),
+    }
+    caplog.set_level("INFO", logger="bridge.producer.poller")
+    for side in sides.values():
+        side.start()
+    try:
+        await wait_for(lambda: any(active(m) == 1 for m in metrics.values()), what="a poller")
+        first = await drain(bound_queue, expected=300)
+        [polling] = [name for name, m in metrics.items() if active(m) == 1]
+        other = "b" if polling == "a" else "a"
+        await sides[polling].close()
+        await wait_for(lambda: active(metrics[other]) == 1, what="the other taking over")
+        patchwork.add_events(100)
+        second = await drain(bound_queue, expected=100)
+        assert await drain(bound_queue, expected=0, timeout=1.0) == []
+    finally:
+        for side in sides.values():
+            await side.close()
+    ids = Counter(int(m.message_id) for m in first + second)
+    assert len(ids) == 400 and max(ids.values()) == 1
+    new_log = [r for r in caplog.records if "the event log is new" in r.getMessage()]
+    assert len(new_log) == 1, "only the first poller knew the log empty without reading it"
+
+
 @pytest.fixture
 async def log_with_500(patchwork, exchange_name, bound_queue, tmp_path):
     """300 old events (an hour ago), then 500 of dpdk and netdevbpf, all published."""

@@ -41,6 +41,8 @@ class PollerLock:
         """Set when the lock's connection closes: stop polling at once."""
         self.standby = False
         """Another producer holds the lock (this one found so at its last try)."""
+        self.waited = False
+        """A try failed before this process took the lock: another may have held it."""
 
     async def acquire(self, stop: asyncio.Event) -> bool:
         """Wait until this process holds the lock (True) or ``stop`` is set (False)."""
@@ -78,6 +80,7 @@ class PollerLock:
                 self._connection = connection
                 log.info("holding the poller lock %s: this producer polls", name)
                 return True
+            self.waited = True
             if connection is not None:
                 with contextlib.suppress(*BROKER_ERRORS):
                     await connection.close()

@@ -13,7 +13,7 @@ from typing import TypeVar
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from bridge.amqp import connect_with_retry, declare_exchange, is_connected
-from bridge.eventlog import declare_log
+from bridge.eventlog import declare_log, log_exists
 from bridge.events import Event
 from bridge.metrics import Metrics
 from bridge.producer.cursor import Cursor, CursorStore, CursorWriter, probe_writable
@@ -77,9 +77,11 @@ class Producer:
         self._sweep_interval_s = settings.poll_sweep_interval
         self._next_sweep = 0.0
         self._served = 0
+        """Events Patchwork served us so far (count requests count as one)."""
         self._keep_from: datetime | None = None
         """This poll's oldest planned read of an older range: ids from then on are kept."""
-        """Events Patchwork served us so far (count requests count as one)."""
+        self._log_was_new = False
+        """This producer declared the event log: nothing was published to it before."""
         self._last_success: float | None = None
 
     # -- Role ---------------------------------------------------------------------------------
@@ -111,6 +113,8 @@ class Producer:
         try:
             channel = await self._connection.channel(publisher_confirms=True)
             exchange = await declare_exchange(channel, self._settings.exchange)
+            exists = await log_exists(self._connection, self._settings.exchange)
+            self._log_was_new = not exists
             await declare_log(channel, self._settings)
             if self._prepare is not None:
                 await self._prepare(channel)
@@ -138,12 +142,19 @@ class Producer:
             self._metrics.producer_active.set(1)
             saved = await self._store.load()
             assert self._connection is not None
-            try:
-                log_tail = await _until_stopped(
-                    cursor_from_log(self._connection, self._settings), polling
-                )
-            except Stopped:
-                return
+            if self._log_was_new and not self._lock.waited:
+                # Only a lock holder publishes, and none could hold it before this one: an
+                # empty log, known without waiting for a read to find nothing.
+                log.info("the event log is new: nothing published before this producer")
+                log_tail = None
+            else:
+                try:
+                    log_tail = await _until_stopped(
+                        cursor_from_log(self._connection, self._settings), polling
+                    )
+                except Stopped:
+                    return
+            self._log_was_new = False
             self._resume_from = _newer(saved, log_tail)
             await self._poll_loop(client, publisher, polling)
             if self._writer.failure is not None:
