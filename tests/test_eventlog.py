@@ -128,7 +128,8 @@ async def test_two_first_starts_on_a_new_log_the_second_still_reads_it_before_ta
     ids = Counter(int(m.message_id) for m in first + second)
     assert len(ids) == 400 and max(ids.values()) == 1
     new_log = [r for r in caplog.records if "the event log is new" in r.getMessage()]
-    assert len(new_log) == 1, "only the first poller knew the log empty without reading it"
+    # None when the producer that found the log declared already took the lock first.
+    assert len(new_log) <= 1, "only the first poller may know the log empty without reading"
 
 
 @pytest.fixture

@@ -236,10 +236,10 @@ def between(visible: list[Event], since: str | None, before: str | None) -> list
 
 
 def poll(window: Window, visible: list[Event], sweep: bool = False) -> list[int]:
-    """One poll as the poller runs it: the new events; then, when a sweep counts a
-    difference, the whole overlap; then each gap check counted, halved on a difference,
-    and the ranges holding it read (a count's one event, when it is the only one
-    missing). Returns the ids published."""
+    """One poll as the poller runs it: the new events; each gap check counted, halved on a
+    difference (a count's one event published at once, when it is the only one missing);
+    the ranges the checks found a difference in; last, on a sweep whose count differs,
+    the whole overlap. Returns the ids published."""
     published: list[int] = []
 
     def read(since: str | None, before: str | None) -> None:
@@ -261,11 +261,11 @@ def poll(window: Window, visible: list[Event], sweep: bool = False) -> list[int]
         return filled(low) + filled(high)
 
     read(window.since(), None)
+    for since, before in [s for check in window.gap_checks() for s in filled(check)]:
+        read(since, before)
     span = window.sweep_range() if sweep else None
     if span is not None and len(between(visible, *span)) != window.known_between(*span):
         read(*span)
-    for since, before in [s for check in window.gap_checks() for s in filled(check)]:
-        read(since, before)
     window.prune()
     return published
 
@@ -317,14 +317,21 @@ def test_every_id_visible_within_the_overlap_is_published_exactly_once(inserts, 
     assert window.open_gaps == 0
 
 
-def test_the_sweep_stops_below_the_oldest_open_gap():
-    """Above it the gap reads look already, and an event committed there but not read yet
-    would make every count differ and every sweep read the whole overlap."""
-    window = Window(Cursor(), 60, clock=Clock())
+def test_the_sweep_stops_below_the_oldest_young_gap_only():
+    """Above a young gap the checks look already, and its event, committed but not read
+    yet, would make the count differ and the sweep read the whole overlap. A gap that
+    stays open (a burned id) must not hold the sweep back: an event dated outside every
+    gap's range would wait behind it until it left the overlap, and be lost."""
+    clock = Clock()
+    window = Window(Cursor(), 60, clock=clock)
     window.confirm([event(i, at(t)) for i, t in [(1, 0), (2, 30), (3, 40), (5, 50), (6, 90)]])
     assert window.sweep_range() == (at(30).isoformat(), at(39.95).isoformat())
-    window.confirm([event(4, at(45))])  # the gap fills: the sweep reaches the newest date
+    clock.now += GAP_WIDEN_AFTER_S  # gap 4 is old now: the sweep reaches the newest date
     assert window.sweep_range() == (at(30).isoformat(), (at(90) + TICK).isoformat())
+    window.confirm([event(8, at(95))])  # a young gap at 7 holds it back again
+    assert window.sweep_range() == (at(35).isoformat(), at(89.95).isoformat())
+    window.confirm([event(7, at(92))])
+    assert window.sweep_range() == (at(35).isoformat(), (at(95) + TICK).isoformat())
 
 
 def test_between_pages_a_catch_up_forgets_ids_older_than_the_window_and_the_planned_reads():

@@ -225,13 +225,15 @@ class Producer:
         read_before = self._served
         self._keep_from = None
         published = await self._read(client, publisher, stop, self._window.since(), None, "new")
-        found, reads = await self._plan(client, stop)
+        found, reads = await self._check_gaps(client, stop)
         for page in found:
             published += await self._publish_found(publisher, page)
-        # Ids the reads of older ranges still need are kept between their pages.
-        self._keep_from = min((parse_date(since) for since, _, _ in reads), default=None)
-        for since, before, kind in reads:
-            published += await self._read(client, publisher, stop, since, before, kind)
+        published += await self._read_ranges(client, publisher, stop, reads)
+        # Last: a late event the checks found, published or not yet, would make the sweep's
+        # count differ and the sweep read the whole overlap.
+        published += await self._read_ranges(
+            client, publisher, stop, await self._sweep(client, stop)
+        )
         self._window.prune()
         changes = self._window.take_changes()
         for outcome, n in (
@@ -252,36 +254,57 @@ class Producer:
         self._update_lag()
         return published
 
-    async def _plan(
+    async def _read_ranges(
+        self,
+        client: PatchworkClient,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        reads: list[tuple[str, str, str]],
+    ) -> int:
+        # Ids the reads of older ranges still need are kept between their pages.
+        self._keep_from = min((parse_date(since) for since, _, _ in reads), default=None)
+        published = 0
+        for since, before, kind in reads:
+            published += await self._read(client, publisher, stop, since, before, kind)
+        return published
+
+    async def _check_gaps(
         self, client: PatchworkClient, stop: asyncio.Event
     ) -> tuple[list[Page], list[tuple[str, str, str]]]:
-        """The late events the gap checks found themselves, and (since, before, kind) of
-        each read of older dates this poll."""
+        """The late events the gap checks found themselves, and (since, before, "gap") of
+        each range they found a difference in but could not tell which event."""
         assert self._window is not None
-        reads: list[tuple[str, str, str]] = []
-        sweep = self._window.sweep_range()
-        now = time.monotonic()
-        if sweep is not None and self._sweep_interval_s and now >= self._next_sweep:
-            self._next_sweep = now + self._sweep_interval_s
-            # Patchwork counts the range for one event's cost; read it only on a difference.
-            counted, _ = await self._count(client, stop, *sweep)
-            known = self._window.known_between(*sweep)
-            if counted != known:
-                log.info(
-                    "sweep: Patchwork has %s events from %s to %s, %d of them published; "
-                    "reading them all again",
-                    "an unknown number of" if counted is None else counted,
-                    *sweep,
-                    known,
-                )
-                reads.append((*sweep, "sweep"))
         # Counted side by side: Patchwork serves several requests at once, and the next
         # poll's new events wait for these.
         found = await asyncio.gather(
             *(self._filled(client, stop, check) for check in self._window.gap_checks())
         )
-        reads += [(*span, "gap") for _, spans in found for span in spans]
+        reads = [(*span, "gap") for _, spans in found for span in spans]
         return [page for pages, _ in found for page in pages], reads
+
+    async def _sweep(
+        self, client: PatchworkClient, stop: asyncio.Event
+    ) -> list[tuple[str, str, str]]:
+        """The overlap to read again when it is due a sweep and Patchwork's count of it
+        differs from what was published (one count's cost otherwise)."""
+        assert self._window is not None
+        sweep = self._window.sweep_range()
+        now = time.monotonic()
+        if sweep is None or not self._sweep_interval_s or now < self._next_sweep:
+            return []
+        self._next_sweep = now + self._sweep_interval_s
+        counted, _ = await self._count(client, stop, *sweep)
+        known = self._window.known_between(*sweep)
+        if counted == known:
+            return []
+        log.info(
+            "sweep: Patchwork has %s events from %s to %s, %d of them published; "
+            "reading them all again",
+            "an unknown number of" if counted is None else counted,
+            *sweep,
+            known,
+        )
+        return [(*sweep, "sweep")]
 
     async def _filled(
         self, client: PatchworkClient, stop: asyncio.Event, check: GapCheck

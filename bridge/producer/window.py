@@ -121,13 +121,20 @@ class Window:
 
     def sweep_range(self) -> tuple[str, str] | None:
         """``(since, before)`` for the sweep: the overlap below the newest date, up to the
-        oldest open gap. Above that, the gap reads look already, and events committed
-        but not read yet would make every count differ."""
+        oldest gap younger than ``GAP_WIDEN_AFTER_S``. Above that, the checks look already,
+        and its event, about to commit, would make the count differ. An older gap (a
+        burned id stays open the whole overlap) must not hold the sweep back: an event
+        dated outside every gap's range would wait behind it until it left the overlap."""
         if self._high_water_dt is None or self._high_water is None:
             return None
         start = self._window_start()
+        now = self._clock()
         before = min(
-            (parse_date(gap.below) - GAP_SLACK for gap in self._gaps.values()),
+            (
+                parse_date(gap.below) - GAP_SLACK
+                for gap in self._gaps.values()
+                if now - gap.opened_at < GAP_WIDEN_AFTER_S
+            ),
             default=self._high_water_dt + TICK,
         )
         before = min(before, self._high_water_dt + TICK)
