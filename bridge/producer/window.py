@@ -137,6 +137,7 @@ class Window:
             ),
             default=self._high_water_dt + TICK,
         )
+        # A gap recorded from a page confirmed only in part (advance=False) may lie above.
         before = min(before, self._high_water_dt + TICK)
         if before <= start:
             return None
@@ -173,11 +174,9 @@ class Window:
                 lo = max(lo, start)
             if checks and self._known(checks[-1][0][-1][1], lo) <= MERGE_ABOVE_EVENTS:
                 spans, ids = checks[-1]
-                if lo <= spans[-1][1] and hi <= spans[-1][1]:
-                    ids.append(event_id)  # within the range before
-                else:
+                if hi > spans[-1][1]:  # else within the range before (lo < hi)
                     spans.append((lo, hi))
-                    ids.append(event_id)
+                ids.append(event_id)
             else:
                 checks.append(([(lo, hi)], [event_id]))
         # Longest waiting first (never checked counts as longest), then youngest: under a
