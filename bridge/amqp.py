@@ -14,7 +14,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -34,6 +35,7 @@ from bridge.waiting import sleep_unless
 log = logging.getLogger(__name__)
 
 QueueType = Literal["classic", "quorum"]
+T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10.0
 BROKER_TIMEOUT_S = 10.0
 """For each declare, publish and delete: a broker that does not answer is an error, not a hang."""
@@ -74,6 +76,45 @@ async def open_channel(connection: AbstractConnection) -> aio_pika.Channel:
     except RuntimeError as exc:
         raise BrokerUnavailable(f"cannot open a channel: {exc}") from None
     return channel
+
+
+_UNCANCELLED: set[asyncio.Future[Any]] = set()
+"""Broker calls still running after their caller stopped waiting, held until they end."""
+
+
+async def uncancelled(call: Awaitable[T], timeout_s: float = BROKER_TIMEOUT_S) -> T:
+    """``call``'s result; if the caller is cancelled or gives up after ``timeout_s``
+    (TimeoutError), the call itself runs on until the broker answers or the connection
+    closes.
+
+    aiormq (7.2) answers a cancelled RPC by closing its channel and stops reading it,
+    while the channel stays registered until the broker's Close-Ok. Deliveries already on
+    their way to it then fill its 10-frame buffer, and the connection's reader waits on
+    that buffer for good: every channel of the connection stops (bench/memory.py, 50 stream
+    clients: the hub's channel held 1,000 unacked messages for minutes). A cancelled
+    Channel.Close is worse: aiormq sends a second one, which the broker takes as a
+    connection error ("CHANNEL_ERROR - expected 'channel.open'"). So Basic.Consume and
+    Channel.Close, after which deliveries may be in flight, go through here.
+    """
+    running = asyncio.ensure_future(call)
+    _UNCANCELLED.add(running)
+    running.add_done_callback(_ended)
+    return await asyncio.wait_for(asyncio.shield(running), timeout_s)
+
+
+def _ended(running: asyncio.Future[Any]) -> None:
+    _UNCANCELLED.discard(running)
+    if not running.cancelled():
+        running.exception()  # retrieved: whoever gave up on it has said so already
+
+
+async def close_channel(channel: AbstractChannel) -> None:
+    """Close ``channel``, never cancelling the close (see ``uncancelled``); a broker error
+    closing it is nothing to report."""
+    if channel.is_closed:
+        return
+    with contextlib.suppress(*BROKER_ERRORS):
+        await uncancelled(channel.close())
 
 
 def raise_if_cancelled() -> None:

@@ -11,7 +11,6 @@ See docs/operations.md, "The event log".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncGenerator
 from datetime import datetime, timedelta
@@ -20,7 +19,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S
+from bridge.amqp import BROKER_TIMEOUT_S, close_channel, uncancelled
 from bridge.events import BadEvent, Event, parse_event
 from bridge.settings import Settings
 
@@ -67,8 +66,7 @@ async def log_exists(connection: AbstractConnection, exchange: str) -> bool:
     except ChannelNotFoundEntity:
         return False
     finally:
-        with contextlib.suppress(*BROKER_ERRORS):
-            await channel.close()
+        await close_channel(channel)
 
 
 async def declare_log(channel: AbstractChannel, settings: Settings) -> None:
@@ -105,9 +103,7 @@ async def read_log(
         async def arrived(message: AbstractIncomingMessage) -> None:
             await inbox.put(message)
 
-        tag = await queue.consume(
-            arrived, arguments={"x-stream-offset": start}, timeout=BROKER_TIMEOUT_S
-        )
+        await uncancelled(queue.consume(arrived, arguments={"x-stream-offset": start}))
         wait_s = max(first_wait_s, idle_end_s)
         while True:
             try:
@@ -119,11 +115,8 @@ async def read_log(
             # Acks only move the prefetch window of a stream; nothing is removed.
             assert message.delivery_tag is not None
             await message.channel.basic_ack(message.delivery_tag, wait=False)
-        with contextlib.suppress(*BROKER_ERRORS):
-            await queue.cancel(tag, timeout=BROKER_TIMEOUT_S)
-    finally:
-        with contextlib.suppress(*BROKER_ERRORS):
-            await channel.close()
+    finally:  # closing the channel ends the consumer: no Basic.Cancel to time out
+        await close_channel(channel)
 
 
 def offset_of(message: AbstractIncomingMessage) -> int:

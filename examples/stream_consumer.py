@@ -43,4 +43,8 @@ while True:  # reconnect after any break: each event comes once across it
                 tmp.replace(saved)  # whole or not at all, even if killed mid-write
     except httpx.TransportError as exc:
         print("stream broken:", exc, flush=True)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code < 500:
+            raise  # refused: the token, the patterns or the saved id is wrong
+        print("stream unavailable:", exc.response.text.strip(), flush=True)  # the broker is busy
     time.sleep(3)

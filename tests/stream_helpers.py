@@ -88,5 +88,49 @@ async def read_events(
     return got
 
 
+async def publish_and_read(
+    patchwork: FakePatchwork, url: str, count: int
+) -> tuple[list[dict[str, object]], list[ServerSentEvent]]:
+    """``count`` new events, read live by a client that connected first; afterwards the
+    hub has handed all of them out."""
+    reader = asyncio.create_task(read_events(url, count))
+    await asyncio.sleep(0.5)
+    added = patchwork.add_events(count)
+    return added, await reader
+
+
+async def read_resuming(
+    url: str, count: int, *, params: dict[str, str] | None = None, timeout_s: float = 60
+) -> tuple[list[ServerSentEvent], int]:
+    """``count`` events as a CI would read them: whenever its stream ends or fails, it
+    connects again with its last id. Returns the events and how many times it did."""
+    headers = {"Authorization": f"Bearer {NIPA}"}
+    got: list[ServerSentEvent] = []
+    resumes = -1
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client,
+        asyncio.timeout(timeout_s),
+    ):
+        while len(got) < count:
+            resumes += 1
+            if got:
+                headers["Last-Event-ID"] = got[-1].id
+            try:
+                async with aconnect_sse(
+                    client, "GET", f"{url}/v1/events", headers=headers, params=params
+                ) as source:
+                    if source.response.status_code == 503:  # the broker is away: again
+                        await asyncio.sleep(0.5)
+                        continue
+                    source.response.raise_for_status()
+                    async for event in source.aiter_sse():
+                        got.append(event)
+                        if len(got) == count:
+                            break
+            except httpx.TransportError:
+                await asyncio.sleep(0.2)
+    return got, resumes
+
+
 def event_ids(events: list[ServerSentEvent]) -> list[int]:
     return [json.loads(e.data)["id"] for e in events if e.event != "gap"]

@@ -43,6 +43,31 @@ async def test_the_log_keeps_every_published_event_with_its_id_and_headers(
         assert {k: v for k, v in kept.headers.items() if k != "x-stream-offset"} == sent.headers
 
 
+async def test_reads_cancelled_at_any_moment_leave_the_connection_reading(
+    patchwork, exchange_name, bound_queue, tmp_path, amqp
+):
+    """A stream client that hangs up cancels its read of the log, whatever it was doing.
+    aiormq answers a cancelled Basic.Consume or Channel.Close in ways that stopped every
+    channel of the connection (bridge.amqp.uncancelled); the connection must read on."""
+    patchwork.add_events(300)
+    async with running(make_settings(patchwork, exchange_name, tmp_path)):
+        await drain(bound_queue, expected=300)
+
+    async def take_some() -> None:
+        async for _ in read_log(amqp, exchange_name, "first", prefetch=100):
+            await asyncio.sleep(0)
+
+    for delay_s in [0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05] * 6:
+        reader = asyncio.create_task(take_some())
+        await asyncio.sleep(delay_s)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    async with asyncio.timeout(30):
+        logged = [m async for m in read_log(amqp, exchange_name, "first")]
+    assert len(logged) == 300
+    assert not amqp.is_closed
+
+
 async def test_a_lost_state_directory_resumes_from_the_log_tail_without_gap_or_flood(
     patchwork, exchange_name, bound_queue, tmp_path
 ):

@@ -4,6 +4,7 @@ every event once across client breaks and server restarts, gaps, refusals, slow 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -13,18 +14,21 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from bridge.amqp import declare_exchange
+import bridge.stream.feed as feed_module
+from bridge.amqp import connection_name, declare_exchange
 from bridge.eventlog import log_queue, read_log
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.stream.positions import position_of
-from tests.amqp_helpers import wait_for
+from tests.amqp_helpers import cut_connection, wait_for
 from tests.stream_helpers import (
     DPDK,
     NIPA,
     event_ids,
     producer,
+    publish_and_read,
     read_events,
+    read_resuming,
     stream_role,
     stream_settings,
     write_consumers,
@@ -98,6 +102,53 @@ async def test_since_starts_at_events_dated_from_then(patchwork, settings):
         later = await read_events(url, 20, params={"since": added[20]["date"]})
     assert event_ids(reader_ready) == [e["id"] for e in added]
     assert event_ids(later) == [e["id"] for e in added[20:40]]
+
+
+SHORT_READ = 25
+
+
+@pytest.fixture
+def short_log_reads(monkeypatch):
+    """Every read of the log by a client ends after SHORT_READ messages, as a read does
+    when the broker pauses longer than its idle end (under load: bench/memory.py)."""
+    whole_read = feed_module.read_log
+
+    async def short_read(*args, **kwargs):
+        async with contextlib.aclosing(whole_read(*args, **kwargs)) as messages:
+            taken = 0
+            async for message in messages:
+                yield message
+                taken += 1
+                if taken == SHORT_READ:
+                    return
+
+    monkeypatch.setattr(feed_module, "read_log", short_read)
+
+
+async def test_a_catch_up_read_that_ends_early_goes_on_to_the_live_tail_skipping_nothing(
+    patchwork, settings, short_log_reads
+):
+    async with producer(settings), stream_role(settings) as url:
+        added, _ = await publish_and_read(patchwork, url, 300)  # the seam: the last of them
+        late = await read_events(url, 300, params={"since": "2000-01-01T00:00:00"}, timeout_s=30)
+    assert event_ids(late) == [e["id"] for e in added]
+
+
+async def test_clients_live_and_catching_up_miss_nothing_when_the_roles_connection_is_cut(
+    patchwork, settings
+):
+    async with producer(settings), stream_role(settings) as url:
+        live = [asyncio.create_task(read_resuming(url, 400)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        added = patchwork.add_events(200)
+        since = {"since": "2000-01-01T00:00:00"}
+        catching_up = [asyncio.create_task(read_resuming(url, 400, params=since)) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        assert await cut_connection(connection_name("stream")) == 1
+        added += patchwork.add_events(200)
+        results = await asyncio.gather(*live, *catching_up)
+    for events, _ in results:
+        assert event_ids(events) == [e["id"] for e in added]
 
 
 async def test_a_consumer_sees_only_the_events_it_asks_for(patchwork, settings):
@@ -221,6 +272,29 @@ async def test_a_position_of_another_log_or_past_its_end_is_refused(patchwork, s
             )
     assert other.status_code == 400 and "another log" in other.text
     assert beyond.status_code == 400 and "past the end" in beyond.text
+
+
+async def test_a_broker_too_busy_to_answer_gets_a_503_not_a_refusal_of_the_position(
+    patchwork, settings, monkeypatch
+):
+    async with producer(settings), stream_role(settings) as url:
+        added, events = await publish_and_read(patchwork, url, 5)
+
+        async def broker_sends_nothing(*args, **kwargs):
+            return
+            yield
+
+        monkeypatch.setattr(feed_module, "read_log", broker_sends_nothing)
+        auth = {"Authorization": f"Bearer {NIPA}"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            resume = await client.get(
+                f"{url}/v1/events", headers={**auth, "Last-Event-ID": events[2].id}
+            )
+            since = await client.get(
+                f"{url}/v1/events", headers=auth, params={"since": added[0]["date"]}
+            )
+    assert resume.status_code == 503, resume.text
+    assert since.status_code == 503
 
 
 async def test_a_client_that_stops_reading_is_disconnected_and_the_others_go_on(

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, CONNECT_TIMEOUT_S
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, CONNECT_TIMEOUT_S, close_channel
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.webhook.queues import QueueControl
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
@@ -123,5 +123,5 @@ async def delete_queues(
     except BROKER_ERRORS as exc:
         raise CliError(f"RabbitMQ refused to delete {queue} ({type(exc).__name__})") from None
     finally:
-        await channel.close()
+        await close_channel(channel)
     return list(depths)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 from dataclasses import dataclass
 from typing import TextIO
@@ -17,7 +16,7 @@ from typing import TextIO
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, publish_confirmed
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, close_channel, publish_confirmed
 from bridge.cli.bind import DEAD_SUFFIX
 from bridge.cli.common import (
     CliError,
@@ -120,7 +119,7 @@ async def list_dead(connection: AbstractConnection, target: Target, limit: int, 
         return shown
     finally:
         # Closing without acks hands every message back, in its place.
-        await _close(channel)
+        await close_channel(channel)
 
 
 async def replay_dead(
@@ -148,7 +147,7 @@ async def replay_dead(
             moved += 1
         return moved
     finally:
-        await _close(channel)
+        await close_channel(channel)
 
 
 async def purge_dead(connection: AbstractConnection, target: Target) -> int:
@@ -158,14 +157,7 @@ async def purge_dead(connection: AbstractConnection, target: Target) -> int:
         result = await queue.purge(timeout=BROKER_TIMEOUT_S)
         return result.message_count or 0
     finally:
-        await _close(channel)
-
-
-async def _close(channel: AbstractChannel) -> None:
-    """Close, unless the broker already did (it closes a channel that asked for a missing queue)."""
-    if not channel.is_closed:
-        with contextlib.suppress(*BROKER_ERRORS):
-            await channel.close()
+        await close_channel(channel)
 
 
 async def run_dlq(

@@ -16,6 +16,7 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from bridge.amqp import BROKER_TIMEOUT_S
 from bridge.eventlog import SINCE_SKEW, logged_event, offset_of, read_log
 from bridge.stream.hub import Hub, LogEntry, Subscriber, entry_of
 from bridge.stream.positions import BadPosition, Position, position_of
@@ -26,6 +27,14 @@ HISTORY_PREFETCH = 100
 """Per client catching up: what the broker may send ahead of what the client took."""
 FIRST_WAIT_S = 3.0
 """A position with nothing at it within this long is not in this log."""
+HELD_WAIT_S = BROKER_TIMEOUT_S
+"""For a read of what the log is known to hold: a busy broker may take this long to start
+sending; after that the client's stream ends (or it gets a 503) and it tries again."""
+
+
+class LogStalled(Exception):
+    """The log sent nothing where it must hold events: the client's stream ends, and it
+    resumes from its last id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,18 +84,32 @@ class Feed:
         self._first: AbstractIncomingMessage | None = None
 
     async def open(self, start: Start) -> Gap | None:
-        """Find the start before anything is sent: raises BadPosition (and LogMissing)."""
+        """Find the start before anything is sent: raises BadPosition, LogMissing, and
+        LogStalled when the broker does not send in time what the log is known to hold."""
         if start is None:
             return None
         if isinstance(start, Since):
             self._since = start.local
-            self._history = self._read(start.utc - SINCE_SKEW, FIRST_WAIT_S)
+            read_from, tail = start.utc - SINCE_SKEW, self._hub.tail
+            held = self._hub.holds_published_since(read_from)
+            self._history = self._read(read_from, HELD_WAIT_S if held else FIRST_WAIT_S)
             self._first = await anext(self._history, None)  # raises LogMissing now, not later
+            if self._first is None:
+                if held or self._hub.tail != tail:
+                    # The log holds events from then, or got some meanwhile, and the read
+                    # sent none: a broker too busy to answer, not an empty range.
+                    await self.close()
+                    raise LogStalled("the event log sent nothing from a time it holds")
+                self.last_read = tail  # nothing after it yet: the seam read starts there
             return None
         asked = start.position
-        self._history = self._read(asked.offset, FIRST_WAIT_S)
+        held = self._hub.holds(asked.offset)
+        self._history = self._read(asked.offset, HELD_WAIT_S if held else FIRST_WAIT_S)
         first = await anext(self._history, None)
         found = None if first is None else position_of(offset_of(first), first.message_id)
+        if found is None and held:
+            await self.close()  # a broker too busy to answer, not a position past the end
+            raise LogStalled("the event log sent nothing from a position it holds")
         if found is None or found.offset < asked.offset:
             await self.close()
             raise BadPosition("Last-Event-ID: a position past the end of this stream's log")
@@ -106,6 +129,10 @@ class Feed:
             async for entry in self._catch_up():
                 yield entry
         self._hub.subscribe(self.subscriber)
+        if self._since is not None and self.last_read is None and self.subscriber.seam is not None:
+            # It found nothing when the hub had handed nothing out; the hub has since: what
+            # it handed out before this client joined is read by nobody. It asks again.
+            raise LogStalled("the event log got events while this stream was starting")
         # Known now if the hub had handed out events, else set by its first one: either
         # way the log up to it is read before a live event is sent.
         seam_closed = self.last_read is None  # from now on: nothing before to read
@@ -138,16 +165,23 @@ class Feed:
         await self.close()
 
     async def _up_to(self, seam: int) -> AsyncIterator[LogEntry]:
-        """What lies between this client's history and the hub's first event for it."""
-        if self.last_read is None or self.last_read >= seam:
-            return
-        async with contextlib.aclosing(self._read(self.last_read + 1, FIRST_WAIT_S)) as messages:
-            async for message in messages:
-                for entry in self._take(message):
-                    yield entry
-                if self.last_read >= seam:
-                    return
-        log.warning("stream: the log ended at %s before the seam %s", self.last_read, seam)
+        """What lies between this client's history and the hub's first event for it.
+
+        Every offset up to the seam is in the log (the hub handed the seam out), so a read
+        that ends first (the broker paused for longer than the read's idle end, as under
+        load) is followed by another from where it stopped: going live there would skip
+        the events between.
+        """
+        while self.last_read is not None and self.last_read < seam:
+            before = self.last_read
+            async with contextlib.aclosing(self._read(before + 1, HELD_WAIT_S)) as messages:
+                async for message in messages:
+                    for entry in self._take(message):
+                        yield entry
+                    if self.last_read >= seam:
+                        return
+            if self.last_read == before:
+                raise LogStalled(f"the event log sent nothing after offset {before}, before {seam}")
 
     def _take(self, message: AbstractIncomingMessage) -> list[LogEntry]:
         offset = offset_of(message)

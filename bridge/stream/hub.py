@@ -9,16 +9,23 @@ from its last id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, is_connected, open_channel
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    close_channel,
+    is_connected,
+    open_channel,
+    uncancelled,
+)
 from bridge.eventlog import READ_PREFETCH, LogMissing, log_queue, offset_of
 from bridge.stream.positions import Position, position_of
 from bridge.waiting import sleep_unless
@@ -85,7 +92,17 @@ class Hub:
         self._subscribers: set[Subscriber] = set()
         self.tail: int | None = None
         """The newest offset the hub has handed out; None before its first event."""
+        self.tail_published: datetime | None = None
+        """When the message at ``tail`` was published (its AMQP timestamp), if it says."""
         self.attached = False
+
+    def holds(self, offset: int) -> bool:
+        """Whether the log is known to hold ``offset``: the hub has handed it out."""
+        return self.tail is not None and offset <= self.tail
+
+    def holds_published_since(self, when: datetime) -> bool:
+        """Whether the log is known to hold a message published at or after ``when``."""
+        return self.tail_published is not None and self.tail_published >= when
 
     def subscribe(self, subscriber: Subscriber) -> None:
         # No await between reading the tail and joining: every later event reaches it.
@@ -128,9 +145,7 @@ class Hub:
             except ChannelNotFoundEntity:
                 raise LogMissing(f"no event log {log_queue(self._exchange)!r} yet") from None
             start: int | str = "next" if self.tail is None else self.tail + 1
-            await queue.consume(
-                self._arrived, arguments={"x-stream-offset": start}, timeout=BROKER_TIMEOUT_S
-            )
+            await uncancelled(queue.consume(self._arrived, arguments={"x-stream-offset": start}))
             self.attached = True
             log.info("stream: following the event log from %s", start)
             stopped = asyncio.ensure_future(stop.wait())
@@ -143,8 +158,7 @@ class Hub:
             if lost.is_set() and not stop.is_set():
                 log.warning("stream: the event log's channel closed; following it again")
         finally:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await asyncio.wait_for(channel.close(), BROKER_TIMEOUT_S)
+            await close_channel(channel)
 
     async def _arrived(self, message: AbstractIncomingMessage) -> None:
         # Nothing awaited before the fan-out: messages are handed out in the log's order.
@@ -157,6 +171,12 @@ class Hub:
                 if entry is not None and subscriber.wanted(entry.routing_key):
                     subscriber.offer(entry)
             self.tail = offset
+            self.tail_published = _aware(message.timestamp)
         assert message.delivery_tag is not None
         # Acks only move a stream's prefetch window.
         await message.channel.basic_ack(message.delivery_tag, wait=False)
+
+
+def _aware(when: datetime | None) -> datetime | None:
+    """AMQP timestamps are UTC; the client library may hand them over naive."""
+    return when.replace(tzinfo=UTC) if when is not None and when.tzinfo is None else when

@@ -23,7 +23,7 @@ from bridge.eventlog import LogMissing
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.stream.consumers import StreamConsumers
-from bridge.stream.feed import Feed, Gap
+from bridge.stream.feed import Feed, Gap, LogStalled
 from bridge.stream.hub import Hub
 from bridge.stream.positions import BadPosition
 from bridge.stream.query import (
@@ -36,6 +36,9 @@ from bridge.stream.query import (
 from bridge.topics import TopicMatcher, covers
 
 log = logging.getLogger(__name__)
+
+LOG_UNREADABLE: tuple[type[BaseException], ...] = (LogStalled, *BROKER_ERRORS)
+"""Why a stream cannot start just now: the client gets a 503 and tries again."""
 
 KEEPALIVE_S = 15.0
 """A comment line this often keeps proxies from closing a quiet stream."""
@@ -115,8 +118,12 @@ class StreamServer:
             return self._refuse(request, 400, str(exc))
         except LogMissing:
             return web.Response(status=503, text="no event log yet: is a producer running?\n")
-        except BROKER_ERRORS as exc:
-            log.warning("stream: cannot read the event log for %s (%s)", asked.consumer.name, exc)
+        except LOG_UNREADABLE as exc:
+            log.warning(
+                "stream: cannot read the event log for %s (%s)",
+                asked.consumer.name,
+                str(exc) or type(exc).__name__,
+            )
             return web.Response(status=503, text="the event log cannot be read just now\n")
         return await self._stream(request, asked, feed, gap)
 
@@ -197,6 +204,9 @@ class StreamServer:
         if sender not in done:
             return next(others[w] for w in others if w in done)
         exc = sender.exception() if not sender.cancelled() else None
+        if isinstance(exc, LogStalled):
+            log.warning("stream: %s: %s; it resumes from its last id", name, exc)
+            return "broker"
         if isinstance(exc, TimeoutError):
             return "stalled"
         if isinstance(exc, ConnectionResetError):

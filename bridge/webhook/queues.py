@@ -11,7 +11,6 @@ it survives restarts and is shared by competing consumers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 
 import aio_pika
@@ -24,6 +23,7 @@ from bridge.amqp import (
     BROKER_ERRORS,
     BROKER_TIMEOUT_S,
     QueueType,
+    close_channel,
     declare_queue,
     open_channel,
     queue_arguments,
@@ -170,10 +170,8 @@ class QueueControl:
                 await channel.queue_delete(marker_queue(name))
 
     async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*BROKER_ERRORS):
-                async with asyncio.timeout(BROKER_TIMEOUT_S):
-                    await self._channel.close()
+        if self._channel is not None:
+            await close_channel(self._channel)
         self._channel = None
 
     async def _underlay(self) -> AbstractChannelUnderlay:
