@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -197,11 +198,15 @@ class Receiver:
     def url(self, segment: str) -> str:
         return f"{self._base}/{segment}/hooks/patchwork"
 
-    async def stats(self, segment: str) -> LaneStats:
+    async def lanes(self) -> dict[str, LaneStats]:
+        """Every segment that has seen a POST, in one request."""
         async with self._session.get(f"{self._base}/_/stats") as response:
             lanes = await response.json()
-        lane = lanes.get(segment, {"requests": 0, "unique": 0, "first_s": None, "last_new_s": None})
-        return LaneStats(**lane)
+        return {segment: LaneStats(**lane) for segment, lane in lanes.items()}
+
+    async def stats(self, segment: str) -> LaneStats:
+        lanes = await self.lanes()
+        return lanes.get(segment, LaneStats(requests=0, unique=0, first_s=None, last_new_s=None))
 
     async def arrivals(self, segment: str) -> dict[str, float]:
         async with self._session.get(
@@ -297,6 +302,12 @@ class Hook:
         if self.secret is not None:
             lines.append(f'secret = "{self.secret}"')
         return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_id() -> str:

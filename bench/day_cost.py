@@ -20,12 +20,11 @@ import asyncio
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
-from common import AMQP_URL, TZ, percentile, run_id
-from poll_cost import SEED_EVENTS, Feed, Tap, naive_poller
+from common import AMQP_URL, TZ, run_id
+from poll_cost import SEED_EVENTS, Feed, Tap, naive_poller, summarise
 
 from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 from bridge.eventlog import log_queue
@@ -35,42 +34,6 @@ from bridge.runtime import InProcess
 from bridge.settings import Settings
 
 NIPA_INTERVAL_S = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class Cost:
-    name: str
-    committed: int
-    lost: int
-    """Summed over the pollers: each CI system misses its own."""
-    duplicates: int
-    p50_s: float
-    p99_s: float
-    requests: int
-    served: int
-    busy_s: float
-
-    def per_event(self, value: float) -> float:
-        return value / max(1, self.committed)
-
-
-def cost(
-    name: str, feed: Feed, taps: list[Tap], fake: FakePatchwork, base: tuple[int, int, float]
-) -> Cost:
-    latencies = sorted(
-        tap.arrived[i] - t for tap in taps for i, t in feed.committed.items() if i in tap.arrived
-    )
-    return Cost(
-        name,
-        len(feed.committed),
-        sum(1 for tap in taps for i in feed.committed if i not in tap.arrived),
-        sum(tap.duplicates for tap in taps),
-        percentile(latencies, 0.50) if latencies else float("nan"),
-        percentile(latencies, 0.99) if latencies else float("nan"),
-        fake.events_requests - base[1],
-        fake.events_served - base[0],
-        fake.busy_s - base[2],
-    )
 
 
 async def main() -> None:
@@ -145,9 +108,9 @@ async def main() -> None:
             await asyncio.sleep(0.5)
         stop.set()
         await asyncio.gather(bridge.close(), *pollers)
-    bridge_cost = cost("bridge", feed, [bridge_tap], ours, base[id(ours)])
+    bridge_cost = summarise("bridge", feed, [bridge_tap], ours, base[id(ours)])
     naive_costs = {
-        n: cost(
+        n: summarise(
             f"{n} NIPA poller{'s' if n > 1 else ''}",
             feed,
             naive_taps[n],
@@ -167,9 +130,9 @@ async def main() -> None:
     print(f"  {bridge_cost.committed} events committed")
     for side in (bridge_cost, *naive_costs.values()):
         print(
-            f"  {side.name:<16} requests/event {side.per_event(side.requests):6.3f}  "
-            f"served/event {side.per_event(side.served):6.2f}  "
-            f"server ms/event {side.per_event(1000 * side.busy_s):7.1f}  "
+            f"  {side.name:<16} requests/event {side.requests_per_event:6.3f}  "
+            f"served/event {side.served_per_event:6.2f}  "
+            f"server ms/event {side.busy_ms_per_event:7.1f}  "
             f"lost {side.lost:>5}  dup {side.duplicates}  "
             f"p50 {side.p50_s:6.2f} s  p99 {side.p99_s:6.2f} s"
         )

@@ -1,14 +1,17 @@
-"""Peak RSS of a real ``python -m bridge run`` process over 100,000 deliveries.
+"""Peak RSS of a real ``python -m bridge run`` process over 100,000 events.
 
 The Patchwork double (in this process) serves a backlog of ``--events`` events spread
 over three days; ``run`` starts from the beginning, so its producer catches up while
-its webhook role delivers to a receiver process answering 204. VmHWM (peak RSS) and
-VmRSS are read from /proc/<pid>/status at the first delivery (the baseline) and at
-each quarter of the deliveries; memory must not grow with the count, so the figure
-to watch is the growth between the second sample and the last.
+its webhook role delivers to a receiver process answering 204, to each of
+``--subscriptions`` subscriptions bound to every event. With ``--stream-clients N``,
+``run`` also serves the event stream and N SSE clients here read every event from the
+start, resuming with ``Last-Event-ID`` whenever the role drops them (as a slow client).
+VmHWM (peak RSS) and VmRSS are read from /proc/<pid>/status at the first delivery (the
+baseline) and at each quarter of the webhook deliveries; memory must not grow with the
+count, so the figure to watch is the growth between the second sample and the last.
 
-    python bench/memory.py [--events 100000] [--source patchwork|queue] [--every N]
-                           [--max-seconds 300]
+    python bench/memory.py [--events 100000] [--subscriptions 1] [--stream-clients 0]
+                           [--source patchwork|queue] [--every N] [--max-seconds S]
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 from common import (
     AMQP_URL,
     TZ,
@@ -32,6 +37,7 @@ from common import (
     declare,
     delete_topology,
     fill_backlog,
+    free_port,
     preload,
     proc_status_kib,
     run_id,
@@ -41,8 +47,11 @@ from common import (
 
 from bridge.demo.patchwork_double import FakePatchwork
 
-SEGMENT = "fast"
 STOP_TIMEOUT_S = 30.0
+TOKEN = "bench-memory-token-0123456789"
+SINCE = "2000-01-01T00:00:00"  # before every event: each client reads the whole log
+ID_LINE = re.compile(rb"(?:^|\n)id: ([^\r\n]+)")
+RECONNECT_S = 3.0  # as the stream's retry: asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,122 +60,268 @@ class Sample:
     elapsed_s: float
     hwm_kib: int
     rss_kib: int
+    streamed: int = 0
 
     def line(self) -> str:
+        streamed = f"   streamed {self.streamed:>10,}" if self.streamed else ""
         return (
-            f"  {self.deliveries:>9,} deliveries  {self.elapsed_s:6.1f} s   peak RSS (VmHWM) "
-            f"{self.hwm_kib / 1024:7.1f} MiB   RSS now {self.rss_kib / 1024:7.1f} MiB"
+            f"  {self.deliveries:>9,} deliveries{streamed}  {self.elapsed_s:6.1f} s   peak RSS "
+            f"(VmHWM) {self.hwm_kib / 1024:7.1f} MiB   RSS now {self.rss_kib / 1024:7.1f} MiB"
         )
+
+
+class StreamClient:
+    """One SSE client of the whole log: keeps the last id and reconnects with it when the
+    stream ends (the role drops a client that falls behind). Log offsets are
+    consecutive, so the ids' offsets tell an event missed or sent twice."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.connections = 0
+        self.skipped = 0
+        """Offsets jumped over: events this client never got."""
+        self.repeated = 0
+        self.last_id: bytes | None = None
+        self._last_offset = -1
+
+    async def run(self, session: aiohttp.ClientSession, url: str) -> None:
+        while True:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            if self.last_id is not None:
+                headers["Last-Event-ID"] = self.last_id.decode()
+            try:
+                async with session.get(url, params={"since": SINCE}, headers=headers) as response:
+                    if response.status != 503:  # 503: no log yet, or the broker is away
+                        response.raise_for_status()
+                        self.connections += 1
+                        await self._read(response)
+            except aiohttp.ClientResponseError:
+                raise  # a refusal: the bench asked for something wrong
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # not listening yet, or dropped: resume from the last whole block
+            await asyncio.sleep(RECONNECT_S)
+
+    async def _read(self, response: aiohttp.ClientResponse) -> None:
+        carry = b""
+        async for chunk in response.content.iter_any():
+            data = carry + chunk
+            end = data.rfind(b"\r\n\r\n")
+            if end < 0:
+                carry = data
+                continue
+            whole, carry = data[:end], data[end + 4 :]
+            for event_id in ID_LINE.findall(whole):
+                offset = int(event_id.partition(b"-")[0])
+                if offset <= self._last_offset:
+                    self.repeated += 1
+                    continue
+                self.skipped += offset - self._last_offset - 1
+                self._last_offset = offset
+                self.received += 1
+                self.last_id = event_id
+
+
+class StreamClients:
+    """``n`` clients of ``run``'s stream, each on its own connection."""
+
+    def __init__(self, n: int, port: int) -> None:
+        self.clients = [StreamClient() for _ in range(n)]
+        self._url = f"http://127.0.0.1:{port}/v1/events"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    def start(self) -> None:
+        if not self.clients:
+            return
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=60.0),
+        )
+        self._tasks = [
+            asyncio.create_task(client.run(self._session, self._url)) for client in self.clients
+        ]
+
+    def received(self) -> int:
+        return sum(client.received for client in self.clients)
+
+    def lagging(self, events: int) -> int:
+        """Clients without every event yet; raises if a client gave up."""
+        for task in self._tasks:
+            if task.done():
+                task.result()
+        return sum(client.received < events for client in self.clients)
+
+    def resumes(self) -> int:
+        return sum(max(client.connections - 1, 0) for client in self.clients)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--max-seconds", type=float, default=300.0, help="give up after this")
+    parser.add_argument("--subscriptions", type=int, default=1, help="each bound to every event")
+    parser.add_argument(
+        "--stream-clients", type=int, default=0, help="SSE clients reading every event"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="give up after this (default: 300 s plus 1 s per 1,000 deliveries)",
+    )
     parser.add_argument(
         "--source",
         choices=["patchwork", "queue"],
         default="patchwork",
         help="patchwork: the producer catches up on the backlog while the webhook role "
         "delivers (the whole of run); queue: the backlog is pre-loaded into the "
-        "subscription queue and the producer idles (the webhook role alone)",
+        "subscription queues and the producer idles (the webhook role alone)",
     )
     parser.add_argument(
         "--every", type=int, default=0, help="also print a sample every N deliveries (a trace)"
     )
     args = parser.parse_args()
+    if args.source == "queue" and args.stream_clients:
+        parser.error("--stream-clients reads the event log, which only the producer fills")
+    total = args.events * args.subscriptions
+    if args.max_seconds <= 0:
+        args.max_seconds = 300.0 + total / 1000
 
     rid = run_id()
-    name, exchange = f"bench-{rid}", f"bench-memory-{rid}"
+    names = [f"bench-{rid}-{i}" for i in range(args.subscriptions)]
+    segments = [f"fast{i}" for i in range(args.subscriptions)]
+    exchange = f"bench-memory-{rid}"
     fake = FakePatchwork(tz=TZ)
     if args.source == "patchwork":
         print(f"building a {args.events}-event backlog in the Patchwork double ...", flush=True)
         fill_backlog(fake, args.events)
     await fake.start()
-    marks = [args.events * q // 4 for q in (1, 2, 3, 4)]
+    marks = [total * q // 4 for q in (1, 2, 3, 4)]
     samples: list[Sample] = []
+    stream_port = free_port()
+    clients = StreamClients(args.stream_clients, stream_port)
     try:
         async with Receiver.start() as receiver:
             with workdir() as tmp:
-                hook = Hook(name, receiver.url(SEGMENT))
-                subscriptions = write_subscriptions(tmp / "subscriptions.toml", [hook])
+                hooks = [
+                    Hook(name, receiver.url(segment))
+                    for name, segment in zip(names, segments, strict=True)
+                ]
+                subscriptions = write_subscriptions(tmp / "subscriptions.toml", hooks)
                 if args.source == "queue":
-                    print(f"pre-loading {args.events} events into the queue ...", flush=True)
+                    print(f"pre-loading {args.events} events into the queues ...", flush=True)
                     await declare(exchange, subscriptions)
                     await preload(exchange, backlog_events(args.events))
-                env = bridge_env(
-                    amqp_url=AMQP_URL,
-                    exchange=exchange,
-                    patchwork_url=fake.url,
-                    patchwork_timezone=TZ,
-                    start="beginning" if args.source == "patchwork" else "now",
-                    state_dir=str(tmp / "state"),
-                    poll_interval="1",
-                    subscriptions=str(subscriptions),
-                    http_host="127.0.0.1",
-                    http_port="0",
-                    log_level="WARNING",
-                )
+                settings = {
+                    "amqp_url": AMQP_URL,
+                    "exchange": exchange,
+                    "patchwork_url": fake.url,
+                    "patchwork_timezone": TZ,
+                    "start": "beginning" if args.source == "patchwork" else "now",
+                    "state_dir": str(tmp / "state"),
+                    "poll_interval": "1",
+                    "subscriptions": str(subscriptions),
+                    "http_host": "127.0.0.1",
+                    "http_port": "0",
+                    "log_level": "WARNING",
+                }
+                if args.stream_clients:
+                    consumers = tmp / "consumers.toml"
+                    consumers.write_text(f'[[consumer]]\nname = "bench"\ntoken = "{TOKEN}"\n')
+                    settings |= {
+                        "stream_consumers": str(consumers),
+                        "stream_host": "127.0.0.1",
+                        "stream_port": str(stream_port),
+                    }
                 log_path = tmp / "bridge.log"
                 with log_path.open("wb") as log:
                     process = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "bridge", "run", env=env, stderr=log
+                        sys.executable,
+                        "-m",
+                        "bridge",
+                        "run",
+                        env=bridge_env(**settings),
+                        stderr=log,
                     )
+                clients.start()
                 try:
-                    await sample_until_done(args, receiver, process, marks, samples)
+                    await sample_until_done(
+                        args, receiver, segments, clients, process, marks, samples
+                    )
                 except BaseException:
                     print(_tail(log_path), file=sys.stderr)
                     raise
                 finally:
+                    await clients.close()
                     await _stop(process)
     finally:
-        await delete_topology(exchange, [name])
+        await delete_topology(exchange, names)
         await fake.stop()
-    report(args, samples)
+    report(args, samples, clients)
+
+
+async def delivered(receiver: Receiver, segments: list[str]) -> int:
+    lanes = await receiver.lanes()
+    return sum(lanes[segment].unique for segment in segments if segment in lanes)
 
 
 async def sample_until_done(
     args: argparse.Namespace,
     receiver: Receiver,
+    segments: list[str],
+    clients: StreamClients,
     process: asyncio.subprocess.Process,
     marks: list[int],
     samples: list[Sample],
 ) -> None:
-    """Sample at the first delivery and at each mark; stop early (saying so) at the time limit."""
+    """Sample at the first delivery and at each mark, then wait for the stream clients to
+    have every event; stop early (saying so) at the time limit."""
+    started = time.monotonic()
+    trace = set(range(args.every, marks[-1], args.every)) if args.every > 0 else set()
+    pending = sorted({1, *marks, *trace})
 
-    def alive() -> None:
+    def sample(deliveries: int) -> Sample:
+        status = proc_status_kib(process.pid)
+        return Sample(
+            deliveries,
+            time.monotonic() - started,
+            status["VmHWM"],
+            status["VmRSS"],
+            clients.received(),
+        )
+
+    while clients.lagging(args.events) or pending:  # lagging() raises if a client gave up
         if process.returncode is not None:
             raise RuntimeError(f"python -m bridge run exited with {process.returncode}")
-
-    started = time.monotonic()
-    trace = range(args.every, marks[-1], args.every) if args.every > 0 else range(0)
-    quarter_marks = set(marks)
-    for mark in sorted({1, *marks, *trace}):
-        remaining_s = args.max_seconds - (time.monotonic() - started)
-        try:
-            stats = await receiver.wait_for(SEGMENT, mark, remaining_s, check=alive, poll_s=0.1)
-        except TimeoutError:
-            stats = await receiver.stats(SEGMENT)
-            elapsed_s = time.monotonic() - started
+        count = await delivered(receiver, segments)
+        if time.monotonic() - started > args.max_seconds:
             print(
-                f"  stopped at the {args.max_seconds:g} s limit: {stats.unique:,} of "
-                f"{args.events:,} deliveries, {stats.rate():,.0f} deliveries/s",
+                f"  stopped at the {args.max_seconds:g} s limit: {count:,} of {marks[-1]:,} "
+                f"deliveries, {clients.lagging(args.events)} stream clients short",
                 flush=True,
             )
-            status = proc_status_kib(process.pid)
-            samples.append(Sample(stats.unique, elapsed_s, status["VmHWM"], status["VmRSS"]))
+            samples.append(sample(count))
             print(samples[-1].line(), flush=True)
             return
-        status = proc_status_kib(process.pid)
-        sample = Sample(stats.unique, time.monotonic() - started, status["VmHWM"], status["VmRSS"])
-        if mark == 1 or mark in quarter_marks:
-            samples.append(sample)
-            print(sample.line(), flush=True)
-        else:
-            print(sample.line() + "   (trace)", flush=True)
+        while pending and count >= pending[0]:
+            mark = pending.pop(0)
+            if mark == 1 or mark in marks:
+                samples.append(sample(count))
+                print(samples[-1].line(), flush=True)
+            else:
+                print(sample(count).line() + "   (trace)", flush=True)
+        await asyncio.sleep(0.1)
+    if args.stream_clients:
+        print(sample(count).line() + "   (every stream client has every event)", flush=True)
 
 
-def report(args: argparse.Namespace, samples: list[Sample]) -> None:
+def report(args: argparse.Namespace, samples: list[Sample], clients: StreamClients) -> None:
     quarters = samples[1:]  # samples[0] is the baseline at the first delivery
     if len(quarters) < 3:
         print("too few samples for a growth figure")
@@ -176,11 +331,21 @@ def report(args: argparse.Namespace, samples: list[Sample]) -> None:
     rss_growth_kib = last.rss_kib - second.rss_kib
     span = last.deliveries - second.deliveries
     rate = (last.deliveries - first.deliveries) / max(last.elapsed_s - first.elapsed_s, 1e-9)
-    source = "from the Patchwork double" if args.source == "patchwork" else "pre-loaded queue"
+    source = "from the Patchwork double" if args.source == "patchwork" else "pre-loaded queues"
     print(
-        f"\npeak RSS of python -m bridge run over {last.deliveries:,} deliveries, {source} "
-        f"({rate:,.0f} deliveries/s)"
+        f"\npeak RSS of python -m bridge run over {args.events:,} events, "
+        f"{args.subscriptions} subscription(s), {args.stream_clients} stream clients, {source}"
     )
+    print(f"  {last.deliveries:,} webhook deliveries ({rate:,.0f}/s)")
+    if args.stream_clients:
+        received = [client.received for client in clients.clients]
+        print(
+            f"  {sum(received):,} stream events, per client {min(received):,} to "
+            f"{max(received):,} of {args.events:,}; {clients.resumes()} resumes with "
+            "Last-Event-ID after the role dropped a client; events missed "
+            f"{sum(c.skipped for c in clients.clients)}, sent twice "
+            f"{sum(c.repeated for c in clients.clients)}"
+        )
     print(f"  baseline, at the first delivery: {first.hwm_kib / 1024:.1f} MiB")
     print(
         f"  growth of the peak from {second.deliveries:,} to {last.deliveries:,} deliveries: "

@@ -23,6 +23,7 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,10 +46,13 @@ BURNED_FRACTION = 0.01
 
 @dataclass(frozen=True, slots=True)
 class Side:
+    """What one side (the bridge, or N pollers together) got and cost Patchwork."""
+
     name: str
     committed: int
     published: int
     lost: int
+    """Summed over a side's pollers: each CI system misses its own."""
     duplicates: int
     p50_s: float
     p99_s: float
@@ -60,15 +64,15 @@ class Side:
 
     @property
     def served_per_event(self) -> float:
-        return self.served / max(1, self.published)
+        return self.served / max(1, self.committed)
 
     @property
     def busy_ms_per_event(self) -> float:
-        return 1000 * self.busy_s / max(1, self.published)
+        return 1000 * self.busy_s / max(1, self.committed)
 
     @property
     def requests_per_event(self) -> float:
-        return self.requests / max(1, self.published)
+        return self.requests / max(1, self.committed)
 
 
 class Feed:
@@ -199,17 +203,26 @@ async def naive_poller(
 
 
 def summarise(
-    name: str, feed: Feed, tap: Tap, fake: FakePatchwork, before: tuple[int, int, float]
+    name: str,
+    feed: Feed,
+    taps: Sequence[Tap],
+    fake: FakePatchwork,
+    before: tuple[int, int, float],
 ) -> Side:
-    latencies = sorted(tap.arrived[i] - t for i, t in feed.committed.items() if i in tap.arrived)
-    lost = sum(1 for i in feed.committed if i not in tap.arrived)
-    late = sorted(tap.arrived[i] - feed.committed[i] for i in feed.late if i in tap.arrived)
+    """Costs are per event committed, however many pollers (taps) read them."""
+
+    def delays(ids: Iterable[int]) -> list[float]:
+        return sorted(
+            tap.arrived[i] - feed.committed[i] for tap in taps for i in ids if i in tap.arrived
+        )
+
+    latencies, late = delays(feed.committed), delays(feed.late)
     return Side(
         name,
         len(feed.committed),
-        len(tap.arrived),
-        lost,
-        tap.duplicates,
+        sum(len(tap.arrived) for tap in taps),
+        sum(1 for tap in taps for i in feed.committed if i not in tap.arrived),
+        sum(tap.duplicates for tap in taps),
         percentile(latencies, 0.50) if latencies else float("nan"),
         percentile(latencies, 0.99) if latencies else float("nan"),
         percentile(late, 0.99) if late else float("nan"),
@@ -280,8 +293,8 @@ async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Sid
     }
     print(f"  bridge's reads by kind (events served, start-up included): {reads}")
     return (
-        summarise("bridge", feed, bridge_tap, ours, base[id(ours)]),
-        summarise("naive poller", feed, naive_tap, theirs, base[id(theirs)]),
+        summarise("bridge", feed, [bridge_tap], ours, base[id(ours)]),
+        summarise("naive poller", feed, [naive_tap], theirs, base[id(theirs)]),
     )
 
 

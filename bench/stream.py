@@ -35,19 +35,13 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import AMQP_URL, bridge_settings, run_id, workdir
+from bench.common import AMQP_URL, bridge_settings, free_port, run_id, workdir
 from bridge.amqp import declare_exchange
 from bridge.eventlog import declare_log, log_queue
 
 TOKEN = "bench-token-0123456789abcdef"
 PAD = "x" * 1100  # about the size of a Patchwork event
 STAMP = b'"bench_sent":'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def body(n: int) -> bytes:
