@@ -152,6 +152,8 @@ class Feed:
         return self.subscriber.entries.qsize()
 
     async def _catch_up(self) -> AsyncIterator[LogEntry]:
+        """The history, read until close to the hub's tail: joining the hub further behind,
+        the hub would fill this client's buffer while the seam read runs, and drop it."""
         assert self._history is not None
         if self._first is not None:
             for entry in self._take(self._first):
@@ -159,29 +161,39 @@ class Feed:
         async for message in self._history:
             for entry in self._take(message):
                 yield entry
-            tail = self._hub.tail
-            if tail is not None and self.last_read is not None and self.last_read >= tail:
-                break  # at the hub's tail: the hub takes it from here
+            if self._near_tail():
+                break  # the hub takes it from here
         await self.close()
+        async for entry in self._read_on(self._near_tail):
+            yield entry
+
+    def _near_tail(self) -> bool:
+        tail, last = self._hub.tail, self.last_read
+        return tail is None or last is None or tail - last <= self.subscriber.limit // 2
 
     async def _up_to(self, seam: int) -> AsyncIterator[LogEntry]:
-        """What lies between this client's history and the hub's first event for it.
+        """What lies between this client's history and the hub's first event for it."""
+        async for entry in self._read_on(lambda: self.last_read is None or self.last_read >= seam):
+            yield entry
 
-        Every offset up to the seam is in the log (the hub handed the seam out), so a read
-        that ends first (the broker paused for longer than the read's idle end, as under
-        load) is followed by another from where it stopped: going live there would skip
-        the events between.
+    async def _read_on(self, far_enough: Callable[[], bool]) -> AsyncIterator[LogEntry]:
+        """The log from ``last_read`` on, until ``far_enough()``.
+
+        Every offset up to the hub's tail is in the log, so a read that ends first (the
+        broker paused for longer than the read's idle end, as under load) is followed by
+        another from where it stopped: going live there would skip the events between.
         """
-        while self.last_read is not None and self.last_read < seam:
+        while not far_enough():
             before = self.last_read
+            assert before is not None
             async with contextlib.aclosing(self._read(before + 1, HELD_WAIT_S)) as messages:
                 async for message in messages:
                     for entry in self._take(message):
                         yield entry
-                    if self.last_read >= seam:
+                    if far_enough():
                         return
             if self.last_read == before:
-                raise LogStalled(f"the event log sent nothing after offset {before}, before {seam}")
+                raise LogStalled(f"the event log sent nothing after offset {before}")
 
     def _take(self, message: AbstractIncomingMessage) -> list[LogEntry]:
         offset = offset_of(message)
