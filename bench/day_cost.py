@@ -108,7 +108,7 @@ async def main() -> None:
             await asyncio.sleep(0.5)
         stop.set()
         await asyncio.gather(bridge.close(), *pollers)
-    bridge_cost = summarise("bridge", feed, [bridge_tap], ours, base[id(ours)])
+    bridge_cost = summarise("bridge", feed, [bridge_tap], ours, base[id(ours)], "committed")
     naive_costs = {
         n: summarise(
             f"{n} NIPA poller{'s' if n > 1 else ''}",
@@ -116,6 +116,7 @@ async def main() -> None:
             naive_taps[n],
             theirs[n],
             base[id(theirs[n])],
+            "committed",
         )
         for n in counts
     }

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import aio_pika
 import aiohttp
@@ -61,18 +62,21 @@ class Side:
     requests: int
     busy_s: float
     """Seconds of serving cost Patchwork was charged."""
+    per: int
+    """What the costs are divided by: events published (one poller against another) or
+    committed (a day's cost of several pollers together)."""
 
     @property
     def served_per_event(self) -> float:
-        return self.served / max(1, self.committed)
+        return self.served / max(1, self.per)
 
     @property
     def busy_ms_per_event(self) -> float:
-        return 1000 * self.busy_s / max(1, self.committed)
+        return 1000 * self.busy_s / max(1, self.per)
 
     @property
     def requests_per_event(self) -> float:
-        return self.requests / max(1, self.committed)
+        return self.requests / max(1, self.per)
 
 
 class Feed:
@@ -208,8 +212,8 @@ def summarise(
     taps: Sequence[Tap],
     fake: FakePatchwork,
     before: tuple[int, int, float],
+    per: Literal["published", "committed"] = "published",
 ) -> Side:
-    """Costs are per event committed, however many pollers (taps) read them."""
 
     def delays(ids: Iterable[int]) -> list[float]:
         return sorted(
@@ -217,10 +221,11 @@ def summarise(
         )
 
     latencies, late = delays(feed.committed), delays(feed.late)
+    published = sum(len(tap.arrived) for tap in taps)
     return Side(
         name,
         len(feed.committed),
-        sum(len(tap.arrived) for tap in taps),
+        published,
         sum(1 for tap in taps for i in feed.committed if i not in tap.arrived),
         sum(tap.duplicates for tap in taps),
         percentile(latencies, 0.50) if latencies else float("nan"),
@@ -229,6 +234,7 @@ def summarise(
         fake.events_served - before[0],
         fake.events_requests - before[1],
         fake.busy_s - before[2],
+        published if per == "published" else len(feed.committed),
     )
 
 
