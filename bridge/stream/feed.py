@@ -17,7 +17,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from bridge.amqp import BROKER_TIMEOUT_S
-from bridge.eventlog import SINCE_SKEW, logged_event, offset_of, read_log
+from bridge.eventlog import IDLE_END_S, SINCE_SKEW, logged_event, offset_of, read_log
 from bridge.stream.hub import Hub, LogEntry, Subscriber, entry_of
 from bridge.stream.positions import BadPosition, Position, position_of
 
@@ -92,7 +92,7 @@ class Feed:
             self._since = start.local
             read_from, tail = start.utc - SINCE_SKEW, self._hub.tail
             held = self._hub.holds_published_since(read_from)
-            self._history = self._read(read_from, HELD_WAIT_S if held else FIRST_WAIT_S)
+            self._history = self._read(read_from, held)
             self._first = await anext(self._history, None)  # raises LogMissing now, not later
             if self._first is None:
                 if held or self._hub.tail != tail:
@@ -104,7 +104,7 @@ class Feed:
             return None
         asked = start.position
         held = self._hub.holds(asked.offset)
-        self._history = self._read(asked.offset, HELD_WAIT_S if held else FIRST_WAIT_S)
+        self._history = self._read(asked.offset, held)
         first = await anext(self._history, None)
         found = None if first is None else position_of(offset_of(first), first.message_id)
         if found is None and held:
@@ -186,7 +186,7 @@ class Feed:
         while not far_enough():
             before = self.last_read
             assert before is not None
-            async with contextlib.aclosing(self._read(before + 1, HELD_WAIT_S)) as messages:
+            async with contextlib.aclosing(self._read(before + 1, held=True)) as messages:
                 async for message in messages:
                     for entry in self._take(message):
                         yield entry
@@ -209,14 +209,18 @@ class Feed:
                 return []
         return [entry]
 
-    def _read(
-        self, start: int | datetime, first_wait_s: float
-    ) -> AsyncGenerator[AbstractIncomingMessage]:
+    def _read(self, start: int | datetime, held: bool) -> AsyncGenerator[AbstractIncomingMessage]:
+        """A read of the log from ``start``. One of what the log is known to hold (``held``)
+        waits HELD_WAIT_S, first and between messages: its callers stop it when far
+        enough, and ending it at a busy broker's pause would only open another (a
+        channel, a consumer, a seek: what makes the broker slower still)."""
+        wait_s = HELD_WAIT_S if held else FIRST_WAIT_S
         return read_log(
             self._connection,
             self._exchange,
             start,
-            first_wait_s=first_wait_s,
+            first_wait_s=wait_s,
+            idle_end_s=HELD_WAIT_S if held else IDLE_END_S,
             prefetch=HISTORY_PREFETCH,
         )
 
