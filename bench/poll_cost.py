@@ -44,6 +44,8 @@ SEED_EVENTS = 2000
 LATE_FRACTION = 0.1
 BURNED_FRACTION = 0.01
 
+Per = Literal["published", "committed"]
+
 
 @dataclass(frozen=True, slots=True)
 class Side:
@@ -62,21 +64,25 @@ class Side:
     requests: int
     busy_s: float
     """Seconds of serving cost Patchwork was charged."""
-    per: int
+    per: Per
     """What the costs are divided by: events published (one poller against another) or
     committed (a day's cost of several pollers together)."""
 
     @property
+    def events(self) -> int:
+        return max(1, self.published if self.per == "published" else self.committed)
+
+    @property
     def served_per_event(self) -> float:
-        return self.served / max(1, self.per)
+        return self.served / self.events
 
     @property
     def busy_ms_per_event(self) -> float:
-        return 1000 * self.busy_s / max(1, self.per)
+        return 1000 * self.busy_s / self.events
 
     @property
     def requests_per_event(self) -> float:
-        return self.requests / max(1, self.per)
+        return self.requests / self.events
 
 
 class Feed:
@@ -212,7 +218,7 @@ def summarise(
     taps: Sequence[Tap],
     fake: FakePatchwork,
     before: tuple[int, int, float],
-    per: Literal["published", "committed"] = "published",
+    per: Per = "published",
 ) -> Side:
 
     def delays(ids: Iterable[int]) -> list[float]:
@@ -221,11 +227,10 @@ def summarise(
         )
 
     latencies, late = delays(feed.committed), delays(feed.late)
-    published = sum(len(tap.arrived) for tap in taps)
     return Side(
         name,
         len(feed.committed),
-        published,
+        sum(len(tap.arrived) for tap in taps),
         sum(1 for tap in taps for i in feed.committed if i not in tap.arrived),
         sum(tap.duplicates for tap in taps),
         percentile(latencies, 0.50) if latencies else float("nan"),
@@ -234,7 +239,7 @@ def summarise(
         fake.events_served - before[0],
         fake.events_requests - before[1],
         fake.busy_s - before[2],
-        published if per == "published" else len(feed.committed),
+        per,
     )
 
 

@@ -169,7 +169,7 @@ class Feed:
 
     def _near_tail(self) -> bool:
         tail, last = self._hub.tail, self.last_read
-        return tail is None or last is None or tail - last <= self.subscriber.limit // 2
+        return tail is None or last is None or tail - last <= self.subscriber.entries.maxsize // 2
 
     async def _up_to(self, seam: int) -> AsyncIterator[LogEntry]:
         """What lies between this client's history and the hub's first event for it."""

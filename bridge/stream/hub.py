@@ -71,7 +71,6 @@ class Subscriber:
 
     def __init__(self, wanted: Callable[[str], bool], limit: int) -> None:
         self.wanted = wanted
-        self.limit = limit
         self.entries: asyncio.Queue[LogEntry] = asyncio.Queue(limit)
         self.seam: int | None = None
         """The last offset the client must read from the log itself; all after it come here."""
