@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -69,8 +69,8 @@ async def open_channel(connection: AbstractConnection) -> aio_pika.Channel:
     RuntimeError (and hide a bug as broker trouble).
     """
     channel = aio_pika.Channel(connection, publisher_confirms=False)
-    try:
-        await channel.initialize()
+    try:  # initialize() takes a timeout and ignores it (aio-pika 10.2)
+        await uncancelled(channel.initialize(), if_abandoned=lambda _: close_channel(channel))
     except ChannelInvalidStateError:
         raise
     except RuntimeError as exc:
@@ -82,10 +82,15 @@ _UNCANCELLED: set[asyncio.Future[Any]] = set()
 """Broker calls still running after their caller stopped waiting, held until they end."""
 
 
-async def uncancelled(call: Awaitable[T], timeout_s: float = BROKER_TIMEOUT_S) -> T:
+async def uncancelled(
+    call: Awaitable[T],
+    timeout_s: float = BROKER_TIMEOUT_S,
+    *,
+    if_abandoned: Callable[[T], Awaitable[object]] | None = None,
+) -> T:
     """``call``'s result; if the caller is cancelled or gives up after ``timeout_s``
     (TimeoutError), the call itself runs on until the broker answers or the connection
-    closes.
+    closes, and ``if_abandoned`` undoes what it did (closes the channel it opened).
 
     aiormq (7.2) answers a cancelled RPC by closing its channel and stops reading it,
     while the channel stays registered until the broker's Close-Ok. Deliveries already on
@@ -95,17 +100,36 @@ async def uncancelled(call: Awaitable[T], timeout_s: float = BROKER_TIMEOUT_S) -
     Channel.Close is worse: aiormq sends a second one, which the broker takes as a
     connection error ("CHANNEL_ERROR - expected 'channel.open'"). So Basic.Consume and
     Channel.Close, after which deliveries may be in flight, go through here.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel that arrives as the call
+    ends, returning the result instead (fixed in 3.12). A stream client dropped as slow at
+    that moment went on waiting for the hub's events for good (bench/memory.py), so no
+    code here waits with it.
     """
     running = asyncio.ensure_future(call)
     _UNCANCELLED.add(running)
     running.add_done_callback(_ended)
-    return await asyncio.wait_for(asyncio.shield(running), timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await asyncio.shield(running)
+    except (TimeoutError, asyncio.CancelledError):
+        if if_abandoned is not None:
+            running.add_done_callback(lambda ended: _undo(ended, if_abandoned))
+        raise
 
 
 def _ended(running: asyncio.Future[Any]) -> None:
     _UNCANCELLED.discard(running)
     if not running.cancelled():
         running.exception()  # retrieved: whoever gave up on it has said so already
+
+
+def _undo(ended: asyncio.Future[T], undo: Callable[[T], Awaitable[object]]) -> None:
+    if ended.cancelled() or ended.exception() is not None:
+        return  # nothing was done
+    undoing = asyncio.ensure_future(undo(ended.result()))
+    _UNCANCELLED.add(undoing)
+    undoing.add_done_callback(_ended)
 
 
 async def close_channel(channel: AbstractChannel) -> None:
@@ -180,6 +204,91 @@ def _say_when_lost_and_back(connection: AbstractRobustConnection, role: str) -> 
 
     connection.close_callbacks.add(on_close)
     connection.reconnect_callbacks.add(on_reconnect)
+
+
+CHANNELS_PER_CONNECTION = 200
+"""How many short-lived channels a RecycledConnection opens before it is replaced."""
+
+
+class RecycledConnection:
+    """A plain connection for short-lived channels, replaced after ``per_connection`` of
+    them and closed once the last channel leased on it is done.
+
+    aio-pika 10.2 with aiormq 7.2 keeps about 4.4 kB for every channel ever opened on a
+    connection, until the connection closes: aiormq's ``closing`` returns a new observer
+    future on each access, and aio-pika adds its close callback to one and removes it from
+    another. The stream opens a channel for each read of the log by a client catching up,
+    so on one long-lived connection memory grew with every read (bench/memory.py).
+
+    Not robust: a read whose connection is lost fails, and its client resumes from its
+    last id, on a new connection.
+    """
+
+    def __init__(
+        self, settings: Settings, name: str, per_connection: int = CHANNELS_PER_CONNECTION
+    ) -> None:
+        self._settings = settings
+        self._name = name
+        self._per_connection = per_connection
+        self._current: AbstractConnection | None = None
+        self._opened = 0
+        """Leases taken on ``_current``."""
+        self._leases: dict[AbstractConnection, int] = {}
+        self._connecting = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[AbstractConnection]:
+        """A connection to open one channel on for the length of the ``async with``."""
+        connection = await self._take()
+        try:
+            yield connection
+        finally:
+            left = self._leases.get(connection)  # None once close() has retired it
+            if left is not None:
+                self._leases[connection] = left - 1
+                if left == 1 and connection is not self._current:
+                    self._retire(connection)
+
+    async def _take(self) -> AbstractConnection:
+        async with self._connecting:
+            current = self._current
+            if current is None or current.is_closed or self._opened >= self._per_connection:
+                if current is not None and not self._leases.get(current):
+                    self._retire(current)
+                self._current = None  # still leased: closed when its last lease ends
+                current = self._current = await aio_pika.connect(
+                    self._settings.amqp_url.get_secret_value(),
+                    timeout=CONNECT_TIMEOUT_S,
+                    client_properties={"connection_name": connection_name(self._name)},
+                )
+                self._opened = 0
+                self._leases[current] = 0
+            self._opened += 1
+            self._leases[current] += 1
+            return current
+
+    def _retire(self, connection: AbstractConnection) -> None:
+        del self._leases[connection]
+        if not connection.is_closed:
+            closing = asyncio.create_task(
+                _close_quietly(connection), name=f"close {self._name} connection"
+            )
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every connection, leased or not; leases still held then fail."""
+        for connection in list(self._leases):
+            self._retire(connection)
+        self._current = None
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    with contextlib.suppress(*BROKER_ERRORS):
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            await connection.close()
 
 
 def is_connected(connection: AbstractRobustConnection | None) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_TIMEOUT_S, close_channel, uncancelled
+from bridge.amqp import BROKER_TIMEOUT_S, close_channel, open_channel, uncancelled
 from bridge.events import BadEvent, Event, parse_event
 from bridge.settings import Settings
 
@@ -91,11 +91,13 @@ async def read_log(
 
     Raises LogMissing if there is no log. Its own channel, closed when the read ends.
     """
-    channel = await connection.channel()
+    channel = await open_channel(connection)
     try:
-        await channel.set_qos(prefetch_count=prefetch)
+        await channel.set_qos(prefetch_count=prefetch, timeout=BROKER_TIMEOUT_S)
         try:
-            queue = await channel.declare_queue(log_queue(exchange), passive=True)
+            queue = await channel.declare_queue(
+                log_queue(exchange), passive=True, timeout=BROKER_TIMEOUT_S
+            )
         except ChannelNotFoundEntity:
             raise LogMissing(f"no event log {log_queue(exchange)!r} yet") from None
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -107,7 +109,8 @@ async def read_log(
         wait_s = max(first_wait_s, idle_end_s)
         while True:
             try:
-                message = await asyncio.wait_for(inbox.get(), wait_s)
+                async with asyncio.timeout(wait_s):  # not wait_for: see bridge.amqp.uncancelled
+                    message = await inbox.get()
             except TimeoutError:
                 break
             wait_s = idle_end_s

@@ -210,7 +210,8 @@ class InProcess:
         """Stop the roles and wait for them; raises what a role failed with, and
         TimeoutError for a role that will not stop (a bug to see, not to hide)."""
         self.stop.set()
-        await asyncio.wait_for(asyncio.gather(*self._tasks), self._stop_timeout_s)
+        async with asyncio.timeout(self._stop_timeout_s):
+            await asyncio.gather(*self._tasks)
 
     async def __aenter__(self) -> InProcess:
         self.start()

@@ -12,7 +12,8 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep ``seconds`` or until ``stop`` is set; True if it was set."""
     if seconds > 0 and not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await stop.wait()
     return stop.is_set()
 
 

@@ -219,7 +219,7 @@ async def delete_subscription_queues(
             await channel.close()
 
 
-def _connection_pids(connection_name: str) -> list[str]:
+def connection_pids(connection_name: str) -> list[str]:
     # The text output, not --formatter json: its pids are node-local ("#PID<12576.1.0>")
     # and close_connection rejects them.
     result = rabbitmqctl("list_connections", "pid", "client_properties", "-q")
@@ -234,7 +234,7 @@ async def cut_connection(connection_name: str) -> int:
 
     def cut() -> int:
         closed = 0
-        for pid in _connection_pids(connection_name):
+        for pid in connection_pids(connection_name):
             result = rabbitmqctl("close_connection", pid, "test: connection cut")
             # A connection that closed on its own meanwhile is not an error.
             closed += result.returncode == 0

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import aio_pika
 import pytest
 
 from bridge.__main__ import main
+from bridge.amqp import RecycledConnection, connection_name
 from bridge.eventlog import log_queue, read_log
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.runtime import InProcess
-from tests.amqp_helpers import drain, wait_for
+from tests.amqp_helpers import connection_pids, drain, wait_for
 from tests.test_producer import make_settings, running
 
 pytestmark = pytest.mark.broker
@@ -66,6 +68,46 @@ async def test_reads_cancelled_at_any_moment_leave_the_connection_reading(
         logged = [m async for m in read_log(amqp, exchange_name, "first")]
     assert len(logged) == 300
     assert not amqp.is_closed
+
+
+async def test_reads_take_a_new_connection_every_few_channels_and_close_the_old_after_use(
+    patchwork, exchange_name, bound_queue, tmp_path, unique
+):
+    """aio-pika keeps memory for every channel a connection ever opened (RecycledConnection),
+    so the stream's reads take turns on connections that are replaced and closed."""
+    patchwork.add_events(50)
+    settings = make_settings(patchwork, exchange_name, tmp_path)
+    async with running(settings):
+        await drain(bound_queue, expected=50)
+    name = f"test history {unique}"
+    reads = RecycledConnection(settings, name, per_connection=2)
+
+    def on_broker(count: int) -> Callable[[], Awaitable[bool]]:
+        async def listed() -> bool:
+            return len(await asyncio.to_thread(connection_pids, connection_name(name))) == count
+
+        return listed
+
+    async def read_all(connection: aio_pika.abc.AbstractConnection) -> int:
+        return len([m async for m in read_log(connection, exchange_name, "first")])
+
+    try:
+        async with reads.lease() as first:
+            async with reads.lease() as same:
+                assert same is first
+                assert await read_all(same) == 50
+            async with reads.lease() as second:
+                assert second is not first
+                assert not first.is_closed  # a read still holds it
+                assert await read_all(second) == 50
+            assert await read_all(first) == 50
+        await wait_for(lambda: first.is_closed, what="the replaced connection to close")
+        assert not second.is_closed
+        await wait_for(on_broker(1), what="one connection left on the broker")
+    finally:
+        await reads.close()
+    assert second.is_closed
+    await wait_for(on_broker(0), what="no connection left on the broker")
 
 
 async def test_a_lost_state_directory_resumes_from_the_log_tail_without_gap_or_flood(

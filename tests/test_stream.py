@@ -134,9 +134,11 @@ async def test_a_catch_up_read_that_ends_early_goes_on_to_the_live_tail_skipping
     assert event_ids(late) == [e["id"] for e in added]
 
 
+@pytest.mark.parametrize("cut", ["stream", "stream history"])
 async def test_clients_live_and_catching_up_miss_nothing_when_the_roles_connection_is_cut(
-    patchwork, settings
+    patchwork, settings, cut
 ):
+    """``stream``: the hub's; ``stream history``: the one clients catching up read on."""
     async with producer(settings), stream_role(settings) as url:
         live = [asyncio.create_task(read_resuming(url, 400)) for _ in range(4)]
         await asyncio.sleep(0.5)
@@ -144,7 +146,7 @@ async def test_clients_live_and_catching_up_miss_nothing_when_the_roles_connecti
         since = {"since": "2000-01-01T00:00:00"}
         catching_up = [asyncio.create_task(read_resuming(url, 400, params=since)) for _ in range(4)]
         await asyncio.sleep(0.2)
-        assert await cut_connection(connection_name("stream")) == 1
+        assert await cut_connection(connection_name(cut)) == 1
         added += patchwork.add_events(200)
         results = await asyncio.gather(*live, *catching_up)
     for events, _ in results:

@@ -14,9 +14,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.amqp import BROKER_TIMEOUT_S
+from bridge.amqp import BROKER_TIMEOUT_S, RecycledConnection
 from bridge.eventlog import IDLE_END_S, SINCE_SKEW, logged_event, offset_of, read_log
 from bridge.stream.hub import Hub, LogEntry, Subscriber, entry_of
 from bridge.stream.positions import BadPosition, Position, position_of
@@ -68,13 +68,13 @@ class Feed:
     def __init__(
         self,
         hub: Hub,
-        connection: AbstractConnection,
+        reads: RecycledConnection,
         exchange: str,
         wanted: Callable[[str], bool],
         limit: int,
     ) -> None:
         self._hub = hub
-        self._connection = connection
+        self._reads = reads
         self._exchange = exchange
         self.subscriber = Subscriber(wanted, limit)
         self.last_read: int | None = None
@@ -156,7 +156,8 @@ class Feed:
         the hub would fill this client's buffer while the seam read runs, and drop it."""
         assert self._history is not None
         if self._first is not None:
-            for entry in self._take(self._first):
+            first, self._first = self._first, None
+            for entry in self._take(first):
                 yield entry
         async for message in self._history:
             for entry in self._take(message):
@@ -209,20 +210,25 @@ class Feed:
                 return []
         return [entry]
 
-    def _read(self, start: int | datetime, held: bool) -> AsyncGenerator[AbstractIncomingMessage]:
-        """A read of the log from ``start``. One of what the log is known to hold (``held``)
-        waits HELD_WAIT_S, first and between messages: its callers stop it when far
-        enough, and ending it at a busy broker's pause would only open another (a
-        channel, a consumer, a seek: what makes the broker slower still)."""
-        wait_s = HELD_WAIT_S if held else FIRST_WAIT_S
-        return read_log(
-            self._connection,
-            self._exchange,
-            start,
-            first_wait_s=wait_s,
-            idle_end_s=HELD_WAIT_S if held else IDLE_END_S,
-            prefetch=HISTORY_PREFETCH,
-        )
+    async def _read(
+        self, start: int | datetime, held: bool
+    ) -> AsyncGenerator[AbstractIncomingMessage]:
+        """A read of the log from ``start``, on a channel of its own. One of what the log is
+        known to hold (``held``) waits HELD_WAIT_S, first and between messages: its callers
+        stop it when far enough, and ending it at a busy broker's pause would only open
+        another (a channel, a consumer, a seek: what makes the broker slower still)."""
+        async with self._reads.lease() as connection:
+            messages = read_log(
+                connection,
+                self._exchange,
+                start,
+                first_wait_s=HELD_WAIT_S if held else FIRST_WAIT_S,
+                idle_end_s=HELD_WAIT_S if held else IDLE_END_S,
+                prefetch=HISTORY_PREFETCH,
+            )
+            async with contextlib.aclosing(messages):
+                async for message in messages:
+                    yield message
 
     async def close(self) -> None:
         self._hub.unsubscribe(self.subscriber)

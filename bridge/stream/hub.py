@@ -137,7 +137,7 @@ class Hub:
         lost = asyncio.Event()
         channel.close_callbacks.add(lambda *_: lost.set())
         try:
-            await channel.set_qos(prefetch_count=READ_PREFETCH)
+            await channel.set_qos(prefetch_count=READ_PREFETCH, timeout=BROKER_TIMEOUT_S)
             try:
                 queue = await channel.declare_queue(
                     log_queue(self._exchange), passive=True, timeout=BROKER_TIMEOUT_S

@@ -1,4 +1,5 @@
-"""The ``stream`` role: one connection, one hub following the log, the HTTP server."""
+"""The ``stream`` role: one connection for the hub following the log and for results, one
+for clients' reads of the log, and the HTTP server."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from bridge.amqp import BROKER_TIMEOUT_S, connect_with_retry, is_connected
+from bridge.amqp import BROKER_TIMEOUT_S, RecycledConnection, connect_with_retry, is_connected
 from bridge.http import serve_app
 from bridge.metrics import Metrics
 from bridge.settings import Settings
@@ -45,8 +46,9 @@ class StreamRole:
         if self._connection is None:
             return
         hub = self._hub = Hub(self._connection, self.settings.exchange)
+        reads = RecycledConnection(self.settings, f"{self.name} history")
         server = self._server = StreamServer(
-            self.settings, self.metrics, self.consumers, hub, self._connection
+            self.settings, self.metrics, self.consumers, hub, self._connection, reads
         )
         hub_stop = asyncio.Event()
         following = asyncio.create_task(hub.run(hub_stop), name="stream-hub")
@@ -75,12 +77,15 @@ class StreamRole:
             server.closing.set()  # every client gets the end of its stream
             if runner is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(runner.cleanup(), CLOSE_TIMEOUT_S + 5)
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S + 5):
+                        await runner.cleanup()
             hub_stop.set()
             try:
-                await asyncio.wait_for(following, BROKER_TIMEOUT_S)
+                async with asyncio.timeout(BROKER_TIMEOUT_S):
+                    await following
             except TimeoutError:
                 log.warning("stream: the log reader did not stop within %ss", BROKER_TIMEOUT_S)
+            await reads.close()
             with contextlib.suppress(Exception):
                 await self._connection.close()
 

@@ -17,7 +17,13 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from aiormq import spec
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, NotConfirmed, declare_exchange
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    NotConfirmed,
+    RecycledConnection,
+    declare_exchange,
+)
 from bridge.checks.result import InvalidResult, parse_result, results_exchange
 from bridge.eventlog import LogMissing
 from bridge.metrics import Metrics
@@ -63,12 +69,15 @@ class StreamServer:
         consumers: StreamConsumers,
         hub: Hub,
         connection: AbstractRobustConnection,
+        reads: RecycledConnection,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._consumers = consumers
         self._hub = hub
         self._connection = connection
+        self._reads = reads
+        """Where clients catching up read the log, each on a channel of its own."""
         self.closing = asyncio.Event()
         self._results: tuple[AbstractChannel, AbstractExchange] | None = None
         """The confirming channel results are published on, and the exchange on it."""
@@ -107,7 +116,7 @@ class StreamServer:
             return self._refuse(request, exc.status, exc.reason)
         feed = Feed(
             self._hub,
-            self._connection,
+            self._reads,
             self._settings.exchange,
             TopicMatcher(asked.patterns),
             self._settings.stream_client_buffer,
