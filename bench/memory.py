@@ -10,8 +10,14 @@ VmHWM (peak RSS) and VmRSS are read from /proc/<pid>/status at the first deliver
 baseline) and at each quarter of the webhook deliveries; memory must not grow with the
 count, so the figure to watch is the growth between the second sample and the last.
 
+The double charges the serving cost measured on a real Patchwork (``--cost measured``),
+so the producer catches up at the pace it would there. ``--probe FILE`` writes the
+process's asyncio tasks and stream state to FILE (bench/probe) whenever a stream client has
+had nothing for PROBE_AFTER_S while short of events.
+
     python bench/memory.py [--events 100000] [--subscriptions 1] [--stream-clients 0]
-                           [--source patchwork|queue] [--every N] [--max-seconds S]
+                           [--source patchwork|queue] [--cost measured|none] [--every N]
+                           [--max-seconds S] [--probe FILE] [--log FILE] [--log-level L]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -45,13 +52,16 @@ from common import (
     write_subscriptions,
 )
 
-from bridge.demo.patchwork_double import FakePatchwork
+from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 
 STOP_TIMEOUT_S = 30.0
 TOKEN = "bench-memory-token-0123456789"
 SINCE = "2000-01-01T00:00:00"  # before every event: each client reads the whole log
 ID_LINE = re.compile(rb"(?:^|\n)id: ([^\r\n]+)")
 RECONNECT_S = 3.0  # as the stream's retry: asks
+PROBE_AFTER_S = 120.0
+PROBE_DIR = Path(__file__).parent / "probe"
+PROBED_TYPES = "Feed,Subscriber,Hub,RecycledConnection"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,8 @@ class StreamClient:
         """Offsets jumped over: events this client never got."""
         self.repeated = 0
         self.last_id: bytes | None = None
+        self.got_at = time.monotonic()
+        """When it last got an event (or started)."""
         self._last_offset = -1
 
     async def run(self, session: aiohttp.ClientSession, url: str) -> None:
@@ -119,6 +131,7 @@ class StreamClient:
                 self._last_offset = offset
                 self.received += 1
                 self.last_id = event_id
+            self.got_at = time.monotonic()
 
 
 class StreamClients:
@@ -150,6 +163,11 @@ class StreamClients:
             if task.done():
                 task.result()
         return sum(client.received < events for client in self.clients)
+
+    def stuck(self, events: int, for_s: float) -> int:
+        """Clients short of events that got none in the last ``for_s`` seconds."""
+        now = time.monotonic()
+        return sum(c.received < events and now - c.got_at > for_s for c in self.clients)
 
     def resumes(self) -> int:
         return sum(max(client.connections - 1, 0) for client in self.clients)
@@ -186,6 +204,17 @@ async def main() -> None:
     parser.add_argument(
         "--every", type=int, default=0, help="also print a sample every N deliveries (a trace)"
     )
+    parser.add_argument(
+        "--cost",
+        choices=["measured", "none"],
+        default="measured",
+        help="the double's serving cost: as measured on a real Patchwork, or none",
+    )
+    parser.add_argument("--log", type=Path, help="keep the process's log here")
+    parser.add_argument("--log-level", default="WARNING", help="BRIDGE_LOG_LEVEL of the process")
+    parser.add_argument(
+        "--probe", type=Path, help="append the process's tasks and stream state here when stuck"
+    )
     args = parser.parse_args()
     if args.source == "queue" and args.stream_clients:
         parser.error("--stream-clients reads the event log, which only the producer fills")
@@ -197,7 +226,7 @@ async def main() -> None:
     names = [f"bench-{rid}-{i}" for i in range(args.subscriptions)]
     segments = [f"fast{i}" for i in range(args.subscriptions)]
     exchange = f"bench-memory-{rid}"
-    fake = FakePatchwork(tz=TZ)
+    fake = FakePatchwork(tz=TZ, cost=MEASURED if args.cost == "measured" else None)
     if args.source == "patchwork":
         print(f"building a {args.events}-event backlog in the Patchwork double ...", flush=True)
         fill_backlog(fake, args.events)
@@ -229,7 +258,7 @@ async def main() -> None:
                     "subscriptions": str(subscriptions),
                     "http_host": "127.0.0.1",
                     "http_port": "0",
-                    "log_level": "WARNING",
+                    "log_level": args.log_level,
                 }
                 if args.stream_clients:
                     consumers = tmp / "consumers.toml"
@@ -239,14 +268,14 @@ async def main() -> None:
                         "stream_host": "127.0.0.1",
                         "stream_port": str(stream_port),
                     }
-                log_path = tmp / "bridge.log"
+                log_path = args.log or tmp / "bridge.log"
                 with log_path.open("wb") as log:
                     process = await asyncio.create_subprocess_exec(
                         sys.executable,
                         "-m",
                         "bridge",
                         "run",
-                        env=bridge_env(**settings),
+                        env=probe_env(args.probe, bridge_env(**settings)),
                         stderr=log,
                     )
                 clients.start()
@@ -264,6 +293,18 @@ async def main() -> None:
         await delete_topology(exchange, names)
         await fake.stop()
     report(args, samples, clients)
+
+
+def probe_env(probe: Path | None, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with bench/probe loaded at start when ``--probe`` asks for it."""
+    if probe is None:
+        return env
+    path = os.pathsep.join(filter(None, [str(PROBE_DIR), env.get("PYTHONPATH")]))
+    return env | {
+        "PYTHONPATH": path,
+        "BENCH_PROBE_FILE": str(probe.resolve()),
+        "BENCH_PROBE_TYPES": PROBED_TYPES,
+    }
 
 
 async def delivered(receiver: Receiver, segments: list[str]) -> int:
@@ -296,6 +337,7 @@ async def sample_until_done(
             clients.received(),
         )
 
+    probe_next = 0.0
     while clients.lagging(args.events) or pending:  # lagging() raises if a client gave up
         if process.returncode is not None:
             raise RuntimeError(f"python -m bridge run exited with {process.returncode}")
@@ -316,6 +358,11 @@ async def sample_until_done(
                 print(samples[-1].line(), flush=True)
             else:
                 print(sample(count).line() + "   (trace)", flush=True)
+        stuck = clients.stuck(args.events, PROBE_AFTER_S)
+        if args.probe is not None and stuck and time.monotonic() >= probe_next:
+            process.send_signal(signal.SIGUSR1)
+            print(f"  {stuck} stream clients stuck; probe written to {args.probe}", flush=True)
+            probe_next = time.monotonic() + PROBE_AFTER_S
         await asyncio.sleep(0.1)
     if args.stream_clients:
         print(sample(count).line() + "   (every stream client has every event)", flush=True)
