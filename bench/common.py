@@ -45,7 +45,8 @@ from bridge.settings import Settings
 from bridge.webhook.queues import declare_subscription, marker_queue, queue_names
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+"""The broker, as for the tests (tests/broker.py): TEST_AMQP_URL picks another, such as 4.x."""
 TZ = "Australia/Canberra"
 # The ce-source of pre-loaded messages; any Patchwork API base URL will do.
 SOURCE = "http://127.0.0.1:8000/api/1.3"

@@ -421,5 +421,19 @@ def _tail(path: Path, lines: int = 20) -> str:
     return ""
 
 
+async def _stoppable() -> None:
+    """main(), cancelled (so its cleanup runs) by SIGINT or SIGTERM: a job a shell starts
+    in the background has SIGINT ignored, and SIGTERM would end it without cleanup."""
+    task = asyncio.ensure_future(main())
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        print("stopped by a signal; the queues and exchange are deleted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(_stoppable())

@@ -134,6 +134,40 @@ async def test_a_catch_up_read_that_ends_early_goes_on_to_the_live_tail_skipping
     assert event_ids(late) == [e["id"] for e in added]
 
 
+async def test_a_read_of_the_log_that_times_out_ends_the_stream_as_broker_trouble(
+    patchwork, settings, monkeypatch
+):
+    """Not as a stalled client: the client did nothing wrong, and it resumes."""
+    whole_read = feed_module.read_log
+    failed: list[int] = []
+
+    async def timing_out_read(*args, **kwargs):
+        async with contextlib.aclosing(whole_read(*args, **kwargs)) as messages:
+            async for message in messages:
+                yield message
+                if not failed:
+                    failed.append(1)
+                    raise TimeoutError
+
+    monkeypatch.setattr(feed_module, "read_log", timing_out_read)
+    metrics = Metrics()
+
+    def disconnects(reason: str) -> float:
+        sample = metrics.registry.get_sample_value(
+            "patchwork_bridge_stream_disconnects_total", {"reason": reason}
+        )
+        return sample or 0.0
+
+    async with producer(settings), stream_role(settings, metrics) as url:
+        added, _ = await publish_and_read(patchwork, url, 100)
+        since = {"since": "2000-01-01T00:00:00"}
+        events, resumes = await read_resuming(url, 100, params=since)
+    assert event_ids(events) == [e["id"] for e in added]
+    assert resumes == 1
+    assert disconnects("broker") == 1
+    assert disconnects("stalled") == 0
+
+
 @pytest.mark.parametrize("cut", ["stream", "stream history"])
 async def test_clients_live_and_catching_up_miss_nothing_when_the_roles_connection_is_cut(
     patchwork, settings, cut

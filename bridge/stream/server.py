@@ -59,6 +59,10 @@ CLOSE_TIMEOUT_S = 5.0
 MAX_RESULT_BYTES = 16_384
 
 
+class ClientStalled(Exception):
+    """A write to the client did not finish within SEND_TIMEOUT_S."""
+
+
 class StreamServer:
     """The handlers, and the clients they serve, so that shutdown and metrics reach them."""
 
@@ -191,8 +195,11 @@ class StreamServer:
                 batch.append(entry.frame)
                 if feed.waiting() and len(batch) < WRITE_BATCH:
                     continue
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await response.write(prefix + b"".join(batch))
+                try:
+                    async with asyncio.timeout(SEND_TIMEOUT_S):
+                        await response.write(prefix + b"".join(batch))
+                except TimeoutError:  # not the broker's: a read of the log times out too
+                    raise ClientStalled from None
                 prefix = b""
                 sent[0] += len(batch)
                 counter.inc(len(batch))
@@ -216,7 +223,7 @@ class StreamServer:
         if isinstance(exc, LogStalled):
             log.warning("stream: %s: %s; it resumes from its last id", name, exc)
             return "broker"
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, ClientStalled):
             return "stalled"
         if isinstance(exc, ConnectionResetError):
             return "client"
