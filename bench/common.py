@@ -9,6 +9,7 @@ machine), keyed by the first path segment: ``/fast/...`` answers 204 at once,
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -35,7 +36,7 @@ import aiohttp
 from aiohttp import web
 
 from bridge.amqp import declare_exchange
-from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
+from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork, ServingCost
 from bridge.eventlog import log_queue
 from bridge.events import Event, parse_event
 from bridge.metrics import Metrics
@@ -258,6 +259,20 @@ class Receiver:
 
 
 # -- events, subscriptions, topology ----------------------------------------------------
+
+
+def add_cost_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cost",
+        choices=["measured", "none"],
+        default="measured",
+        help="the double's serving cost: as measured on a real Patchwork, or none",
+    )
+
+
+def serving_cost(args: argparse.Namespace) -> ServingCost | None:
+    """What ``--cost`` asks the Patchwork double to charge each request."""
+    return MEASURED if args.cost == "measured" else None
 
 
 def fill_backlog(fake: FakePatchwork, n: int, days: float = 3.0) -> None:

@@ -39,6 +39,7 @@ from common import (
     TZ,
     Hook,
     Receiver,
+    add_cost_option,
     backlog_events,
     bridge_env,
     declare,
@@ -48,11 +49,12 @@ from common import (
     preload,
     proc_status_kib,
     run_id,
+    serving_cost,
     workdir,
     write_subscriptions,
 )
 
-from bridge.demo.patchwork_double import MEASURED, FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 
 STOP_TIMEOUT_S = 30.0
 TOKEN = "bench-memory-token-0123456789"
@@ -204,12 +206,7 @@ async def main() -> None:
     parser.add_argument(
         "--every", type=int, default=0, help="also print a sample every N deliveries (a trace)"
     )
-    parser.add_argument(
-        "--cost",
-        choices=["measured", "none"],
-        default="measured",
-        help="the double's serving cost: as measured on a real Patchwork, or none",
-    )
+    add_cost_option(parser)
     parser.add_argument("--log", type=Path, help="keep the process's log here")
     parser.add_argument("--log-level", default="WARNING", help="BRIDGE_LOG_LEVEL of the process")
     parser.add_argument(
@@ -226,7 +223,7 @@ async def main() -> None:
     names = [f"bench-{rid}-{i}" for i in range(args.subscriptions)]
     segments = [f"fast{i}" for i in range(args.subscriptions)]
     exchange = f"bench-memory-{rid}"
-    fake = FakePatchwork(tz=TZ, cost=MEASURED if args.cost == "measured" else None)
+    fake = FakePatchwork(tz=TZ, cost=serving_cost(args))
     if args.source == "patchwork":
         print(f"building a {args.events}-event backlog in the Patchwork double ...", flush=True)
         fill_backlog(fake, args.events)

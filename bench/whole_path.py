@@ -11,7 +11,7 @@ delivery (connecting, declaring, a first start's wait on an empty event log) is 
 beside it, and the whole job's rate (start to last delivery). Rounds alternate which side
 goes first.
 
-    python bench/whole_path.py [--events 4000] [--concurrency 16] [--rounds 3]
+    python bench/whole_path.py [--events 4000] [--concurrency 16] [--rounds 3] [--cost none]
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ from common import (
     Hook,
     InProcessBridge,
     Receiver,
+    add_cost_option,
     best_line,
     bridge_settings,
     delete_topology,
     fill_backlog,
     round_ratios,
     run_id,
+    serving_cost,
     workdir,
     write_subscriptions,
 )
@@ -208,8 +210,9 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    add_cost_option(parser)
     args = parser.parse_args()
-    fake = FakePatchwork(tz=TZ)
+    fake = FakePatchwork(tz=TZ, cost=serving_cost(args))
     fill_backlog(fake, args.events)
     gc.freeze()  # the backlog lives as long as the run: keep the collector off it
     results: dict[str, list[Measure]] = {which: [] for which in VARIANTS}
@@ -223,7 +226,7 @@ async def main() -> None:
         await fake.stop()
     print(
         f"\n{args.events} events, Patchwork double -> exchange -> queue -> 204 receiver, "
-        f"concurrency {args.concurrency}, {args.rounds} rounds"
+        f"concurrency {args.concurrency}, {args.rounds} rounds, serving cost {args.cost}"
     )
     for which, label in VARIANTS.items():
         print(best_line(label, [m.rate for m in results[which]]))
