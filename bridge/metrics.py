@@ -203,7 +203,7 @@ class Metrics:
         )
         self.stream_refused = Counter(
             f"{p}_stream_requests_refused",
-            "Stream and checks requests refused, by HTTP status (400, 401, 403).",
+            "Stream and checks requests refused, by HTTP status (400, 401, 403; 503: try again).",
             ["status"],
             registry=r,
         )

@@ -255,6 +255,43 @@ async def test_a_ci_that_only_speaks_http_posts_its_result_to_the_stream_port(
     assert [c["context"] for c in fake.checks.checks[5]] == ["http-ci"]
 
 
+@pytest.mark.broker
+async def test_a_result_the_broker_refuses_is_answered_503_with_when_to_send_it_again(
+    patchwork_with_checks, amqp, exchange_name, tmp_path, clean_checks
+):
+    """The results queue is full and refuses publishes: the CI is told to send the result
+    again, and when; the refusal is counted. Nothing reaches Patchwork."""
+    settings = checks_settings(patchwork_with_checks, exchange_name, tmp_path)
+    metrics = Metrics()
+    channel = await amqp.channel()
+    results = await declare_exchange(channel, results_exchange(exchange_name))
+    full = await channel.declare_queue(
+        f"{exchange_name}-full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    await full.bind(results, "#")
+    good = {"patch": 5, "state": "success", "context": "http-ci", "project": "netdevbpf"}
+    try:
+        async with (
+            producer(settings),
+            stream_role(settings, metrics) as url,
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            answer = await client.post(
+                f"{url}/v1/checks", json=good, headers={"Authorization": f"Bearer {NIPA}"}
+            )
+    finally:
+        await full.delete()
+        await channel.close()
+    assert answer.status_code == 503, answer.text
+    assert "send it again" in answer.text
+    assert answer.headers["Retry-After"] == "3"
+    refused = metrics.registry.get_sample_value(
+        "patchwork_bridge_stream_requests_refused_total", {"status": "503"}
+    )
+    assert refused == 1
+    assert not patchwork_with_checks.checks.checks
+
+
 async def queue_depth(amqp, queue: str) -> int:
     channel = await amqp.channel()
     try:

@@ -313,7 +313,9 @@ async def test_a_position_of_another_log_or_past_its_end_is_refused(patchwork, s
 async def test_a_broker_too_busy_to_answer_gets_a_503_not_a_refusal_of_the_position(
     patchwork, settings, monkeypatch
 ):
-    async with producer(settings), stream_role(settings) as url:
+    """A 503 with Retry-After, counted: the client is told when to try again."""
+    metrics = Metrics()
+    async with producer(settings), stream_role(settings, metrics) as url:
         added, events = await publish_and_read(patchwork, url, 5)
 
         async def broker_sends_nothing(*args, **kwargs):
@@ -331,6 +333,11 @@ async def test_a_broker_too_busy_to_answer_gets_a_503_not_a_refusal_of_the_posit
             )
     assert resume.status_code == 503, resume.text
     assert since.status_code == 503
+    assert resume.headers["Retry-After"] == since.headers["Retry-After"] == "3"
+    refused = metrics.registry.get_sample_value(
+        "patchwork_bridge_stream_requests_refused_total", {"status": "503"}
+    )
+    assert refused == 2
 
 
 async def test_a_client_that_stops_reading_is_disconnected_and_the_others_go_on(

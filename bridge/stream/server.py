@@ -130,14 +130,14 @@ class StreamServer:
         except BadPosition as exc:
             return self._refuse(request, 400, str(exc))
         except LogMissing:
-            return web.Response(status=503, text="no event log yet: is a producer running?\n")
+            return self._unavailable("no event log yet: is a producer running?")
         except LOG_UNREADABLE as exc:
             log.warning(
                 "stream: cannot read the event log for %s (%s)",
                 asked.consumer.name,
                 str(exc) or type(exc).__name__,
             )
-            return web.Response(status=503, text="the event log cannot be read just now\n")
+            return self._unavailable("the event log cannot be read just now")
         return await self._stream(request, asked, feed, gap)
 
     async def _stream(
@@ -256,9 +256,7 @@ class StreamServer:
             await self._publish_result(body, key, message_id, consumer.name)
         except BROKER_ERRORS as exc:
             log.warning("stream: result of %s not published (%s)", consumer.name, exc)
-            return web.Response(
-                status=503, text=f"not queued ({type(exc).__name__}); send it again\n"
-            )
+            return self._unavailable(f"not queued ({type(exc).__name__}); send it again")
         log.info("stream: %s queued a %s result for %s", consumer.name, result.state, result.target)
         return web.json_response({"queued": message_id}, status=202)
 
@@ -299,6 +297,13 @@ class StreamServer:
         )
         headers = {"WWW-Authenticate": 'Bearer realm="patchwork-bridge"'} if status == 401 else {}
         return web.Response(status=status, text=reason + "\n", headers=headers)
+
+    def _unavailable(self, reason: str) -> web.Response:
+        """503: nothing wrong with the request; the client tries again after ``RETRY_MS``.
+        Logged where the cause is known."""
+        self._metrics.stream_refused.labels("503").inc()
+        headers = {"Retry-After": str(RETRY_MS // 1000)}
+        return web.Response(status=503, text=reason + "\n", headers=headers)
 
     def sample_lag(self) -> None:
         """``stream_client_lag_events``: the furthest-behind client of each consumer."""
