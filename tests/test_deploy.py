@@ -72,6 +72,15 @@ def test_dashboard_shows_every_family_an_operator_asked_for() -> None:
         "patchwork_bridge_poll_errors_total",
         "patchwork_bridge_subscription_enabled",
         "patchwork_bridge_webhook_in_flight",
+        # the stream role's clients, and what the producer asks of Patchwork
+        "patchwork_bridge_stream_clients",
+        "patchwork_bridge_stream_events_sent_total",
+        "patchwork_bridge_stream_client_lag_events",
+        "patchwork_bridge_stream_disconnects_total",
+        "patchwork_bridge_stream_requests_refused_total",
+        "patchwork_bridge_patchwork_request_duration_seconds_count",
+        "patchwork_bridge_patchwork_events_read_total",
+        "patchwork_bridge_id_gaps_total",
     ):
         assert name in text, name
     for quantile in ("0.5", "0.95", "0.99"):
