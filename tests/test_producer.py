@@ -105,6 +105,27 @@ async def test_late_visible_event_with_an_older_date_is_published_once(
     assert [m.message_id for m in second] == [str(late["id"])]
 
 
+async def test_a_late_event_with_no_newer_id_is_found_by_the_sweep(
+    patchwork, exchange_name, bound_queue, tmp_path
+):
+    """The last mail of a burst commits late, dated before the newest: no id above it,
+    so no gap says it is missing. The sweep (here every 2 s) reads it; the checks never
+    could, and a poll from the newest date never would."""
+    t0 = now_local() - timedelta(seconds=30)
+    early = patchwork.add_event("patch-created", "dpdk", t0)
+    newer = patchwork.add_event("series-completed", "dpdk", t0 + timedelta(seconds=5))
+    last = patchwork.add_event("patch-created", "dpdk", t0 + timedelta(seconds=1), visible=False)
+    settings = make_settings(patchwork, exchange_name, tmp_path, poll_sweep_interval=2.0)
+    async with running(settings):
+        first = await drain(bound_queue, expected=2)
+        patchwork.make_visible(last["id"])
+        second = await drain(bound_queue, expected=1)
+        await wait_for_requests(patchwork, patchwork.events_requests + 5)
+        assert await drain(bound_queue, expected=0, timeout=0.5) == []
+    assert [m.message_id for m in first] == [str(early["id"]), str(newer["id"])]
+    assert [m.message_id for m in second] == [str(last["id"])]
+
+
 async def test_restart_mid_stream_neither_republishes_nor_skips(
     patchwork, exchange_name, bound_queue, tmp_path
 ):
