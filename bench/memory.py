@@ -17,7 +17,8 @@ had nothing for PROBE_AFTER_S while short of events.
 
     python bench/memory.py [--events 100000] [--subscriptions 1] [--stream-clients 0]
                            [--source patchwork|queue] [--cost measured|none] [--every N]
-                           [--max-seconds S] [--probe FILE] [--log FILE] [--log-level L]
+                           [--max-seconds S] [--probe FILE [--tracemalloc]] [--log FILE]
+                           [--log-level L]
 """
 
 from __future__ import annotations
@@ -212,7 +213,15 @@ async def main() -> None:
     parser.add_argument(
         "--probe", type=Path, help="append the process's tasks and stream state here when stuck"
     )
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="with --probe: trace the process's allocations and probe at every sample, "
+        "writing the lines that grew most (slows the process down)",
+    )
     args = parser.parse_args()
+    if args.tracemalloc and args.probe is None:
+        parser.error("--tracemalloc writes into the --probe file")
     if args.source == "queue" and args.stream_clients:
         parser.error("--stream-clients reads the event log, which only the producer fills")
     total = args.events * args.subscriptions
@@ -272,7 +281,7 @@ async def main() -> None:
                         "-m",
                         "bridge",
                         "run",
-                        env=probe_env(args.probe, bridge_env(**settings)),
+                        env=probe_env(args.probe, bridge_env(**settings), args.tracemalloc),
                         stderr=log,
                     )
                 clients.start()
@@ -292,7 +301,7 @@ async def main() -> None:
     report(args, samples, clients)
 
 
-def probe_env(probe: Path | None, env: dict[str, str]) -> dict[str, str]:
+def probe_env(probe: Path | None, env: dict[str, str], trace: bool = False) -> dict[str, str]:
     """``env`` with bench/probe loaded at start when ``--probe`` asks for it."""
     if probe is None:
         return env
@@ -301,6 +310,7 @@ def probe_env(probe: Path | None, env: dict[str, str]) -> dict[str, str]:
         "PYTHONPATH": path,
         "BENCH_PROBE_FILE": str(probe.resolve()),
         "BENCH_PROBE_TYPES": PROBED_TYPES,
+        **({"PYTHONTRACEMALLOC": "1"} if trace else {}),
     }
 
 
@@ -355,6 +365,8 @@ async def sample_until_done(
                 print(samples[-1].line(), flush=True)
             else:
                 print(sample(count).line() + "   (trace)", flush=True)
+            if args.tracemalloc:
+                process.send_signal(signal.SIGUSR1)
         stuck = clients.stuck(args.events, PROBE_AFTER_S)
         if args.probe is not None and stuck and time.monotonic() >= probe_next:
             process.send_signal(signal.SIGUSR1)
@@ -363,6 +375,8 @@ async def sample_until_done(
         await asyncio.sleep(0.1)
     if args.stream_clients:
         print(sample(count).line() + "   (every stream client has every event)", flush=True)
+        if args.tracemalloc:
+            process.send_signal(signal.SIGUSR1)
 
 
 def report(args: argparse.Namespace, samples: list[Sample], clients: StreamClients) -> None:

@@ -5,6 +5,10 @@ imports this module at start. On SIGUSR1 the process appends to FILE the stack o
 asyncio task and the attributes of every live object whose class is named in
 BENCH_PROBE_TYPES (comma-separated, such as ``Feed,Subscriber,Hub``): where each waits, and
 on what. Not for production: a signal handler walking every object takes a while.
+
+When Python traces allocations (``PYTHONTRACEMALLOC``, which ``memory.py --tracemalloc``
+sets), each probe also writes what is allocated now and the lines whose allocations grew
+most since the probe before: a leak shows as the same line growing probe after probe.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import gc
 import os
 import signal
 import time
+import tracemalloc
 import types
+from typing import TextIO
 
 PROBE_FILE = os.environ.get("BENCH_PROBE_FILE")
 TYPES = {name for name in os.environ.get("BENCH_PROBE_TYPES", "").split(",") if name}
+GROWTH_LINES = 15
+_last_snapshot: tracemalloc.Snapshot | None = None
 
 
 def _dump(_signum: int, _frame: object) -> None:
@@ -25,6 +33,8 @@ def _dump(_signum: int, _frame: object) -> None:
     loop = asyncio._get_running_loop()  # the handler runs between the loop's own steps
     with open(PROBE_FILE, "a", encoding="utf-8") as out:
         out.write(f"=== probe at {time.strftime('%H:%M:%S')} pid {os.getpid()}\n")
+        if tracemalloc.is_tracing():
+            _memory(out)
         if loop is None:
             out.write("no running event loop\n")
             return
@@ -51,6 +61,20 @@ def _dump(_signum: int, _frame: object) -> None:
                 out.write(f"--- {type(obj).__name__} {id(obj):#x}\n")
                 for name, value in fields.items():
                     out.write(f"    {name} = {_short(value)}\n")
+
+
+def _memory(out: TextIO) -> None:
+    global _last_snapshot
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)]
+    )
+    current, peak = tracemalloc.get_traced_memory()
+    print(f"--- traced now {current / 1024:,.0f} KiB, peak {peak / 1024:,.0f} KiB", file=out)
+    if _last_snapshot is not None:
+        print("--- grown most since the probe before (by line)", file=out)
+        for stat in snapshot.compare_to(_last_snapshot, "lineno")[:GROWTH_LINES]:
+            print(f"  {stat}", file=out)
+    _last_snapshot = snapshot
 
 
 def _short(value: object) -> str:
