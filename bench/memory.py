@@ -437,8 +437,14 @@ async def _stoppable() -> None:
     in the background has SIGINT ignored, and SIGTERM would end it without cleanup."""
     task = asyncio.ensure_future(main())
     loop = asyncio.get_running_loop()
+
+    def cancel_once() -> None:
+        # A second signal (`timeout` passes its own on) must not cut the cleanup short.
+        if not task.cancelling():
+            task.cancel()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
+        loop.add_signal_handler(signum, cancel_once)
     try:
         await task
     except asyncio.CancelledError:
