@@ -23,6 +23,7 @@ from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 from bridge.eventlog import log_queue
 from tests.amqp_helpers import wait_for
 from tests.broker import AMQP_URL
+from tests.fault_tools import tail
 
 pytestmark = pytest.mark.broker
 
@@ -102,12 +103,6 @@ async def stop_producer(process: asyncio.subprocess.Process, log: Path) -> str:
     process.send_signal(signal.SIGTERM)
     await asyncio.wait_for(process.wait(), 30)
     return log.read_text()
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    """The end of a producer's log, for a failure's message."""
-    text = log.read_text() if log.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 async def feed(
@@ -257,7 +252,7 @@ async def test_first_start_under_load_publishes_everything_created_during_start_
             )
             raise AssertionError(
                 f"{error}; {len(missing)} missing, first {missing[:10]}; the producer's log:\n"
-                + tail(log_file)
+                + tail(log_file, 40)
             ) from None
         await asyncio.sleep(2.0)  # a few more polls: nothing may come twice
         log = await stop_producer(producer, log_file)
@@ -299,10 +294,7 @@ async def test_two_producers_one_poller_survive_five_kills_of_the_poller(unique,
             POLL_SWEEP_INTERVAL="5",  # late events of the feed are the sweep's to find
         )  # fmt: skip
         logs.append(tmp_path / f"producer-{index}.log")
-        with logs[-1].open("wb") as log:  # a file, not a pipe: a killed process's pipe fills
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge", "producer", env=env, stderr=log
-            )
+        process = await start_producer(env, logs[-1])
         processes.append(process)
         return process
 
