@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aiormq import spec
 from aiormq.abc import AbstractChannel as AbstractChannelUnderlay
@@ -25,7 +24,7 @@ from bridge.amqp import (
     QueueType,
     close_channel,
     declare_queue,
-    open_channel,
+    open_bare_channel,
     queue_arguments,
 )
 from bridge.webhook.retry import delay_ladder
@@ -129,17 +128,19 @@ async def declare_subscription(
 
 
 class QueueControl:
-    """Passive declares and marker changes on a plain channel of its own.
+    """Passive declares and marker changes on a bare channel of its own.
 
-    The broker closes a channel that passively declares a missing queue. An aio-pika
-    robust channel would reopen itself in the background and fail the calls made
-    meanwhile, so this uses a plain channel and opens a fresh one when it was closed.
-    Calls are serialised: one RPC at a time on the channel.
+    The broker closes a channel that passively declares a missing queue, which for a
+    marker queue is the normal, enabled state. An aio-pika robust channel would reopen
+    itself in the background and fail the calls made meanwhile, and every aio-pika channel
+    leaves residue on its connection; so this uses a bare aiormq channel
+    (``open_bare_channel``) and opens a fresh one when the last was closed. Calls are
+    serialised: one RPC at a time on the channel.
     """
 
     def __init__(self, connection: AbstractConnection) -> None:
         self._connection = connection
-        self._channel: aio_pika.Channel | None = None
+        self._channel: AbstractChannelUnderlay | None = None
         self._lock = asyncio.Lock()
 
     async def inspect(self, queue: str) -> spec.Queue.DeclareOk | None:
@@ -176,5 +177,5 @@ class QueueControl:
 
     async def _underlay(self) -> AbstractChannelUnderlay:
         if self._channel is None or self._channel.is_closed:
-            self._channel = await open_channel(self._connection)
-        return await self._channel.get_underlay_channel()
+            self._channel = await open_bare_channel(self._connection)
+        return self._channel
