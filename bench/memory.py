@@ -17,8 +17,8 @@ had nothing for PROBE_AFTER_S while short of events.
 
     python bench/memory.py [--events 100000] [--subscriptions 1] [--stream-clients 0]
                            [--source patchwork|queue] [--cost measured|none] [--every N]
-                           [--max-seconds S] [--probe FILE [--tracemalloc]] [--log FILE]
-                           [--log-level L]
+                           [--max-seconds S] [--idle-seconds S] [--probe FILE [--tracemalloc]]
+                           [--log FILE] [--log-level L]
 """
 
 from __future__ import annotations
@@ -207,6 +207,13 @@ async def main() -> None:
     parser.add_argument(
         "--every", type=int, default=0, help="also print a sample every N deliveries (a trace)"
     )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=0.0,
+        help="then leave run idle this long, sampling every quarter: growth with time "
+        "(marker checks, depth samples) rather than with deliveries",
+    )
     add_cost_option(parser)
     parser.add_argument("--log", type=Path, help="keep the process's log here")
     parser.add_argument("--log-level", default="WARNING", help="BRIDGE_LOG_LEVEL of the process")
@@ -239,6 +246,7 @@ async def main() -> None:
     await fake.start()
     marks = [total * q // 4 for q in (1, 2, 3, 4)]
     samples: list[Sample] = []
+    idle: list[Sample] = []
     stream_port = free_port()
     clients = StreamClients(args.stream_clients, stream_port)
     try:
@@ -289,6 +297,10 @@ async def main() -> None:
                     await sample_until_done(
                         args, receiver, segments, clients, process, marks, samples
                     )
+                    if args.idle_seconds > 0:
+                        idle = await sample_idle(
+                            args.idle_seconds, process, samples[-1], args.tracemalloc
+                        )
                 except BaseException:
                     print(_tail(log_path), file=sys.stderr)
                     raise
@@ -299,6 +311,8 @@ async def main() -> None:
         await delete_topology(exchange, names)
         await fake.stop()
     report(args, samples, clients)
+    if idle:
+        report_idle(idle)
 
 
 def probe_env(probe: Path | None, env: dict[str, str], trace: bool = False) -> dict[str, str]:
@@ -377,6 +391,38 @@ async def sample_until_done(
         print(sample(count).line() + "   (every stream client has every event)", flush=True)
         if args.tracemalloc:
             process.send_signal(signal.SIGUSR1)
+
+
+async def sample_idle(
+    seconds: float, process: asyncio.subprocess.Process, last: Sample, trace: bool
+) -> list[Sample]:
+    """RSS while nothing arrives: at the start and each quarter of ``seconds``. RSS hides
+    a slow leak at first (it fills memory the deliveries freed), so ``trace`` (with
+    ``--tracemalloc``) also probes Python's traced heap at each sample."""
+    started = time.monotonic()
+    samples = []
+    for quarter in range(5):
+        await asyncio.sleep(max(0.0, started + seconds * quarter / 4 - time.monotonic()))
+        if process.returncode is not None:
+            raise RuntimeError(f"python -m bridge run exited with {process.returncode}")
+        status = proc_status_kib(process.pid)
+        at = last.elapsed_s + time.monotonic() - started
+        samples.append(Sample(last.deliveries, at, status["VmHWM"], status["VmRSS"]))
+        print(samples[-1].line() + f"   (idle {time.monotonic() - started:5.0f} s)", flush=True)
+        if trace:
+            process.send_signal(signal.SIGUSR1)
+    return samples
+
+
+def report_idle(samples: list[Sample]) -> None:
+    first, last = samples[0], samples[-1]
+    hours = (last.elapsed_s - first.elapsed_s) / 3600
+    rss_kib = last.rss_kib - first.rss_kib
+    print(
+        f"  idle for {hours * 3600:.0f} s after the last delivery: RSS {first.rss_kib / 1024:.1f} "
+        f"-> {last.rss_kib / 1024:.1f} MiB ({rss_kib / 1024 / max(hours, 1e-9):+.1f} MiB/hour), "
+        f"peak {first.hwm_kib / 1024:.1f} -> {last.hwm_kib / 1024:.1f} MiB"
+    )
 
 
 def report(args: argparse.Namespace, samples: list[Sample], clients: StreamClients) -> None:
