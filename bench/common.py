@@ -435,12 +435,15 @@ def bridge_settings(**overrides: Any) -> Settings:
 
 
 class InProcessBridge(InProcess):
-    """``run``'s roles (producer + webhook) as ``patchwork-bridge demo`` wires them; a role's
-    failure at the end is printed, so one bad run does not hide the figures of the others."""
+    """``run``'s roles (producer + webhook) as ``patchwork-bridge demo`` wires them, or the
+    roles of another ``command``; a role's failure at the end is printed, so one bad run
+    does not hide the figures of the others."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, command: str = "run") -> None:
         self.metrics = Metrics()
-        super().__init__(build_roles("run", settings, self.metrics), stop_timeout_s=STOP_TIMEOUT_S)
+        super().__init__(
+            build_roles(command, settings, self.metrics), stop_timeout_s=STOP_TIMEOUT_S
+        )
 
     def request_stop(self) -> None:
         self.stop.set()
