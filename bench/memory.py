@@ -349,14 +349,7 @@ async def sample_until_done(
     pending = sorted({1, *marks, *trace})
 
     def sample(deliveries: int) -> Sample:
-        status = proc_status_kib(process.pid)
-        return Sample(
-            deliveries,
-            time.monotonic() - started,
-            status["VmHWM"],
-            status["VmRSS"],
-            clients.received(),
-        )
+        return read_sample(process, deliveries, time.monotonic() - started, clients.received())
 
     probe_next = 0.0
     while clients.lagging(args.events) or pending:  # lagging() raises if a client gave up
@@ -405,22 +398,28 @@ async def sample_idle(
         await asyncio.sleep(max(0.0, started + seconds * quarter / 4 - time.monotonic()))
         if process.returncode is not None:
             raise RuntimeError(f"python -m bridge run exited with {process.returncode}")
-        status = proc_status_kib(process.pid)
-        at = last.elapsed_s + time.monotonic() - started
-        samples.append(Sample(last.deliveries, at, status["VmHWM"], status["VmRSS"]))
-        print(samples[-1].line() + f"   (idle {time.monotonic() - started:5.0f} s)", flush=True)
+        idle_s = time.monotonic() - started
+        samples.append(read_sample(process, last.deliveries, last.elapsed_s + idle_s))
+        print(samples[-1].line() + f"   (idle {idle_s:5.0f} s)", flush=True)
         if trace:
             process.send_signal(signal.SIGUSR1)
     return samples
 
 
+def read_sample(
+    process: asyncio.subprocess.Process, deliveries: int, elapsed_s: float, streamed: int = 0
+) -> Sample:
+    status = proc_status_kib(process.pid)
+    return Sample(deliveries, elapsed_s, status["VmHWM"], status["VmRSS"], streamed)
+
+
 def report_idle(samples: list[Sample]) -> None:
     first, last = samples[0], samples[-1]
-    hours = (last.elapsed_s - first.elapsed_s) / 3600
-    rss_kib = last.rss_kib - first.rss_kib
+    idle_s = last.elapsed_s - first.elapsed_s
+    rss_mib = (last.rss_kib - first.rss_kib) / 1024
     print(
-        f"  idle for {hours * 3600:.0f} s after the last delivery: RSS {first.rss_kib / 1024:.1f} "
-        f"-> {last.rss_kib / 1024:.1f} MiB ({rss_kib / 1024 / max(hours, 1e-9):+.1f} MiB/hour), "
+        f"  idle for {idle_s:.0f} s after the last delivery: RSS {first.rss_kib / 1024:.1f} "
+        f"-> {last.rss_kib / 1024:.1f} MiB ({rss_mib * 3600 / max(idle_s, 1e-9):+.1f} MiB/hour), "
         f"peak {first.hwm_kib / 1024:.1f} -> {last.hwm_kib / 1024:.1f} MiB"
     )
 
