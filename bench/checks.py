@@ -37,7 +37,7 @@ from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.runtime import InProcess
-from bridge.webhook.queues import queue_names_of
+from bridge.webhook.queues import checks_queues
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S
 
 TOKEN = "bench-maintainer-token-0123456789"
@@ -151,7 +151,7 @@ async def main() -> None:
                 print(f"bridge/plain p50: {b50 / p50:.2f}")
         finally:
             drop = await connection.channel()
-            for queue in queue_names_of("checks", DEFAULT_RETRY_SCHEDULE_S):
+            for queue in checks_queues(exchange).watched(DEFAULT_RETRY_SCHEDULE_S):
                 await drop.queue_delete(queue)
             await drop.exchange_delete(results_exchange(exchange))
             await drop.exchange_delete(exchange)

@@ -35,7 +35,7 @@ import aio_pika
 import aiohttp
 from aiohttp import web
 
-from bridge.amqp import declare_exchange
+from bridge.amqp import declare_exchange, replay_exchange
 from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork, ServingCost
 from bridge.eventlog import log_queue
 from bridge.events import Event, parse_event
@@ -43,7 +43,7 @@ from bridge.metrics import Metrics
 from bridge.producer.publisher import Publisher
 from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings
-from bridge.webhook.queues import declare_subscription, marker_queue, queue_names
+from bridge.webhook.queues import declare_subscription, subscription_queues
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -413,8 +413,10 @@ async def delete_topology(
         for name in names:
             # The benchmarks keep the default retry schedule, so these are all its queues.
             subscription = Subscription(name=name)
-            for queue in [*queue_names(subscription), marker_queue(name)]:
+            queues = subscription_queues(exchange, name)
+            for queue in [*queues.watched(subscription.retry_schedule), queues.marker]:
                 await channel.queue_delete(queue)
+            await channel.exchange_delete(replay_exchange(exchange, queues.main))
         await channel.exchange_delete(exchange)
         await channel.queue_delete(log_queue(exchange))
     finally:

@@ -53,7 +53,7 @@ from common import (
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import USER_AGENT, Event
-from bridge.webhook.queues import main_queue
+from bridge.webhook.queues import subscription_queues
 from bridge.webhook.signing import decode_secret, sign_with_key
 
 SEGMENT = "fast"
@@ -185,7 +185,7 @@ class Bench:
         if self.args.only:
             order = [self.args.only]
         n = self.args.events
-        queue = main_queue(self.name)
+        queue = subscription_queues(self.exchange, self.name).main
         for which in order:
             await self.receiver.reset()
             await preload(self.exchange, self.events)

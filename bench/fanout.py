@@ -39,7 +39,7 @@ from common import (
 )
 from delivery_throughput import bare_headers
 
-from bridge.webhook.queues import main_queue
+from bridge.webhook.queues import subscription_queues
 
 DRAIN_TIMEOUT_S = 600.0
 
@@ -152,7 +152,7 @@ async def main() -> None:
                         await receiver.reset()
                         await preload(exchange, events)
                         if which == "plain":
-                            queues = [main_queue(name) for name in names]
+                            queues = [subscription_queues(exchange, name).main for name in names]
                             rate, cpu_s = await plain_loops(
                                 queues, urls, args.concurrency, receiver, segments, args.events
                             )
@@ -165,8 +165,9 @@ async def main() -> None:
                                 settings_kw, receiver, segments, args.events
                             )
                         for name in names:
-                            if left := await queue_depth(main_queue(name)):
-                                raise RuntimeError(f"{main_queue(name)} still holds {left}")
+                            main = subscription_queues(exchange, name).main
+                            if left := await queue_depth(main):
+                                raise RuntimeError(f"{main} still holds {left}")
                         rates[which].append(rate)
                         cpu[which].append(1000 * cpu_s / total)
                         print(

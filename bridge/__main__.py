@@ -27,6 +27,7 @@ HANDLERS = {
     "subscriptions": "bridge.cli.subscriptions:cli",
     "bind": "bridge.cli.bind:cli",
     "replay": "bridge.cli.replay:cli",
+    "migrate": "bridge.cli.migrate:cli",
     "check-config": "bridge.runtime:cli_check_config",
 }
 
@@ -154,8 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     bind = sub.add_parser("bind", help="declare a durable queue bound to the exchange")
     bind.add_argument("queue", help="queue name")
     bind.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic patterns, e.g. dpdk.*")
-    bind.add_argument("--remove", action="store_true", help="delete QUEUE and QUEUE.dead instead")
+    bind.add_argument(
+        "--remove", action="store_true", help="delete QUEUE, QUEUE.dead and its replay route"
+    )
     bind.add_argument("--yes", action="store_true", help="with --remove: do not ask")
+    bind.add_argument(
+        "--adopt",
+        action="store_true",
+        help="bind QUEUE although this deployment's bind did not make it (an earlier version's)",
+    )
 
     replay = sub.add_parser(
         "replay",
@@ -175,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--queue", help="the queue to copy into (it must exist)")
     target.add_argument("--subscription", metavar="NAME", help="a subscription's main queue")
     replay.add_argument("--dry-run", action="store_true", help="count, copy nothing")
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="move this deployment's messages out of the queue names before 0.2 (bridge.*)",
+        description="Versions before 0.2 named queues bridge.webhook.<name> and bridge.checks, "
+        "shared by every deployment on a vhost. Move this deployment's waiting, retrying and "
+        "dead messages into its own queues (<exchange>.webhook.<name>, <exchange>.checks), "
+        "carry a disabled state over, and delete the old queues it empties. Messages of "
+        "another deployment are left in place. Set BRIDGE_PATCHWORK_URL: it tells this "
+        "deployment's retries and dead letters from another's. Safe to run again.",
+    )
+    migrate.add_argument("--dry-run", action="store_true", help="show what is there, move nothing")
+    migrate.add_argument(
+        "--claim-copies",
+        action="store_true",
+        help="also move retries and dead letters that do not say whose they are (the checks "
+        "role's; a subscription's without BRIDGE_PATCHWORK_URL): only if no other deployment "
+        "ever used the old queues",
+    )
 
     check = sub.add_parser(
         "check-config",

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -40,6 +40,11 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10.0
 BROKER_TIMEOUT_S = 10.0
 """For each declare, publish and delete: a broker that does not answer is an error, not a hang."""
+
+
+class TopologyError(Exception):
+    """What the bridge must declare cannot be, or a queue of its name is another
+    deployment's: an operator's to mend (one line, no retry)."""
 
 
 class NotConfirmed(Exception):
@@ -373,6 +378,25 @@ async def connect_with_retry(
 async def declare_exchange(channel: AbstractChannel, name: str) -> AbstractExchange:
     """The durable topic exchange events are published to; keys are ``<project>.<category>``."""
     return await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+def replay_exchange(exchange: str, queue: str) -> str:
+    """The queue's replay route: a topic exchange with the same bindings as the queue has to
+    ``exchange``, and no other queue bound. ``replay`` publishes each copy there with its
+    original routing key, so the broker gives the queue exactly what it would have routed
+    to it live. Its existence also says that this deployment made the queue."""
+    return f"{exchange}.replay.{queue}"
+
+
+async def declare_replay_route(
+    channel: AbstractChannel, exchange: str, queue: AbstractQueue, patterns: Sequence[str]
+) -> None:
+    """Declare ``queue``'s replay route and bind it with ``patterns`` (idempotent)."""
+    route = await channel.declare_exchange(
+        replay_exchange(exchange, queue.name), aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    for pattern in patterns:
+        await queue.bind(route, pattern)
 
 
 DELIVERY_LIMIT = 100

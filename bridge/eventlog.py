@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncGenerator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
@@ -37,6 +39,13 @@ producer fall back to BRIDGE_START, so a slow broker must not look like one."""
 Offset = int | str | datetime
 """Where a read starts: an offset, "first", "last" (the last chunk), or a publish time
 (the broker starts at a chunk at or before it: filter by each message's timestamp)."""
+
+
+MARKER = "x-bridge-marker"
+"""Header of the log's own records, which are not events: every reader skips them."""
+START = "start"
+"""A producer's first start (BRIDGE_START applied): its cursor, so that "now" holds for a
+producer that later rebuilds its window from the log (no state directory, a takeover)."""
 
 
 class LogMissing(Exception):
@@ -130,9 +139,36 @@ def offset_of(message: AbstractIncomingMessage) -> int:
     return offset
 
 
+def is_marker(message: AbstractIncomingMessage) -> bool:
+    return MARKER in (message.headers or {})
+
+
+def start_marker(cursor_json: str) -> aio_pika.Message:
+    """The record of a first start, published straight into the log (not to the exchange:
+    no consumer is bound to see it)."""
+    return aio_pika.Message(
+        cursor_json.encode(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=f"start-{uuid.uuid4().hex}",
+        type="bridge-start",
+        timestamp=datetime.now(UTC),
+        headers={MARKER: START},
+    )
+
+
+def logged_start(message: AbstractIncomingMessage) -> str | None:
+    """The cursor (as JSON) a start marker records; None for any other message."""
+    if (message.headers or {}).get(MARKER) not in (START, START.encode()):
+        return None
+    return message.body.decode("utf-8", "replace")
+
+
 def logged_event(message: AbstractIncomingMessage) -> Event | None:
     """The event a log message carries, as the producer read it from Patchwork; None for
-    anything else in the log (published there by hand or by a test)."""
+    anything else in the log (its markers, what was published there by hand or by a test)."""
+    if is_marker(message):
+        return None
     try:
         item = json.loads(message.body)
         return parse_event(item, message.body.decode())

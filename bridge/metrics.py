@@ -32,6 +32,11 @@ DELIVERY_FAILURE_REASONS = (
     "ssrf",
     "invalid",
     "sink_error",
+    # The checks role's.
+    "wrong_project",
+    "forbidden",
+    "not_found",
+    "empty_series",
 )
 
 

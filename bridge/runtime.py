@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aio_pika.abc import AbstractChannel
 
-from bridge.amqp import LoginRefused
+from bridge.amqp import LoginRefused, TopologyError
 from bridge.http import start_server
 from bridge.logs import setup_logging
 from bridge.metrics import Metrics
@@ -32,7 +32,7 @@ class PortInUse(Exception):
     """BRIDGE_HTTP_PORT cannot be bound (most often: another bridge process has it)."""
 
 
-OPERATOR_ERRORS = (LoginRefused, PortInUse, StateDirError, CursorError)
+OPERATOR_ERRORS = (LoginRefused, PortInUse, StateDirError, CursorError, TopologyError)
 """Mistakes an operator mends (one line, exit 2), unlike our bugs (a traceback, once)."""
 
 
@@ -282,7 +282,7 @@ def cli_run(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(serve(roles, settings, metrics))
-    except (LoginRefused, PortInUse, StateDirError, CursorError, ExceptionGroup) as exc:
+    except (*OPERATOR_ERRORS, ExceptionGroup) as exc:
         fatal = _operator_error(exc)
         if fatal is None:
             raise  # our bug: its traceback, once

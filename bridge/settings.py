@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     stream_port: int = Field(9470, ge=0, le=65535)
     stream_client_buffer: int = Field(2000, ge=1)
     """Events waiting for one stream client at most; past that it is disconnected as slow."""
+    stream_keepalive: float = Field(15.0, gt=0)
+    """Seconds between keep-alive comments on a quiet stream (a proxy's idle timeout must
+    be longer)."""
 
     http_host: str = "0.0.0.0"  # noqa: S104 - a container's health check must reach it
     http_port: int = Field(9464, ge=0, le=65535)

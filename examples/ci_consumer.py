@@ -38,6 +38,9 @@ async def main() -> None:
             if message.message_id in seen:  # a repeat of an event whose work is queued
                 await message.ack()
                 continue
+            if message.type != "series-completed":  # a binding added by hand: not ours
+                await message.ack()
+                continue
             series = json.loads(message.body)["payload"]["series"]
             try:
                 async with http.get(series["mbox"], raise_for_status=True) as response:

@@ -35,6 +35,8 @@ while True:  # reconnect after any break: each event comes once across it
         ):
             source.response.raise_for_status()
             for event in source.iter_sse():
+                if not event.data:  # a keep-alive that another server or proxy ends oddly
+                    continue
                 if event.event == "gap":
                     print("missed events:", event.data, flush=True)
                     continue

@@ -20,13 +20,14 @@ import aio_pika
 import pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from bridge.amqp import replay_exchange
 from bridge.events import APP_ID, amqp_headers, parse_event
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, Outcome
 from bridge.webhook.consumer import WebhookConsumer
-from bridge.webhook.queues import QueueControl, marker_queue, queue_names
+from bridge.webhook.queues import QueueControl, QueueSet, subscription_queues
 from bridge.webhook.subscriptions import Subscription
 from tests.broker import AMQP_URL, rabbitmqctl
 
@@ -204,16 +205,25 @@ async def running(consumer: WebhookConsumer) -> AsyncIterator[WebhookConsumer]:
         yield consumer
 
 
+def lane(exchange: str, name: str) -> QueueSet:
+    """A subscription's queues in the deployment of ``exchange``."""
+    return subscription_queues(exchange, name)
+
+
 async def delete_subscription_queues(
-    connection: AbstractConnection, subscriptions: Iterable[Subscription]
+    connection: AbstractConnection, exchange: str, subscriptions: Iterable[Subscription]
 ) -> None:
-    """Delete every queue the consumer may have declared for these subscriptions."""
+    """Delete every queue the consumer may have declared for these subscriptions, and
+    their replay routes."""
     channel = await connection.channel()
     try:
         for sub in subscriptions:
-            for queue in [*queue_names(sub), marker_queue(sub.name)]:
+            queues = lane(exchange, sub.name)
+            for queue in [*queues.watched(sub.retry_schedule), queues.marker]:
                 with suppress(Exception):
                     await channel.queue_delete(queue)
+            with suppress(Exception):
+                await channel.exchange_delete(replay_exchange(exchange, queues.main))
     finally:
         with suppress(Exception):
             await channel.close()

@@ -9,7 +9,9 @@ import json
 import aio_pika
 import pytest
 
-from bridge.cli.bind import BindError, bind, cli
+from bridge.amqp import replay_exchange
+from bridge.cli.bind import BindError, bind, cli, unbind
+from bridge.cli.common import CliError
 from bridge.settings import load_settings
 from tests.broker import AMQP_URL, rabbitmqctl
 
@@ -128,3 +130,31 @@ async def test_cli_exits_2_on_a_bad_setting(
     monkeypatch.setenv("BRIDGE_QUEUE_TYPE", "lazy")
     assert await cli(argparse.Namespace(queue="q", patterns=["#"])) == 2
     assert "BRIDGE_QUEUE_TYPE" in capsys.readouterr().err
+
+
+async def test_a_queue_this_deployment_did_not_make_is_not_bound_or_removed_unless_adopted(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, ci_queue: str
+):
+    """Two deployments on one vhost: the second binding the first's queue would mix their
+    events in it, and removing it would delete the other's work."""
+    site_a = load_settings(exchange=exchange_name)
+    site_b = load_settings(exchange=f"{exchange_name}-b")
+    await bind(site_a, ci_queue, ["netdevbpf.*"])
+    try:
+        with pytest.raises(BindError, match=f"queue {ci_queue} exists but was not made by"):
+            await bind(site_b, ci_queue, ["#"])
+        with pytest.raises(CliError, match="was not made by this deployment's bind"):
+            await unbind(site_b, ci_queue, yes=True)
+        channel = await amqp.channel()
+        await channel.declare_queue(ci_queue, passive=True)  # still there, untouched
+        # A queue of an earlier version (no replay route) is taken over when told so.
+        await channel.exchange_delete(replay_exchange(exchange_name, ci_queue))
+        with pytest.raises(BindError, match="pass --adopt"):
+            await bind(site_a, ci_queue, ["netdevbpf.*"])
+        await bind(site_a, ci_queue, ["netdevbpf.*"], adopt=True)
+        assert await unbind(site_a, ci_queue, yes=True) == [ci_queue, f"{ci_queue}.dead"]
+        await channel.close()
+    finally:
+        channel = await amqp.channel()
+        await channel.exchange_delete(site_b.exchange)
+        await channel.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import aio_pika
 import httpx
 import jsonschema
+import pika
 import pytest
 from pydantic import SecretStr
 
@@ -25,8 +26,9 @@ from bridge.runtime import InProcess
 from bridge.schema import SCHEMAS_DIR
 from bridge.settings import Settings
 from bridge.webhook.messages import LAST_ERROR, LAST_REASON
-from bridge.webhook.queues import dead_queue, queue_names_of
+from bridge.webhook.queues import checks_queues
 from tests.amqp_helpers import drain, get_all, wait_for
+from tests.broker import AMQP_URL
 from tests.stream_helpers import DPDK, NIPA, producer, stream_role, stream_settings
 from tests.test_producer import TZ
 
@@ -97,10 +99,11 @@ async def patchwork_with_checks() -> AsyncIterator[FakePatchwork]:
 
 @pytest.fixture
 async def clean_checks(amqp, exchange_name) -> AsyncIterator[None]:
-    """The checks lane's queues have fixed names: none before, none after."""
+    """The checks lane's queues of the test's deployment, and its results exchange: only
+    its own, deleted after."""
     yield
     channel = await amqp.channel()
-    for queue in queue_names_of("checks", SCHEDULE):
+    for queue in checks_queues(exchange_name).watched(SCHEDULE):
         await channel.queue_delete(queue)
     await channel.exchange_delete(results_exchange(exchange_name))
     await channel.close()
@@ -191,17 +194,22 @@ async def test_refused_and_invalid_results_are_dead_lettered_with_their_reason(
     patchwork_with_checks, exchange_name, tmp_path, amqp, clean_checks
 ):
     fake = patchwork_with_checks
-    fake.checks.patch_projects[21] = "dpdk"  # not maintained by the token's user
+    fake.checks.patch_projects[21] = "linux-kselftest"  # not maintained by the token's user
     metrics = Metrics()
     async with checks_role(checks_settings(fake, exchange_name, tmp_path), metrics):
-        await publish_result(amqp, exchange_name, {"patch": 21, "state": "fail", "context": "b"})
+        await publish_result(
+            amqp,
+            exchange_name,
+            {"patch": 21, "state": "fail", "context": "b"},
+            project="linux-kselftest",
+        )
         await publish_result(amqp, exchange_name, {"patch": 1, "state": "great", "context": "b"})
 
         async def two_dead() -> bool:
-            return (await queue_depth(amqp, dead_queue("checks"))) == 2
+            return (await queue_depth(amqp, checks_queues(exchange_name).dead)) == 2
 
         await wait_for(two_dead, timeout=30)
-    dead = await get_all(amqp, dead_queue("checks"))
+    dead = await get_all(amqp, checks_queues(exchange_name).dead)
     reasons = dead_reasons(dead)
     assert any("forbidden" in r for r in reasons), reasons
     assert any("invalid" in r for r in reasons), reasons
@@ -220,7 +228,7 @@ async def test_server_errors_and_timeouts_retry_through_the_broker_until_created
         await publish_result(amqp, exchange_name, {"patch": 3, "state": "pending", "context": "b"})
         await wait_for(lambda: len(fake.checks.checks.get(3, [])) == 1, timeout=30)
     assert fake.checks.posts == 2  # the failed one, then the one that made it
-    assert await queue_depth(amqp, dead_queue("checks")) == 0
+    assert await queue_depth(amqp, checks_queues(exchange_name).dead) == 0
 
 
 @pytest.mark.broker
@@ -299,3 +307,109 @@ async def queue_depth(amqp, queue: str) -> int:
         return declared.declaration_result.message_count or 0
     finally:
         await channel.close()
+
+
+@pytest.fixture
+async def two_project_maintainer() -> AsyncIterator[FakePatchwork]:
+    """The bridge's token maintains netdevbpf and dpdk: Patchwork's own 403 would not stop
+    a check on either."""
+    fake = FakePatchwork(tz=TZ, maintainers={MAINTAINER: {"netdevbpf", "dpdk"}})
+    fake.checks.patch_projects.update({31: "netdevbpf", 32: "dpdk"})
+    fake.series_projects[9] = "netdevbpf"
+    fake.series_patches[9] = [33, 34]
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.mark.broker
+async def test_a_result_naming_another_project_than_its_patchs_is_dead_lettered_unposted(
+    two_project_maintainer, exchange_name, tmp_path, amqp, clean_checks, caplog
+):
+    """Over AMQP: a netdevbpf patch under dpdk.check, and a netdevbpf series under dpdk.check.
+    The token could post both; the bridge posts neither, and says why in one line each."""
+    fake = two_project_maintainer
+    async with checks_role(checks_settings(fake, exchange_name, tmp_path)):
+        await publish_result(
+            amqp, exchange_name, {"patch": 31, "state": "fail", "context": "b"}, project="dpdk"
+        )
+        await publish_result(
+            amqp, exchange_name, {"series": 9, "state": "fail", "context": "b"}, project="dpdk"
+        )
+        await publish_result(  # the same token, the right project: posted
+            amqp, exchange_name, {"patch": 32, "state": "success", "context": "b"}, project="dpdk"
+        )
+
+        async def two_dead() -> bool:
+            return (await queue_depth(amqp, checks_queues(exchange_name).dead)) == 2
+
+        await wait_for(two_dead, timeout=30)
+        await wait_for(lambda: 32 in fake.checks.checks, timeout=30)
+    dead = sorted(dead_reasons(await get_all(amqp, checks_queues(exchange_name).dead)))
+    assert dead == [
+        "wrong_project: patch 31 belongs to project 'netdevbpf', not to 'dpdk' named by "
+        "the result; no check created",
+        "wrong_project: series 9 belongs to project 'netdevbpf', not to 'dpdk' named by "
+        "the result; no check created",
+    ]
+    assert set(fake.checks.checks) == {32}
+    assert fake.checks.posts == 1
+    refusals = [r for r in caplog.records if "wrong_project" in r.getMessage()]
+    assert len(refusals) == 2 and all("\n" not in r.getMessage() for r in refusals)
+
+
+@pytest.mark.broker
+async def test_a_consumer_may_not_post_a_check_on_a_patch_of_a_project_it_may_not_read(
+    two_project_maintainer, exchange_name, tmp_path, clean_checks
+):
+    """Over HTTP: the dpdk consumer names dpdk for a netdevbpf patch and a netdevbpf series.
+    Both are refused with 403 before anything is queued; its own project's patch goes."""
+    fake = two_project_maintainer
+    settings = checks_settings(fake, exchange_name, tmp_path)
+    async with (
+        producer(settings),
+        checks_role(settings),
+        stream_role(settings) as url,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+
+        async def post(body: dict) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {DPDK}"}
+            return await client.post(f"{url}/v1/checks", json=body, headers=headers)
+
+        patch = await post({"project": "dpdk", "patch": 31, "state": "fail", "context": "x"})
+        series = await post({"project": "dpdk", "series": 9, "state": "fail", "context": "x"})
+        own = await post({"project": "dpdk", "patch": 32, "state": "success", "context": "x"})
+        await wait_for(lambda: 32 in fake.checks.checks, timeout=30)
+        await asyncio.sleep(0.5)  # anything else queued would have been posted by now
+    assert (patch.status_code, series.status_code, own.status_code) == (403, 403, 202)
+    assert patch.text.strip() == (
+        "patch 31 belongs to project 'netdevbpf', not to 'dpdk' named by the result; "
+        "no check created"
+    )
+    assert "series 9 belongs to project 'netdevbpf'" in series.text
+    assert set(fake.checks.checks) == {32}
+    assert fake.checks.posts == 1
+
+
+@pytest.mark.broker
+async def test_a_result_published_without_a_message_id_becomes_a_check(
+    patchwork_with_checks, exchange_name, tmp_path, clean_checks
+):
+    """pika, kombu and most clients set no message_id: the result is taken all the same."""
+    fake = patchwork_with_checks
+    body = json.dumps({"patch": 8, "state": "success", "context": "pika-ci"}).encode()
+    async with checks_role(checks_settings(fake, exchange_name, tmp_path)):
+        await asyncio.to_thread(publish_with_pika, results_exchange(exchange_name), body)
+        await wait_for(lambda: len(fake.checks.checks.get(8, [])) == 1, timeout=30)
+    assert fake.checks.checks[8][0]["context"] == "pika-ci"
+
+
+def publish_with_pika(exchange: str, body: bytes) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, "netdevbpf.check", body, pika.BasicProperties())
+    finally:
+        connection.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -30,15 +32,7 @@ from bridge.webhook.messages import (
     LAST_STATUS,
     ROUTING_KEY,
 )
-from bridge.webhook.queues import (
-    QueueControl,
-    TopologyError,
-    dead_queue,
-    declare_subscription,
-    main_queue,
-    marker_queue,
-    retry_queue,
-)
+from bridge.webhook.queues import QueueControl, TopologyError, declare_subscription
 from bridge.webhook.settle import SETTLE_BUG_TRIES
 from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
@@ -47,6 +41,7 @@ from tests.amqp_helpers import (
     cut_connection,
     delete_subscription_queues,
     get_all,
+    lane,
     make_consumer,
     publish_events,
     publish_raw,
@@ -67,7 +62,9 @@ def queue_type(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def make_sub(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncIterator[MakeSub]:
+async def make_sub(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str, unique: str
+) -> AsyncIterator[MakeSub]:
     """Subscriptions named ``<label>-<unique>``; all their queues are deleted after the test."""
     made: list[Subscription] = []
 
@@ -77,7 +74,7 @@ async def make_sub(amqp: aio_pika.abc.AbstractConnection, unique: str) -> AsyncI
         return sub
 
     yield make
-    await delete_subscription_queues(amqp, made)
+    await delete_subscription_queues(amqp, exchange_name, made)
 
 
 def in_flight(metrics: Metrics, name: str) -> float | None:
@@ -198,14 +195,14 @@ async def test_retry_after_parks_the_event_on_the_next_ladder_step(
     async with running(make_consumer(exchange_name, [(busy, sink)])):
         await publish_events(exchange_name, [("patch-created", 8)])
         # 3 s is not a ladder step: the receiver's wish is rounded up to 5 s, not down.
-        parked = retry_queue(busy.name, 5.0)
+        parked = lane(exchange_name, busy.name).retry(5.0)
         assert parked.endswith(".retry.5s")
 
         async def is_parked() -> bool:
             return await queue_depth(amqp, parked) == 1
 
         await wait_for(is_parked, what=f"the event in {parked}")
-        assert await queue_depth(amqp, retry_queue(busy.name, 0.2)) == 0
+        assert await queue_depth(amqp, lane(exchange_name, busy.name).retry(0.2)) == 0
     assert sink.ids == ["8"]
 
 
@@ -223,7 +220,7 @@ async def test_exhausted_retries_land_in_the_dead_letter_queue_with_the_last_fai
         await wait_for(lambda: count(metrics, broken.name, "dead_lettered") == 1, what="dead")
 
     assert [d.attempt for d in sink.deliveries] == [1, 2, 3]
-    [dead] = await get_all(amqp, dead_queue(broken.name))
+    [dead] = await get_all(amqp, lane(exchange_name, broken.name).dead)
     assert dead.message_id == "9"
     assert json.loads(dead.body) == json.loads(recorded_event("series-completed", 9))
     assert dead.content_type == "application/json"
@@ -236,7 +233,7 @@ async def test_exhausted_retries_land_in_the_dead_letter_queue_with_the_last_fai
     assert datetime.fromisoformat(headers[DEAD_AT]).tzinfo is not None
     assert headers["ce-id"] == "9"
     assert not any(k.startswith("x-death") for k in headers)
-    assert await queue_depth(amqp, main_queue(broken.name)) == 0
+    assert await queue_depth(amqp, lane(exchange_name, broken.name).main) == 0
 
 
 async def test_give_up_dead_letters_at_once(
@@ -249,7 +246,7 @@ async def test_give_up_dead_letters_at_once(
         await wait_for(lambda: count(metrics, refused.name, "dead_lettered") == 1, what="dead")
 
     assert sink.ids == ["10"]
-    [dead] = await get_all(amqp, dead_queue(refused.name))
+    [dead] = await get_all(amqp, lane(exchange_name, refused.name).dead)
     assert dead.headers[LAST_REASON] == "ssrf"
     assert dead.headers[ATTEMPTS] == 1
     assert LAST_STATUS not in dead.headers
@@ -264,27 +261,30 @@ async def test_poison_messages_are_dead_lettered_and_the_next_event_is_delivered
     consumer = make_consumer(
         exchange_name, [(target, sink)], queue_type=queue_type, metrics=metrics
     )
-    main = main_queue(target.name)
+    main = lane(exchange_name, target.name).main
     async with running(consumer):
         await publish_raw(main, b"<html>502</html>", message_id="p1")
         await publish_raw(main, b"[1, 2]", message_id="p2")
         # Valid JSON to Python's json.loads, which guesses UTF-16; not what receivers expect.
         await publish_raw(main, '{"id": 1}'.encode("utf-16"), message_id="p3")
+        # No message_id (pika, kombu and most clients set none): delivered under an id
+        # derived from its routing key and body, the same for every copy of it.
         await publish_raw(main, recorded_event("patch-created", 11))
         await publish_events(exchange_name, [("patch-created", 12)])
-        await wait_for(lambda: sink.ids == ["12"], what="the good event")
-        await wait_for(lambda: count(metrics, target.name, "refused") == 4, what="4 refusals")
+        await wait_for(lambda: len(sink.ids) == 2, what="the good events")
+        await wait_for(lambda: count(metrics, target.name, "refused") == 3, what="3 refusals")
 
-    dead = await get_all(amqp, dead_queue(target.name))
+    dead = await get_all(amqp, lane(exchange_name, target.name).dead)
     assert {m.headers[LAST_REASON] for m in dead} == {"invalid"}
     assert sorted(m.headers[LAST_ERROR] for m in dead) == [
         "body is a JSON list, not an object",
         "body is not UTF-8 JSON",
         "body is not UTF-8 JSON",
-        "no message_id",
     ]
     assert {m.headers[ATTEMPTS] for m in dead} == {0}
-    assert failures(metrics, target.name, "invalid") == 4
+    assert failures(metrics, target.name, "invalid") == 3
+    good, derived = sorted(sink.ids)
+    assert good == "12" and re.fullmatch(r"sha256-[0-9a-f]{32}", derived)
 
 
 async def test_sink_that_raises_is_retried_as_a_sink_error(
@@ -329,10 +329,10 @@ async def test_a_bug_while_settling_ends_in_dead_after_bounded_tries(
         await wait_for(
             lambda: count(metrics, target.name, "dead_lettered") == 2, 30, "both in .dead"
         )
-        assert await queue_depth(amqp, main_queue(target.name)) == 0
+        assert await queue_depth(amqp, lane(exchange_name, target.name).main) == 0
 
     assert sink.ids == []
-    dead = await get_all(amqp, dead_queue(target.name))
+    dead = await get_all(amqp, lane(exchange_name, target.name).dead)
     assert sorted(m.message_id for m in dead) == ["14", "15"]
     assert {m.headers[LAST_REASON] for m in dead} == {"bug"}
     assert {m.headers[LAST_ERROR] for m in dead} == {"KeyError: 'a bug of ours'"}
@@ -346,7 +346,7 @@ async def test_gone_receiver_disables_until_enabled_and_nothing_is_lost(
     exchange_name: str, make_sub: MakeSub, queue_type: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     gone = make_sub("gone")
-    main = main_queue(gone.name)
+    main = lane(exchange_name, gone.name).main
     settings = Settings(exchange=exchange_name, queue_type=queue_type)  # type: ignore[arg-type]
     metrics = Metrics()
     first = FakeSink(lambda d: Disable("http_410", "HTTP 410 Gone", status=410))
@@ -375,7 +375,7 @@ async def test_gone_receiver_disables_until_enabled_and_nothing_is_lost(
         await run_subscriptions(settings, [gone], "enable", gone.name)
         await wait_for(lambda: second.delivered_ids() == {"21", "22", "23"}, what="all 3 events")
         assert enabled(metrics, gone.name) == 1
-    assert await queue_depth(amqp, marker_queue(gone.name)) is None
+    assert await queue_depth(amqp, lane(exchange_name, gone.name).marker) is None
 
 
 async def test_disable_from_the_cli_stops_a_running_consumer(
@@ -390,7 +390,7 @@ async def test_disable_from_the_cli_stops_a_running_consumer(
         await publish_events(exchange_name, [("patch-created", 31)])
 
         async def waiting() -> bool:
-            return await queue_depth(amqp, main_queue(paused.name)) == 1
+            return await queue_depth(amqp, lane(exchange_name, paused.name).main) == 1
 
         await wait_for(waiting, what="the event to wait in its queue")
         await run_subscriptions(settings, [paused], "list", None)
@@ -416,7 +416,7 @@ async def test_events_waiting_in_retry_queues_survive_a_consumer_restart(
 
     # Nobody consumes while the retry TTL runs out: the broker moves them back by itself.
     async def back_in_main() -> bool:
-        return await queue_depth(amqp, main_queue(later.name)) == 5
+        return await queue_depth(amqp, lane(exchange_name, later.name).main) == 5
 
     await wait_for(back_in_main, what="the retries back in the main queue")
     fixed = FakeSink()
@@ -445,7 +445,7 @@ async def test_hanging_receiver_holds_only_its_own_slots(
     assert len(quick.deliveries) == 40
     assert in_flight(metrics, slow.name) == 0
     # Cancelled on shutdown, never acked: the hanging receiver's events are all still queued.
-    assert await queue_depth(amqp, main_queue(slow.name)) == 40
+    assert await queue_depth(amqp, lane(exchange_name, slow.name).main) == 40
 
 
 async def test_competing_consumers_deliver_every_event_once_in_total(
@@ -543,14 +543,14 @@ async def test_a_queue_deleted_under_the_consumer_is_noticed_and_consumed_again(
         await publish_events(exchange_name, [("patch-created", 31)])
         await wait_for(lambda: sink.ids == ["31"], what="the first event")
         channel = await amqp.channel()
-        await channel.queue_delete(main_queue(target.name))  # an operator's mistake
+        await channel.queue_delete(lane(exchange_name, target.name).main)  # an operator's mistake
         await channel.close()
         await wait_for(
             lambda: any("is gone" in r.getMessage() for r in caplog.records),
             what="one clear line saying so",
         )
         await wait_for(lambda: consumer.readiness()[0], 30, "ready again")
-        back = f"consuming {main_queue(target.name)} again"
+        back = f"consuming {lane(exchange_name, target.name).main} again"
         await wait_for(
             lambda: any(r.getMessage().endswith(back) for r in caplog.records), what="back"
         )
@@ -590,7 +590,7 @@ async def test_queue_of_another_type_stops_start_up_with_a_clear_error(
 ) -> None:
     clash = make_sub("clash")
     channel = await amqp.channel()
-    await channel.declare_queue(main_queue(clash.name), durable=True)  # classic
+    await channel.declare_queue(lane(exchange_name, clash.name).main, durable=True)  # classic
     await channel.close()
     consumer = make_consumer(exchange_name, [(clash, FakeSink())], queue_type="quorum")
     with pytest.raises(TopologyError, match="check BRIDGE_QUEUE_TYPE"):
@@ -629,3 +629,41 @@ async def test_real_webhook_sink_gets_a_second_attempt_after_retry_after(
     Webhook(secret).verify(body, second)
     assert json.loads(body) == json.loads(recorded_event("patch-created", 51))
     assert failures(metrics, ci.name, "http_5xx") + failures(metrics, ci.name, "http_429") == 1
+
+
+async def test_a_queue_of_ours_bound_to_another_deployments_exchange_stops_the_role(
+    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """Found at start (an event of the other exchange waits in it) or later (one arrives):
+    the role stops with one line naming both exchanges, and the event stays in the queue."""
+    other = f"{exchange_name}-other"
+    shared = make_sub("shared")
+    channel = await amqp.channel()
+    try:
+        await declare_exchange(channel, exchange_name)
+        foreign = await declare_exchange(channel, other)
+        queue = await declare_subscription(channel, exchange_name, shared, "classic")
+        await queue.bind(foreign, "#")
+        await publish_events(other, [("patch-created", 71)])
+        sink = FakeSink()
+        bridge = InProcess([make_consumer(exchange_name, [(shared, sink)])])
+        with pytest.raises(TopologyError) as at_start:
+            async with bridge:
+                await bridge.wait_ready(20)
+        assert f"is bound to exchange {other}, not only to this deployment's" in str(at_start.value)
+        assert "\n" not in str(at_start.value)
+        assert await queue_depth(amqp, lane(exchange_name, shared.name).main) == 1
+        [waiting] = await get_all(amqp, lane(exchange_name, shared.name).main)
+        assert waiting.message_id == "71"
+
+        bridge = InProcess([make_consumer(exchange_name, [(shared, sink)])])
+        with pytest.raises(TopologyError, match=f"bound to exchange {other}"):
+            async with bridge:
+                await bridge.wait_ready(20)
+                await publish_events(other, [("patch-created", 72)])
+                await bridge.until(asyncio.Event(), 20)  # ends when the role does
+        assert sink.ids == []
+        assert await queue_depth(amqp, lane(exchange_name, shared.name).main) == 1
+    finally:
+        await channel.exchange_delete(other)
+        await channel.close()

@@ -18,7 +18,7 @@ import pytest
 
 from bridge.http import start_server
 from bridge.metrics import Metrics
-from bridge.webhook.queues import dead_queue, main_queue, marker_queue, queue_names
+from bridge.webhook.queues import subscription_queues
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +103,14 @@ def queue_patterns() -> list[str]:
 
 def test_queue_patterns_select_the_queues_the_consumer_declares() -> None:
     subscription = Subscription(name="kernelci", url="https://ci.example.org/hook")
-    watched = queue_names(subscription)  # what the queue depth sampler reports
-    main, dead = main_queue("kernelci"), dead_queue("kernelci")
+    queues = subscription_queues("patchwork", "kernelci")
+    watched = queues.watched(subscription.retry_schedule)  # what the depth sampler reports
+    main, dead = queues.main, queues.dead
     kinds = {
         "main": [main],
         "retry": [q for q in watched if q not in (main, dead)],
         "dead": [dead],
-        "marker": [marker_queue("kernelci")],
+        "marker": [queues.marker],
     }
     assert kinds["retry"] and main in watched and dead in watched
 

@@ -21,12 +21,12 @@ from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.base import GiveUp
 from bridge.webhook.messages import BRIDGE_HEADERS
-from bridge.webhook.queues import dead_queue, main_queue
 from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
     FakeSink,
     delete_subscription_queues,
     get_all,
+    lane,
     make_consumer,
     publish_events,
     queue_depth,
@@ -50,17 +50,22 @@ async def dead(
         await publish_events(exchange_name, EVENTS)
 
         async def all_dead() -> bool:
-            return await queue_depth(amqp, dead_queue(sub.name)) == 3
+            return await queue_depth(amqp, lane(exchange_name, sub.name).dead) == 3
 
         await wait_for(all_dead, what="3 dead letters")
     yield sub
-    await delete_subscription_queues(amqp, [sub])
+    await delete_subscription_queues(amqp, exchange_name, [sub])
 
 
 async def dlq(exchange: str, sub: Subscription, action: str, limit: int | None = None) -> str:
     out = io.StringIO()
     await run_dlq(
-        Settings(exchange=exchange), Target.of_subscription(sub.name), action, limit, out, yes=True
+        Settings(exchange=exchange),
+        Target.of_subscription(exchange, sub.name),
+        action,
+        limit,
+        out,
+        yes=True,
     )
     return out.getvalue()
 
@@ -76,7 +81,7 @@ async def test_list_shows_dead_letters_without_removing_them(
     assert lines[0].endswith("error=HTTP 400 Bad Request")
     assert "dead_at=20" in lines[0]
     assert lines[1].startswith("2  netdevbpf.series-completed  ")
-    assert await queue_depth(amqp, dead_queue(dead.name)) == 3
+    assert await queue_depth(amqp, lane(exchange_name, dead.name).dead) == 3
 
     # Looking twice shows the same letters in the same order.
     again = (await dlq(exchange_name, dead, "list", 50)).splitlines()
@@ -88,9 +93,11 @@ async def test_replay_sends_dead_letters_back_for_a_fresh_set_of_attempts(
     dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     out = await dlq(exchange_name, dead, "replay", 2)
-    assert out.splitlines()[-1] == f"replayed 2 dead letters to {main_queue(dead.name)}"
-    assert await queue_depth(amqp, dead_queue(dead.name)) == 1
-    replayed = await get_all(amqp, main_queue(dead.name))
+    assert (
+        out.splitlines()[-1] == f"replayed 2 dead letters to {lane(exchange_name, dead.name).main}"
+    )
+    assert await queue_depth(amqp, lane(exchange_name, dead.name).dead) == 1
+    replayed = await get_all(amqp, lane(exchange_name, dead.name).main)
     assert [m.message_id for m in replayed] == ["1", "2"]
     for message in replayed:
         assert not set(message.headers) & set(BRIDGE_HEADERS)
@@ -104,15 +111,15 @@ async def test_replay_sends_dead_letters_back_for_a_fresh_set_of_attempts(
     [delivery] = sink.deliveries
     assert delivery.attempt == 1
     assert delivery.routing_key == "dpdk.patch-relation-changed"
-    assert await queue_depth(amqp, dead_queue(dead.name)) == 0
+    assert await queue_depth(amqp, lane(exchange_name, dead.name).dead) == 0
 
 
 async def test_purge_deletes_all_dead_letters_and_says_how_many(
     dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     out = await dlq(exchange_name, dead, "purge")
-    assert out == f"purged 3 dead letters from {dead_queue(dead.name)}\n"
-    assert await queue_depth(amqp, dead_queue(dead.name)) == 0
+    assert out == f"purged 3 dead letters from {lane(exchange_name, dead.name).dead}\n"
+    assert await queue_depth(amqp, lane(exchange_name, dead.name).dead) == 0
 
 
 async def test_missing_dead_letter_queue_is_one_clear_error(
@@ -120,7 +127,7 @@ async def test_missing_dead_letter_queue_is_one_clear_error(
 ) -> None:
     never_ran = subscription(f"never-{unique}")
     with pytest.raises(CliError, match="does not exist"):
-        target = Target.of_subscription(never_ran.name)
+        target = Target.of_subscription(exchange_name, never_ran.name)
         await run_dlq(Settings(exchange=exchange_name), target, "list", 5)
 
 
@@ -156,7 +163,9 @@ async def test_command_line_lists_dead_letters(
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, err.decode()
     assert out.decode().splitlines()[0].startswith("1  netdevbpf.patch-created  attempts=1")
-    assert err.decode().strip() == f"1 dead letters shown from {dead_queue(dead.name)}"
+    assert (
+        err.decode().strip() == f"1 dead letters shown from {lane(exchange_name, dead.name).dead}"
+    )
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
@@ -174,27 +183,33 @@ async def test_fifty_lists_leave_every_dead_letter_in_place(
             await publish_events(exchange_name, events)
 
             async def all_dead() -> bool:
-                return await queue_depth(amqp, dead_queue(sub.name)) == 10
+                return await queue_depth(amqp, lane(exchange_name, sub.name).dead) == 10
 
             await wait_for(all_dead, what="10 dead letters")
         settings = Settings(exchange=exchange_name, queue_type=queue_type)  # type: ignore[arg-type]
         for _ in range(50):
-            await run_dlq(settings, Target.of_subscription(sub.name), "list", None, io.StringIO())
-        assert await queue_depth(amqp, dead_queue(sub.name)) == 10
-        assert sorted(m.message_id for m in await get_all(amqp, dead_queue(sub.name))) == sorted(
-            str(i) for _, i in events
-        )
+            await run_dlq(
+                settings,
+                Target.of_subscription(exchange_name, sub.name),
+                "list",
+                None,
+                io.StringIO(),
+            )
+        assert await queue_depth(amqp, lane(exchange_name, sub.name).dead) == 10
+        assert sorted(
+            m.message_id for m in await get_all(amqp, lane(exchange_name, sub.name).dead)
+        ) == sorted(str(i) for _, i in events)
     finally:
-        await delete_subscription_queues(amqp, [sub])
+        await delete_subscription_queues(amqp, exchange_name, [sub])
 
 
 async def test_purge_asks_first_and_without_a_terminal_deletes_nothing(
     dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
-    target = Target.of_subscription(dead.name)
+    target = Target.of_subscription(exchange_name, dead.name)
     with pytest.raises(CliError, match=r"delete the 3 dead letters .* pass --yes"):
         await run_dlq(Settings(exchange=exchange_name), target, "purge", None, io.StringIO())
-    assert await queue_depth(amqp, dead_queue(dead.name)) == 3
+    assert await queue_depth(amqp, lane(exchange_name, dead.name).dead) == 3
 
 
 async def test_dead_letters_of_a_bind_queue_are_listed_and_replayed(
@@ -208,7 +223,7 @@ async def test_dead_letters_of_a_bind_queue_are_listed_and_replayed(
     message = await queue.get(timeout=10)
     await message.reject(requeue=False)  # the CI gives up on it: it goes to .dead
     await channel.close()
-    target = Target.of_bound_queue(ci_queue)
+    target = Target.of_bound_queue(exchange_name, ci_queue)
 
     async def dead_letters() -> bool:
         return await queue_depth(amqp, f"{ci_queue}.dead") == 1
@@ -227,7 +242,10 @@ async def test_removing_a_subscription_deletes_every_queue_it_had(
     dead: Subscription, exchange_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
     deleted = await remove_subscription(Settings(exchange=exchange_name), [], dead.name, yes=True)
-    assert main_queue(dead.name) in deleted and dead_queue(dead.name) in deleted
+    assert (
+        lane(exchange_name, dead.name).main in deleted
+        and lane(exchange_name, dead.name).dead in deleted
+    )
     for queue in deleted:
         assert await queue_depth(amqp, queue) is None
 

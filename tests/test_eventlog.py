@@ -17,7 +17,7 @@ import pytest
 
 from bridge.__main__ import main
 from bridge.amqp import RecycledConnection, connection_name
-from bridge.eventlog import log_queue, read_log
+from bridge.eventlog import is_marker, log_queue, logged_start, read_log
 from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.runtime import InProcess
@@ -37,7 +37,8 @@ async def test_the_log_keeps_every_published_event_with_its_id_and_headers(
     patchwork.add_events(300)
     async with running(make_settings(patchwork, exchange_name, tmp_path)):
         published = await drain(bound_queue, expected=300)
-    logged = [m async for m in read_log(amqp, exchange_name, "first")]
+    start, *logged = [m async for m in read_log(amqp, exchange_name, "first")]
+    assert is_marker(start) and logged_start(start) is not None  # BRIDGE_START, recorded first
     assert [m.message_id for m in logged] == [m.message_id for m in published]
     for kept, sent in zip(logged, published, strict=True):
         assert kept.body == sent.body
@@ -66,7 +67,7 @@ async def test_reads_cancelled_at_any_moment_leave_the_connection_reading(
         await asyncio.gather(reader, return_exceptions=True)
     async with asyncio.timeout(30):
         logged = [m async for m in read_log(amqp, exchange_name, "first")]
-    assert len(logged) == 300
+    assert len(logged) == 1 + 300  # the start marker, then the events
     assert not amqp.is_closed
 
 
@@ -89,7 +90,8 @@ async def test_reads_take_a_new_connection_every_few_channels_and_close_the_old_
         return listed
 
     async def read_all(connection: aio_pika.abc.AbstractConnection) -> int:
-        return len([m async for m in read_log(connection, exchange_name, "first")])
+        logged = [m async for m in read_log(connection, exchange_name, "first")]
+        return len([m for m in logged if not is_marker(m)])
 
     try:
         async with reads.lease() as first:
@@ -259,8 +261,9 @@ async def test_replay_dry_run_counts_and_copies_nothing(
     try:
         since = min(e["date"] for e in old)
         code = await asyncio.to_thread(
-            replay, "--since", since, "--queue", late.name, "--dry-run", exchange=exchange_name
-        )
+            replay, "--since", since, "--queue", late.name, "--events", "#", "--dry-run",
+            exchange=exchange_name,
+        )  # fmt: skip
         assert code == 0
         assert "would replay 800 events" in capsys.readouterr().out
         assert await drain(late.name, expected=0, timeout=0.5) == []
@@ -272,11 +275,13 @@ async def test_replay_dry_run_counts_and_copies_nothing(
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--since", "2000-01-01", "--queue", "{late}"], "starts at"),
+        (["--since", "2000-01-01", "--queue", "{late}", "--events", "#"], "starts at"),
         (["--since", "yesterday", "--queue", "{late}"], "--since 'yesterday': not an ISO 8601"),
         (["--since", "2000-01-01"], "give --queue QUEUE or --subscription NAME"),
         (["--since", "2000-01-01", "--queue", "nope-{late}"], "no such queue"),
         (["--since", "2000-01-01", "--queue", "{late}", "--events", "a.**"], "--events"),
+        # Not made by `bind`: its patterns are not known, and copying all would flood it.
+        (["--since", "2000-01-01", "--queue", "{late}"], "give the patterns it is bound with"),
     ],
 )
 async def test_replay_says_what_is_wrong_in_one_line(
@@ -310,3 +315,45 @@ async def test_the_log_is_a_stream_with_the_configured_retention(
             "x-max-age": "14D", "x-max-length-bytes": settings.log_max_bytes},
         )  # fmt: skip
     assert Path(tmp_path / "cursor.json").exists()
+
+
+@pytest.mark.parametrize("how", ["restart without its state directory", "standby takes over"])
+async def test_now_holds_across_a_stateless_restart_or_a_takeover(
+    patchwork, exchange_name, bound_queue, tmp_path, how
+):
+    """BRIDGE_START=now on a new exchange: nothing dated before the first start is ever
+    published, by the producer that starts again without its cursor or by the standby that
+    takes over, however often they sweep the overlap (which holds the old events)."""
+    history = {e["id"] for e in patchwork.add_events(300)}
+    settings = make_settings(
+        patchwork,
+        exchange_name,
+        tmp_path / "first",
+        start="now",
+        poll_overlap=300.0,
+        poll_sweep_interval=0.2,
+    )
+    second = settings.model_copy(update={"state_dir": tmp_path / "second"})
+    first_run = InProcess([Producer(settings, Metrics())])
+    standby = InProcess([Producer(second, Metrics())])
+    await first_run.__aenter__()
+    try:
+        await first_run.wait_ready()
+        if how == "standby takes over":
+            await standby.__aenter__()
+        new = patchwork.add_events(5)
+        got = await drain(bound_queue, expected=5)
+        await first_run.close()
+        if how == "restart without its state directory":
+            await standby.__aenter__()  # a fresh state directory: the log's tail decides
+        await standby.wait_ready()
+        await asyncio.sleep(2.0)  # ten sweeps of the overlap
+        new += patchwork.add_events(5)
+        got += await drain(bound_queue, expected=5)
+        got += await drain(bound_queue, expected=0, timeout=1.0)  # anything more?
+    finally:
+        await first_run.close()
+        await standby.close()
+    ids = [int(m.message_id) for m in got]
+    assert sorted(ids) == sorted(e["id"] for e in new)
+    assert not history & set(ids)

@@ -14,9 +14,13 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import aio_pika
+import pytest
 
-from bridge.cli.bind import bind
+from bridge.__main__ import main
+from bridge.amqp import declare_exchange, replay_exchange
+from bridge.cli.bind import bind, unbind
 from bridge.demo.patchwork_double import FakePatchwork
+from bridge.eventlog import declare_log, log_queue
 from bridge.events import Event, parse_event
 from bridge.metrics import Metrics
 from bridge.producer.publisher import Publisher
@@ -181,3 +185,76 @@ async def test_example_stops_on_ctrl_c_without_a_traceback(
     assert code == 130
     assert not any("Traceback" in line for line in consumer.err), consumer.err
     await channel.close()
+
+
+async def test_replay_gives_each_bound_queue_only_its_own_events_and_the_example_takes_them(
+    amqp: aio_pika.abc.AbstractConnection,
+    exchange_name: str,
+    ci_queue: str,
+    patchwork: FakePatchwork,
+    capsys: pytest.CaptureFixture[str],
+):
+    """A CI that joined late: its `*.series-completed` queue and a `netdevbpf.*` queue each
+    get, from the log, exactly what they would have got live, under the original routing
+    key; the example consumer handles a replayed copy like a live event."""
+    settings = load_settings(amqp_url=AMQP_URL, exchange=exchange_name)
+    netdev_queue = f"{ci_queue}-netdev"
+    mix = [
+        (category, project)
+        for category in ("series-completed", "patch-created", "check-created")
+        for project in ("netdevbpf", "dpdk", "linux-kselftest")
+    ] * 2
+    events = [new_event(patchwork, category, project) for category, project in mix]
+    channel = await amqp.channel(publisher_confirms=True)
+    await declare_exchange(channel, exchange_name)
+    await declare_log(channel, settings)  # the producer's, before its first publish
+    await publish(channel, exchange_name, patchwork, *events)
+    await bind(settings, ci_queue, ["*.series-completed"])  # both join late
+    await bind(settings, netdev_queue, ["netdevbpf.*"])
+    try:
+        since = min(e.date for e in events)
+        for queue in (ci_queue, netdev_queue):
+            code = await asyncio.to_thread(replay_into, exchange_name, queue, since)
+            assert code == 0, capsys.readouterr().err
+        said = capsys.readouterr().out
+        assert f"replayed 6 events from {since} into {ci_queue}" in said
+        assert f"replayed 6 events from {since} into {netdev_queue}" in said
+
+        copies = {queue: await taken(channel, queue) for queue in (netdev_queue,)}
+        expected = {e.message_id: e.routing_key for e in events if e.project == "netdevbpf"}
+        assert {m.message_id: m.routing_key for m in copies[netdev_queue]} == expected
+        assert {m.exchange for m in copies[netdev_queue]} == {
+            replay_exchange(exchange_name, netdev_queue)
+        }
+        series = [e for e in events if e.category == "series-completed"]
+        async with Consumer(exchange_name, ci_queue) as consumer:
+            for event in series:
+                await consumer.wait_for(consumer.out, f"event {event.message_id}:")
+        assert len(consumer.out) == len(series) == 6
+        assert consumer.err == []
+        assert await leftover(channel, ci_queue) == []
+    finally:
+        await unbind(settings, netdev_queue, yes=True)
+        await channel.queue_delete(log_queue(exchange_name))
+        await channel.close()
+
+
+def replay_into(exchange: str, queue: str, since: str) -> int:
+    saved = dict(os.environ)
+    os.environ.update({"BRIDGE_EXCHANGE": exchange, "BRIDGE_PATCHWORK_TIMEZONE": str(TZ)})
+    try:
+        return main(["replay", "--since", since, "--queue", queue])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def taken(
+    channel: aio_pika.abc.AbstractChannel, queue: str
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    q = await channel.get_queue(queue)
+    got = []
+    while (message := await q.get(fail=False, timeout=5)) is not None:
+        got.append(message)
+        await message.ack()
+    return got

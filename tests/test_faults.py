@@ -24,12 +24,12 @@ from bridge.logs import quiet_libraries
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings
-from bridge.webhook.queues import dead_queue, main_queue, retry_queue
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
 from tests.amqp_helpers import (
     cut_connection,
     delete_subscription_queues,
     drain,
+    lane,
     publish_events,
     wait_for,
 )
@@ -76,11 +76,13 @@ async def bridges(tmp_path: Path) -> AsyncIterator[StartBridge]:
 
 
 @pytest.fixture
-async def cleanup(amqp: aio_pika.abc.AbstractConnection) -> AsyncIterator[list[Subscription]]:
+async def cleanup(
+    amqp: aio_pika.abc.AbstractConnection, exchange_name: str
+) -> AsyncIterator[list[Subscription]]:
     """Subscriptions appended here have all their queues deleted after the test."""
     made: list[Subscription] = []
     yield made
-    await delete_subscription_queues(amqp, made)
+    await delete_subscription_queues(amqp, exchange_name, made)
 
 
 # 1. kill -9 of the producer during a catch-up ------------------------------------------------
@@ -300,8 +302,8 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
     )
     (subscription,) = load_subscriptions(path)
     cleanup.append(subscription)
-    main = main_queue(subscription.name)
-    retry = retry_queue(subscription.name, 3.0)
+    main = lane(exchange_name, subscription.name).main
+    retry = lane(exchange_name, subscription.name).retry(3.0)
     env = bridge_env(exchange=exchange_name, subscriptions=str(path))
     log = tmp_path / "webhook.log"  # where bridges() sends its output
     ids = {str(i) for i in range(1000, 1030)}
@@ -337,7 +339,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         webhook = await bridges("webhook", env)
         await wait_for(lambda: receiver.delivered() == ids, 30, "all 30 after the restart")
         assert await stop_bridge(webhook) == 0, tail(log)
-        assert await watch.depth(dead_queue(subscription.name)) == 0
+        assert await watch.depth(lane(exchange_name, subscription.name).dead) == 0
         assert await watch.depth(main) == 0 and await watch.depth(retry) == 0
 
     assert all(count == 1 for count in receiver.successes.values())
@@ -364,7 +366,10 @@ async def test_events_in_flight_survive_25_kills_of_the_webhook_on_quorum_queues
     )
     (subscription,) = load_subscriptions(path)
     cleanup.append(subscription)
-    main, dead = main_queue(subscription.name), dead_queue(subscription.name)
+    main, dead = (
+        lane(exchange_name, subscription.name).main,
+        lane(exchange_name, subscription.name).dead,
+    )
     env = bridge_env(exchange=exchange_name, subscriptions=str(path), queue_type="quorum")
     ids = {str(i) for i in range(2000, 2005)}
     async with QueueWatch() as watch:

@@ -25,8 +25,7 @@ from bridge.metrics import Metrics
 from bridge.producer.poller import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
-from bridge.webhook.queues import dead_queue, main_queue
-from tests.amqp_helpers import wait_for
+from tests.amqp_helpers import lane, wait_for
 from tests.broker import AMQP_URL
 from tests.receiver import Receiver
 from tests.test_run_process import delete_topology
@@ -92,7 +91,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
         "BRIDGE_QUEUE_DEPTH_INTERVAL": "0.2",
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", "run", env=env, stderr=asyncio.subprocess.DEVNULL
+        sys.executable, "-m", "bridge", "run", env=env, stderr=(tmp_path / "log").open("wb")
     )
     scraped = {}
     text = ""
@@ -114,7 +113,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
                     and total(
                         scraped,
                         "patchwork_bridge_queue_messages_ready",
-                        queue=dead_queue(bad),
+                        queue=lane(exchange, bad).dead,
                     )
                     == dpdk
                 )
@@ -151,7 +150,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
         == 3 * dpdk
     )
     assert total(scraped, f"{p}webhook_delivery_duration_seconds_count", subscription=good) == 20
-    assert total(scraped, f"{p}queue_messages_ready", queue=main_queue(good)) == 0
+    assert total(scraped, f"{p}queue_messages_ready", queue=lane(exchange, good).main) == 0
     assert (f"{p}cursor_lag_seconds", frozenset()) in scraped
     assert total(scraped, f"{p}subscription_enabled", subscription=good) == 1
     assert total(scraped, f"{p}broker_connected", role="producer") == 1

@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from bridge.amqp import BROKER_ERRORS, connection_name
-from bridge.webhook.queues import QueueControl, marker_queue
+from bridge.webhook.queues import QueueControl, QueueSet
 from tests.amqp_helpers import cut_connection, wait_for
 from tests.broker import AMQP_URL
 
@@ -24,7 +24,7 @@ async def test_checking_a_missing_marker_all_day_leaves_nothing_on_the_connectio
     day per subscription at one check every 5 s. A check must leave nothing behind."""
     connection = await aio_pika.connect_robust(AMQP_URL, timeout=10)
     control = QueueControl(connection)
-    name = f"test-missing-{unique}"
+    name = QueueSet(f"test-missing-{unique}")
     try:
         for _ in range(50):  # warm up: interpreter caches fill on the first calls
             assert not await control.is_disabled(name)
@@ -59,7 +59,7 @@ async def test_marker_checks_follow_the_state_and_go_on_after_a_connection_cut(u
         reconnect_interval=0.2,
     )
     control = QueueControl(connection)
-    name = f"test-marker-{unique}"
+    name = QueueSet(f"test-marker-{unique}")
     try:
         assert not await control.is_disabled(name)
         await control.set_disabled(name, True, "classic")
@@ -78,7 +78,7 @@ async def test_marker_checks_follow_the_state_and_go_on_after_a_connection_cut(u
         assert not await control.is_disabled(name)
     finally:
         channel = await amqp.channel()
-        await channel.queue_delete(marker_queue(name))
+        await channel.queue_delete(name.marker)
         await channel.close()
         await control.close()
         await connection.close()

@@ -11,10 +11,10 @@ import pytest
 
 from bridge.metrics import Metrics
 from bridge.webhook.queue_depth import QueueDepthSampler
-from bridge.webhook.queues import dead_queue, main_queue, retry_queue
 from tests.amqp_helpers import (
     HangingSink,
     delete_subscription_queues,
+    lane,
     make_consumer,
     publish_events,
     running,
@@ -90,8 +90,8 @@ async def test_consumer_samples_its_main_retry_and_dead_queues(
     stuck = subscription(f"depth-{unique}", concurrency=1, retry_schedule=[0.5])
     metrics = Metrics()
     consumer = make_consumer(exchange_name, [(stuck, HangingSink())], metrics=metrics)
-    main, dead = main_queue(stuck.name), dead_queue(stuck.name)
-    retry = retry_queue(stuck.name, 0.5)
+    main, dead = lane(exchange_name, stuck.name).main, lane(exchange_name, stuck.name).dead
+    retry = lane(exchange_name, stuck.name).retry(0.5)
     try:
         async with running(consumer):
             await publish_events(exchange_name, [("patch-created", i) for i in range(1, 5)])
@@ -103,4 +103,4 @@ async def test_consumer_samples_its_main_retry_and_dead_queues(
             assert gauge(metrics, "queue_messages_ready", retry) == 0
             assert gauge(metrics, "queue_messages_ready", dead) == 0
     finally:
-        await delete_subscription_queues(amqp, [stuck])
+        await delete_subscription_queues(amqp, exchange_name, [stuck])

@@ -22,9 +22,8 @@ from standardwebhooks import Webhook
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.webhook.netguard import refusal_reason
-from bridge.webhook.queues import dead_queue
 from bridge.webhook.subscriptions import load_subscriptions
-from tests.amqp_helpers import delete_subscription_queues, get_all, queue_depth, wait_for
+from tests.amqp_helpers import delete_subscription_queues, get_all, lane, queue_depth, wait_for
 from tests.receiver import Receiver
 
 TZ = "Europe/Berlin"
@@ -143,14 +142,14 @@ url = "{urls["loopback"]}"
             return got >= flaky_wanted and len(requests) >= len(flaky_wanted) + len(throttled)
 
         async def dead_letters_complete() -> bool:
-            dead_500 = await queue_depth(amqp, dead_queue(names["always-500"]))
-            dead_loopback = await queue_depth(amqp, dead_queue(names["loopback"]))
+            dead_500 = await queue_depth(amqp, lane(exchange, names["always-500"]).dead)
+            dead_loopback = await queue_depth(amqp, lane(exchange, names["loopback"]).dead)
             return dead_500 == len(dpdk_wanted) and dead_loopback == len(events)
 
         await wait_for(flaky_has_all, 60)
         await wait_for(dead_letters_complete, 60)
-        dead_500 = await get_all(amqp, dead_queue(names["always-500"]))
-        dead_loopback = await get_all(amqp, dead_queue(names["loopback"]))
+        dead_500 = await get_all(amqp, lane(exchange, names["always-500"]).dead)
+        dead_loopback = await get_all(amqp, lane(exchange, names["loopback"]).dead)
     finally:
         process.send_signal(signal.SIGTERM)
         log = (await asyncio.wait_for(process.communicate(), 40))[1].decode()
@@ -202,7 +201,7 @@ url = "{urls["loopback"]}"
 
 async def delete_topology(connection, subscriptions: Path, exchange: str) -> None:
     """Every queue the bridge declared for the file's subscriptions, and the exchange."""
-    await delete_subscription_queues(connection, load_subscriptions(subscriptions))
+    await delete_subscription_queues(connection, exchange, load_subscriptions(subscriptions))
     channel = await connection.channel()
     await channel.exchange_delete(exchange)
     await channel.queue_delete(log_queue(exchange))

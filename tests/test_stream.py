@@ -234,14 +234,19 @@ async def test_a_position_older_than_the_log_gets_one_gap_event_then_the_oldest_
     )
     async with stream_role(settings) as url:
         events = await read_events(url, 3, last_id=str(position_of(0, "0")))
+    # Retention may drop another segment between the test's read and the role's (RabbitMQ
+    # 4.3 does): the role serves the oldest it found, no older than the test's, no newer
+    # than what the log holds after.
+    logged = [m async for m in read_log(amqp, exchange_name, "first", idle_end_s=0.3)]
+    after = logged[0]
     gap = json.loads(events[0].data)
     assert events[0].event == "gap"
     assert gap == {"asked": str(position_of(0, "0")), "oldest": events[1].id}
-    assert events[1].id == str(position_of(oldest_offset, oldest.message_id))
-    assert [json.loads(e.data)["id"] for e in events[1:]] == [
-        int(oldest.message_id),
-        int(oldest.message_id) + 1,
-    ]
+    served = int(events[1].id.split("-")[0])
+    assert oldest_offset <= served <= after.headers["x-stream-offset"]
+    first_id = json.loads(events[1].data)["id"]
+    assert events[1].id == str(position_of(served, str(first_id)))
+    assert json.loads(events[2].data)["id"] == first_id + 1  # and on from there
 
 
 BAD_REQUESTS = [

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 QUEUE = "checks"
-"""The checks lane's name: its queues are ``bridge.checks``, ``.retry.<d>s``, ``.dead``."""
+"""The checks lane's name: its queues are ``<exchange>.checks``, ``.retry.<d>s``, ``.dead``."""
 ROUTING_PATTERN = "*.check"
 
 

@@ -1,5 +1,5 @@
-"""The ``checks`` role: the webhook consumer with one lane, ``checks``, bound to the
-results exchange, whose sink posts to Patchwork. See docs/checks.md."""
+"""The ``checks`` role: the webhook consumer with one lane, ``<exchange>.checks``, bound to
+the results exchange, whose sink posts to Patchwork. See docs/checks.md."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from bridge.checks.sink import ChecksSink
 from bridge.metrics import Metrics
 from bridge.settings import Settings, SettingsError
 from bridge.webhook.consumer import WebhookConsumer
+from bridge.webhook.queues import LEGACY_CHECKS, QueueSet, checks_queues
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S, Subscription
 
 
@@ -40,9 +41,17 @@ def build_checks_role(
     problems = checks_settings_problems(settings)
     if problems:
         raise SettingsError("\n".join(problems))
-    # Its lane binds the results exchange, not the events one.
-    on_results = settings.model_copy(update={"exchange": results_exchange(settings.exchange)})
     lane = (checks_lane(settings, retry_schedule), ChecksSink(settings))
-    role = WebhookConsumer(on_results, metrics, [lane], connection_role="checks")
+    role = WebhookConsumer(
+        settings,
+        metrics,
+        [lane],
+        connection_role="checks",
+        # Its lane binds the results exchange, not the events one, and is the deployment's.
+        bind_exchange=results_exchange(settings.exchange),
+        lane_queues=lambda _: checks_queues(settings.exchange),
+        legacy_queues=lambda _: QueueSet(LEGACY_CHECKS),
+        replay_routes=False,
+    )
     role.name = "checks"
     return role

@@ -1,10 +1,16 @@
 """`patchwork-bridge bind QUEUE PATTERN...`: a CI system's own queue, without AMQP code.
 
 Declares the exchange, a durable queue of BRIDGE_QUEUE_TYPE bound to it with the
-topic patterns, and the queue's dead-letter queue `<QUEUE>.dead`, which receives
-what the CI rejects without requeue. Running it again with the same arguments
-changes nothing. It only adds bindings: a pattern dropped from the command line
-stays bound until removed in RabbitMQ (AMQP cannot list a queue's bindings).
+topic patterns, the queue's dead-letter queue `<QUEUE>.dead`, which receives what the
+CI rejects without requeue, and its replay route (`<exchange>.replay.<QUEUE>`, the same
+bindings), through which `replay` gives it only what it would have routed. Running it
+again with the same arguments changes nothing. It only adds bindings: a pattern dropped
+from the command line stays bound until removed in RabbitMQ (AMQP cannot list a queue's
+bindings).
+
+The replay route also says which deployment made the queue: `bind` refuses a queue that
+exists without this deployment's route (another deployment's, or made by other means)
+unless told `--adopt`, and `bind --remove` deletes only this deployment's queues.
 """
 
 from __future__ import annotations
@@ -18,8 +24,22 @@ from dataclasses import dataclass
 
 import aio_pika
 
-from bridge.amqp import connect, declare_exchange, declare_queue, queue_arguments
-from bridge.cli.common import connected, delete_queues, run_operator_command
+from bridge.amqp import (
+    connect,
+    declare_exchange,
+    declare_queue,
+    declare_replay_route,
+    queue_arguments,
+    replay_exchange,
+)
+from bridge.cli.common import (
+    CliError,
+    connected,
+    delete_queues,
+    delete_replay_route,
+    exists,
+    run_operator_command,
+)
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.topics import check_pattern
 
@@ -48,12 +68,14 @@ class Bound:
         )
 
 
-def check_names(queue: str, patterns: Sequence[str]) -> None:
+def check_names(queue: str, patterns: Sequence[str], exchange: str = "patchwork") -> None:
     """Refuse what RabbitMQ would refuse later with a less helpful error."""
     if not queue or queue.startswith("amq."):
         raise BindError(f"queue name {queue!r}: must be non-empty and not start with 'amq.'")
     if len((queue + DEAD_SUFFIX).encode()) > MAX_NAME_BYTES:
         raise BindError(f"queue name {queue!r}: too long (at most 250 bytes)")
+    if len(replay_exchange(exchange, queue).encode()) > MAX_NAME_BYTES:
+        raise BindError(f"queue name {queue!r}: too long for its replay route")
     for pattern in patterns:
         try:
             check_pattern(pattern)  # the same rule as the subscriptions file's `events`
@@ -61,14 +83,27 @@ def check_names(queue: str, patterns: Sequence[str]) -> None:
             raise BindError(str(exc)) from None
 
 
-async def bind(settings: Settings, queue: str, patterns: Sequence[str]) -> Bound:
-    """Declare exchange, dead-letter queue, queue and bindings; idempotent."""
-    check_names(queue, patterns)
+async def bind(
+    settings: Settings, queue: str, patterns: Sequence[str], *, adopt: bool = False
+) -> Bound:
+    """Declare exchange, dead-letter queue, queue, bindings and replay route; idempotent.
+
+    BindError for a queue that exists without this deployment's replay route, unless
+    ``adopt``: binding it would mix two deployments' events in one queue.
+    """
+    check_names(queue, patterns, settings.exchange)
     dead = queue + DEAD_SUFFIX
     try:
         async with asyncio.timeout(BIND_TIMEOUT_S):
             connection = await connect(settings, "bind")
             async with connection:
+                if not adopt and not await owned(connection, settings.exchange, queue):
+                    raise BindError(
+                        f"queue {queue} exists but was not made by this deployment's bind "
+                        f"(exchange {settings.exchange}): another deployment's, an earlier "
+                        "version's or the CI's own; choose another name, or pass --adopt "
+                        "if it is this deployment's"
+                    )
                 channel = await connection.channel()
                 exchange = await declare_exchange(channel, settings.exchange)
                 await declare_queue(
@@ -85,6 +120,7 @@ async def bind(settings: Settings, queue: str, patterns: Sequence[str]) -> Bound
                 )
                 for pattern in patterns:
                     await main.bind(exchange, pattern)
+                await declare_replay_route(channel, settings.exchange, main, patterns)
     except TimeoutError:
         raise BindError(f"RabbitMQ at {settings.amqp_url_redacted} did not answer") from None
     except aio_pika.exceptions.ChannelClosed as exc:
@@ -104,12 +140,26 @@ def _reply_text(exc: BaseException) -> str:
     return str(args[1] if len(args) > 1 else exc)
 
 
+async def owned(connection: aio_pika.abc.AbstractConnection, exchange: str, queue: str) -> bool:
+    """Whether ``queue`` is this deployment's to bind: new, or made by its ``bind``."""
+    return not await exists(connection, queue=queue) or await exists(
+        connection, exchange=replay_exchange(exchange, queue)
+    )
+
+
 async def unbind(settings: Settings, queue: str, *, yes: bool = False) -> list[str]:
-    """Delete a queue made by ``bind`` and its ``.dead`` queue, after showing their depths."""
+    """Delete a queue made by this deployment's ``bind``, its ``.dead`` queue and its replay
+    route, after showing their depths."""
     async with connected(settings, "bind --remove") as connection:
+        if not await exists(connection, exchange=replay_exchange(settings.exchange, queue)):
+            raise CliError(
+                f"queue {queue} was not made by this deployment's bind (exchange "
+                f"{settings.exchange}): nothing deleted"
+            )
         deleted = await delete_queues(
             connection, [queue, queue + DEAD_SUFFIX], yes=yes, what=f"queue {queue}"
         )
+        await delete_replay_route(connection, settings.exchange, queue)
     print(f"deleted {', '.join(deleted)}")
     return deleted
 
@@ -136,7 +186,7 @@ async def cli(args: argparse.Namespace) -> int:
         print(f"patchwork-bridge: {exc}", file=sys.stderr)
         return 2
     try:
-        bound = await bind(settings, args.queue, args.patterns)
+        bound = await bind(settings, args.queue, args.patterns, adopt=getattr(args, "adopt", False))
     except BindError as exc:
         print(f"patchwork-bridge bind: {exc}", file=sys.stderr)
         return 1

@@ -9,8 +9,15 @@ from contextlib import asynccontextmanager
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
+from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, CONNECT_TIMEOUT_S, close_channel
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    close_channel,
+    replay_exchange,
+)
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.webhook.queues import QueueControl
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
@@ -125,3 +132,33 @@ async def delete_queues(
     finally:
         await close_channel(channel)
     return list(depths)
+
+
+async def delete_replay_route(connection: AbstractConnection, exchange: str, queue: str) -> None:
+    """Delete the queue's replay route (``bridge.amqp.replay_exchange``), if it has one."""
+    channel = await connection.channel()
+    try:
+        await channel.exchange_delete(replay_exchange(exchange, queue), timeout=BROKER_TIMEOUT_S)
+    except BROKER_ERRORS as exc:
+        raise CliError(f"RabbitMQ refused to delete the replay route of {queue} ({exc})") from None
+    finally:
+        await close_channel(channel)
+
+
+async def exists(
+    connection: AbstractConnection, *, queue: str | None = None, exchange: str | None = None
+) -> bool:
+    """Whether the queue (or the exchange) exists: a passive declare on a channel of its own,
+    which the broker closes when it does not."""
+    channel = await connection.channel()
+    try:
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            if queue is not None:
+                await channel.declare_queue(queue, passive=True)
+            else:
+                await channel.get_exchange(exchange or "", ensure=True)
+        return True
+    except ChannelNotFoundEntity:
+        return False
+    finally:
+        await close_channel(channel)

@@ -16,12 +16,19 @@ from typing import TextIO
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, close_channel, publish_confirmed
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    close_channel,
+    publish_confirmed,
+    replay_exchange,
+)
 from bridge.cli.bind import DEAD_SUFFIX
 from bridge.cli.common import (
     CliError,
     confirm,
     connected,
+    exists,
     pick,
     queue_depths,
     run_operator_command,
@@ -39,7 +46,7 @@ from bridge.webhook.messages import (
     header_text,
     replay_headers,
 )
-from bridge.webhook.queues import dead_queue, main_queue
+from bridge.webhook.queues import QueueSet, checks_queues, subscription_queues
 from bridge.webhook.subscriptions import RESERVED
 
 
@@ -73,14 +80,24 @@ class Target:
     main: str
     dead: str
     missing_hint: str
+    route: str | None = None
+    """A bind queue's replay route, which must exist: the queue is this deployment's."""
 
     @classmethod
-    def of_subscription(cls, name: str) -> Target:
-        return cls(main_queue(name), dead_queue(name), "has the webhook consumer run yet?")
+    def of_lane(cls, queues: QueueSet, role: str) -> Target:
+        return cls(queues.main, queues.dead, f"has the {role} role run yet?")
 
     @classmethod
-    def of_bound_queue(cls, queue: str) -> Target:
-        return cls(queue, queue + DEAD_SUFFIX, f"was it made by `patchwork-bridge bind {queue}`?")
+    def of_subscription(cls, exchange: str, name: str) -> Target:
+        """A subscription's queues, or the checks role's for ``checks``: this deployment's."""
+        if name in RESERVED:
+            return cls.of_lane(checks_queues(exchange), "checks")
+        return cls.of_lane(subscription_queues(exchange, name), "webhook")
+
+    @classmethod
+    def of_bound_queue(cls, exchange: str, queue: str) -> Target:
+        hint = f"was it made by `patchwork-bridge bind {queue}`?"
+        return cls(queue, queue + DEAD_SUFFIX, hint, replay_exchange(exchange, queue))
 
 
 def _original_key(deaths: object) -> str | None:
@@ -171,6 +188,12 @@ async def run_dlq(
 ) -> None:
     """The command itself, with settings loaded and the queues chosen (tests call this)."""
     async with connected(settings, f"dlq {action}") as connection:
+        if target.route is not None and not await exists(connection, exchange=target.route):
+            raise CliError(
+                f"queue {target.main} was not made by this deployment's bind (exchange "
+                f"{settings.exchange}); `patchwork-bridge bind {target.main} PATTERN... "
+                "--adopt` makes it so"
+            )
         try:
             if action == "list":
                 shown = await list_dead(connection, target, limit or 50, out)
@@ -199,19 +222,22 @@ async def cli(args: argparse.Namespace) -> int:
     if args.queue is None and args.name is None:
         return usage_error("dlq: give a subscription NAME, or --queue QUEUE for a bind queue")
     if args.queue is not None or args.name in RESERVED:  # RESERVED: the checks role's lane
-        target = (
-            Target.of_bound_queue(args.queue)
-            if args.queue is not None
-            else Target.of_subscription(args.name)
-        )
         return await run_operator_command(
-            lambda settings, _: run_dlq(settings, target, args.dlq_command, limit, yes=yes),
+            lambda settings, _: run_dlq(
+                settings,
+                Target.of_bound_queue(settings.exchange, args.queue)
+                if args.queue is not None
+                else Target.of_subscription(settings.exchange, args.name),
+                args.dlq_command,
+                limit,
+                yes=yes,
+            ),
             needs_subscriptions=False,
         )
     return await run_operator_command(
         lambda settings, subscriptions: run_dlq(
             settings,
-            Target.of_subscription(pick(subscriptions, args.name).name),
+            Target.of_subscription(settings.exchange, pick(subscriptions, args.name).name),
             args.dlq_command,
             limit,
             yes=yes,

@@ -3,28 +3,43 @@ joined late or lost its own.
 
 Only ever into one named queue (``--queue``, e.g. one made by ``bind``) or one
 subscription's main queue, never to the exchange: the other CI systems get nothing
-again. Each copy keeps its ``message_id`` and headers and carries
-``x-patchwork-replay: true``, so a consumer that deduplicates is not confused.
+again. Copies go through the queue's replay route (``bridge.amqp.replay_exchange``), a
+private exchange with the same bindings as the queue, each with its original routing
+key: the queue gets exactly what it would have got live, and its consumer reads the
+routing key where it always does. Each copy keeps its ``message_id`` and headers and
+carries ``x-patchwork-replay: true``. A queue without a replay route (made by an earlier
+version, or by the CI itself) needs its patterns given with ``--events``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import aio_pika
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq import spec
 
-from bridge.amqp import BROKER_ERRORS, publish_confirmed
-from bridge.cli.common import CliError, connected, pick, run_operator_command, usage_error
+from bridge.amqp import (
+    BROKER_ERRORS,
+    BROKER_TIMEOUT_S,
+    close_channel,
+    declare_replay_route,
+    replay_exchange,
+)
+from bridge.cli.common import CliError, connected, exists, pick, run_operator_command, usage_error
 from bridge.eventlog import SINCE_SKEW, LogMissing, log_queue, logged_event, read_log
 from bridge.settings import Settings, SettingsError
 from bridge.topics import TopicMatcher, check_pattern
 from bridge.webhook.messages import copy_message
-from bridge.webhook.queues import main_queue
+from bridge.webhook.queues import subscription_queues
 from bridge.webhook.subscriptions import Subscription
 
 REPLAY_HEADER = "x-patchwork-replay"
@@ -45,12 +60,62 @@ def cli(args: argparse.Namespace) -> int:
     async def command(settings: Settings, subscriptions: list[Subscription]) -> None:
         since = _server_time(args.since, settings, "--since")
         until = _server_time(args.until, settings, "--until") if args.until else None
-        target = args.queue or main_queue(pick(subscriptions, args.subscription).name)
-        async with connected(settings, "replay") as connection:
-            await _replay(connection, settings, target, since, until, args.events, args.dry_run)
+        subscription = pick(subscriptions, args.subscription) if args.subscription else None
+        target = (
+            subscription_queues(settings.exchange, subscription.name).main
+            if subscription is not None
+            else args.queue
+        )
+        async with (
+            connected(settings, "replay") as connection,
+            _route(connection, settings.exchange, target, subscription, args.events) as route,
+        ):
+            await _replay(connection, *route, settings, target, since, until, args)
 
     needs_subscriptions = args.subscription is not None
     return asyncio.run(run_operator_command(command, needs_subscriptions=needs_subscriptions))
+
+
+@asynccontextmanager
+async def _route(
+    connection: AbstractConnection,
+    exchange: str,
+    target: str,
+    subscription: Subscription | None,
+    patterns: Sequence[str] | None,
+) -> AsyncIterator[tuple[AbstractChannel, str]]:
+    """A confirming channel and the exchange to publish the copies to: the queue's replay
+    route (declared for a subscription from its patterns), or, for a queue without one,
+    a route of this replay's own bound with ``--events``, deleted at the end."""
+    if not await exists(connection, queue=target):
+        raise CliError(f"{target}: no such queue (replay never creates one)")
+    route = replay_exchange(exchange, target)
+    channel = await connection.channel(publisher_confirms=True)
+    temporary = None
+    try:
+        if subscription is not None:
+            queue = await channel.get_queue(target, ensure=False)
+            await declare_replay_route(channel, exchange, queue, subscription.events)
+        elif not await exists(connection, exchange=route):
+            if not patterns:
+                raise CliError(
+                    f"{target} has no replay route (it was not made by this deployment's "
+                    "`bind`): give the patterns it is bound with, --events PATTERN..."
+                )
+            temporary = route = f"{route}.{uuid.uuid4().hex[:8]}"
+            queue = await channel.get_queue(target, ensure=False)
+            made = await channel.declare_exchange(
+                temporary, aio_pika.ExchangeType.TOPIC, auto_delete=True
+            )
+            for pattern in patterns:
+                await queue.bind(made, pattern)
+        yield channel, route
+    finally:
+        if temporary is not None:
+            # Else auto-delete: it goes with its last binding, when the queue goes.
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.exchange_delete(temporary, timeout=BROKER_TIMEOUT_S)
+        await close_channel(channel)
 
 
 def _server_time(text: str, settings: Settings, option: str) -> datetime:
@@ -66,29 +131,34 @@ def _server_time(text: str, settings: Settings, option: str) -> datetime:
 
 async def _replay(
     connection: AbstractConnection,
+    channel: AbstractChannel,
+    route: str,
     settings: Settings,
     target: str,
     since: datetime,
     until: datetime | None,
-    patterns: list[str] | None,
-    dry_run: bool,
+    args: argparse.Namespace,
 ) -> None:
-    wanted = TopicMatcher(patterns or ["#"])
-    probe = await connection.channel()
-    try:
-        await probe.declare_queue(target, passive=True)
-    except BROKER_ERRORS:
-        raise CliError(f"{target}: no such queue (replay never creates one)") from None
-    await probe.close()
-    channel = await connection.channel(publisher_confirms=True)
+    dry_run = args.dry_run
+    wanted = TopicMatcher(args.events or ["#"])
     started = datetime.now(UTC)
     await _say_where_the_log_starts(connection, settings, since)
-    read = copied = 0
+    exchange = await channel.get_exchange(route, ensure=False)
+    read = copied = skipped = 0
     last_said = time.monotonic()
     start = since.replace(tzinfo=settings.tz).astimezone(UTC) - SINCE_SKEW
     # Many copies in flight, each confirmed: one at a time, a confirm's round trip (and
     # the broker's disk write) would cap a replay at a few hundred events a second.
-    in_flight: set[asyncio.Task[None]] = set()
+    in_flight: set[asyncio.Task[bool]] = set()
+
+    def settled(done: set[asyncio.Task[bool]]) -> None:
+        nonlocal copied, skipped
+        for task in done:
+            if task.result():  # raises what the broker refused
+                copied += 1
+            else:
+                skipped += 1
+
     try:
         async for message in read_log(connection, settings.exchange, start):
             if message.timestamp is not None and message.timestamp > started:
@@ -96,21 +166,21 @@ async def _replay(
             read += 1
             if not _wanted(message, since, until, wanted):
                 continue
-            if not dry_run:
+            if dry_run:
+                copied += 1
+            else:
                 if len(in_flight) >= IN_FLIGHT:
                     done, in_flight = await asyncio.wait(
                         in_flight, return_when=asyncio.FIRST_COMPLETED
                     )
-                    for task in done:
-                        task.result()  # raises what the broker refused
-                in_flight.add(
-                    asyncio.create_task(publish_confirmed(channel, target, _replayed(message)))
-                )
-            copied += 1
+                    settled(done)
+                in_flight.add(asyncio.create_task(_publish(exchange, message)))
             if time.monotonic() - last_said > PROGRESS_EVERY_S:
                 last_said = time.monotonic()
                 print(f"... {copied} events so far ({read} read from the log)", file=sys.stderr)
-        await asyncio.gather(*in_flight)
+        if in_flight:
+            done, in_flight = await asyncio.wait(in_flight)
+            settled(done)
     except LogMissing as exc:
         raise CliError(f"{exc}: start a producer first") from None
     except BROKER_ERRORS as exc:
@@ -123,7 +193,21 @@ async def _replay(
             task.cancel()
     what = f"from {since.isoformat()}" + (f" to {until.isoformat()}" if until else "")
     verb = "would replay" if dry_run else "replayed"
-    print(f"{verb} {copied} events {what} into {target} ({read} read from the log)")
+    not_bound = f", {skipped} not bound to it" if skipped else ""
+    print(f"{verb} {copied} events {what} into {target} ({read} read from the log{not_bound})")
+
+
+async def _publish(
+    exchange: aio_pika.abc.AbstractExchange, message: AbstractIncomingMessage
+) -> bool:
+    """Whether the queue's bindings took the copy (a return means they did not)."""
+    answer = await exchange.publish(
+        _replayed(message),
+        routing_key=message.routing_key or "",
+        mandatory=True,
+        timeout=BROKER_TIMEOUT_S,
+    )
+    return isinstance(answer, spec.Basic.Ack)
 
 
 def _wanted(

@@ -1,6 +1,6 @@
 """``patchwork-bridge subscriptions list|enable|disable|remove NAME``: the switch per subscription.
 
-The state lives on the broker (an empty ``bridge.webhook.<name>.disabled`` queue),
+The state lives on the broker (an empty ``<exchange>.webhook.<name>.disabled`` queue),
 so it survives restarts and every running consumer follows it within a few seconds.
 """
 
@@ -8,36 +8,45 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TextIO
 
 from bridge.amqp import BROKER_ERRORS
 from bridge.cli.common import (
     CliError,
     connected,
     delete_queues,
+    delete_replay_route,
     pick,
     run_operator_command,
 )
 from bridge.settings import Settings
 from bridge.webhook.consumer import MARKER_CHECK_INTERVAL_S
-from bridge.webhook.queues import QueueControl, main_queue, marker_queue, queue_names_of
+from bridge.webhook.queues import QueueControl, subscription_queues
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S, Subscription
 
 
 async def run_subscriptions(
-    settings: Settings, subscriptions: list[Subscription], action: str, name: str | None
+    settings: Settings,
+    subscriptions: list[Subscription],
+    action: str,
+    name: str | None,
+    out: TextIO | None = None,
 ) -> None:
     """The command itself, with settings and subscriptions already loaded (tests call this)."""
+    out = out or sys.stdout
     chosen = subscriptions if action == "list" else [pick(subscriptions, name or "")]
     async with connected(settings, f"subscriptions {action}") as connection:
         control = QueueControl(connection)
         try:
             if action == "list":
                 for s in chosen:
-                    state = "disabled" if await control.is_disabled(s.name) else "enabled"
-                    print(f"{s.name}\t{state}\t{s.sink}\t{' '.join(s.events)}")
+                    queues = subscription_queues(settings.exchange, s.name)
+                    state = "disabled" if await control.is_disabled(queues) else "enabled"
+                    print(f"{s.name}\t{state}\t{s.sink}\t{' '.join(s.events)}", file=out)
                 return
             disable = action == "disable"
-            await control.set_disabled(chosen[0].name, disable, settings.queue_type)
+            queues = subscription_queues(settings.exchange, chosen[0].name)
+            await control.set_disabled(queues, disable, settings.queue_type)
         except BROKER_ERRORS as exc:
             raise CliError(f"RabbitMQ refused the {action} ({type(exc).__name__}: {exc})") from None
         finally:
@@ -45,10 +54,14 @@ async def run_subscriptions(
     if disable:
         print(
             f"{name}: disabled; running consumers stop within {MARKER_CHECK_INTERVAL_S:g}s and "
-            f"events wait in {main_queue(name or '')}"
+            f"events wait in {queues.main}",
+            file=out,
         )
     else:
-        print(f"{name}: enabled; running consumers resume within {MARKER_CHECK_INTERVAL_S:g}s")
+        print(
+            f"{name}: enabled; running consumers resume within {MARKER_CHECK_INTERVAL_S:g}s",
+            file=out,
+        )
 
 
 async def cli(args: argparse.Namespace) -> int:
@@ -76,7 +89,8 @@ async def remove_subscription(
     """
     known = {s.name: s for s in subscriptions}
     schedule = known[name].retry_schedule if name in known else DEFAULT_RETRY_SCHEDULE_S
-    queues = [*queue_names_of(name, schedule), marker_queue(name)]
+    lane = subscription_queues(settings.exchange, name)
+    queues = [*lane.watched(schedule), lane.marker]
     if name in known:
         print(
             f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "
@@ -85,5 +99,6 @@ async def remove_subscription(
         )
     async with connected(settings, "subscriptions remove") as connection:
         deleted = await delete_queues(connection, queues, yes=yes, what=f"subscription {name}")
+        await delete_replay_route(connection, settings.exchange, lane.main)
     print(f"{name}: deleted {len(deleted)} queues")
     return deleted

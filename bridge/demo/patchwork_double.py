@@ -159,6 +159,9 @@ class FakePatchwork(EventStore):
         self.checks = FakeChecks(self, maintainers or {})
         self.series_patches: dict[int, list[int]] = {}
         """A series' patch ids; a series not named here has the recorded four."""
+        self.series_projects: dict[int, str] = {}
+        """A series' project; series not named here are netdevbpf's, as recorded. A patch's
+        is ``checks.patch_projects``'s."""
         self._workers = asyncio.Semaphore(self.cost.workers) if self.cost.workers else None
         self._token = token
         self._url: str | None = None
@@ -352,6 +355,7 @@ class FakePatchwork(EventStore):
             patches = [{**template, "id": i} for i in self.series_patches[series_id]]
         series = {
             **self._series,
+            "project": self._project(self.series_projects.get(series_id, "netdevbpf")),
             "patches": patches,
             "id": series_id,
             "url": f"{RECORDED_ROOT}/api/{self.api_version}/series/{series_id}/",
@@ -364,6 +368,7 @@ class FakePatchwork(EventStore):
         patch_id = int(request.match_info["id"])
         patch = {
             **self._patch,
+            "project": self._project(self.checks.project_of(patch_id)),
             "id": patch_id,
             "url": f"{RECORDED_ROOT}/api/{self.api_version}/patches/{patch_id}/",
             "comments": f"{RECORDED_ROOT}/api/patches/{patch_id}/comments/",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aio_pika
 
-from bridge.amqp import connect
+from bridge.amqp import connect, replay_exchange
 from bridge.demo.patchwork_double import FakePatchwork, seed
 from bridge.demo.receiver import Received, start_receiver
 from bridge.eventlog import log_queue
@@ -28,7 +28,7 @@ from bridge.logs import setup_logging
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.webhook.queues import marker_queue, queue_names
+from bridge.webhook.queues import subscription_queues
 from bridge.webhook.subscriptions import load_subscriptions
 
 TIMEOUT_S = 60.0
@@ -147,11 +147,10 @@ async def _clean_up(settings: Settings, *, delete_exchange: bool) -> None:
     try:
         channel = await connection.channel()
         for subscription in load_subscriptions(settings.subscriptions):
-            for name in [
-                *queue_names(subscription),
-                marker_queue(subscription.name),
-            ]:
+            queues = subscription_queues(settings.exchange, subscription.name)
+            for name in [*queues.watched(subscription.retry_schedule), queues.marker]:
                 await channel.queue_delete(name)
+            await channel.exchange_delete(replay_exchange(settings.exchange, queues.main))
         if delete_exchange:
             await channel.exchange_delete(settings.exchange)
             await channel.queue_delete(log_queue(settings.exchange))

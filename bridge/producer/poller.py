@@ -20,7 +20,7 @@ from bridge.producer.cursor import Cursor, CursorStore, CursorWriter, probe_writ
 from bridge.producer.lock import PollerLock
 from bridge.producer.logtail import cursor_from_log
 from bridge.producer.patchwork import Page, PatchworkClient, PatchworkError
-from bridge.producer.publisher import Publisher
+from bridge.producer.publisher import Publisher, PublishFailed
 from bridge.producer.start import NEWEST_PROBE, initial_cursor
 from bridge.producer.triage import EventCheck, PageSorter
 from bridge.producer.window import GapCheck, Window, parse_date
@@ -31,13 +31,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 BACKOFF_MAX_S = 60.0
-
-
-class PublishFailed(Exception):
-    def __init__(self, failed: list[tuple[Event, str]]) -> None:
-        reasons = sorted({reason for _, reason in failed})
-        super().__init__(f"{len(failed)} publishes not confirmed ({', '.join(reasons)})")
-        self.reason = reasons[0]
 
 
 class Stopped(Exception):
@@ -192,6 +185,11 @@ class Producer:
                         self._settings,
                         lambda: _until_stopped(client.newest(NEWEST_PROBE), stop),
                     )
+                    if self._resume_from is None:
+                        # BRIDGE_START applied: recorded in the log before anything is
+                        # published, so that a producer rebuilding its window from the log
+                        # keeps the same "now" (no state directory, a takeover).
+                        await publisher.mark_start(saved.to_json())
                     self._window = Window(saved, self._settings.poll_overlap)
                     self._writer.request()  # "now" must mean the first start, not every start
                 published = await self._poll_once(client, publisher, stop)
@@ -392,7 +390,7 @@ class Producer:
         result = await publisher.publish(fresh)
         if result.failed:
             self._window.confirm(result.confirmed, advance=False)
-            raise PublishFailed(result.failed)
+            raise PublishFailed.of(result.failed)
         self._window.confirm(events)
         self._window.forget_seen_before(self._keep_from)
         self._writer.request()

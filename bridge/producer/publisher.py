@@ -14,6 +14,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq import spec
 
+from bridge.amqp import BROKER_ERRORS, publish_confirmed
+from bridge.eventlog import log_queue, start_marker
 from bridge.events import APP_ID, Event, amqp_headers
 from bridge.metrics import Metrics
 
@@ -21,6 +23,19 @@ log = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT_S = 30.0
 """For the confirms of one ``publish`` call, all of them together."""
+
+
+class PublishFailed(Exception):
+    """Publishes the broker did not confirm; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+    @classmethod
+    def of(cls, failed: list[tuple[Event, str]]) -> PublishFailed:
+        reasons = sorted({reason for _, reason in failed})
+        return cls(reasons[0], f"{len(failed)} publishes not confirmed ({', '.join(reasons)})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +105,19 @@ class Publisher:
         for reason, n in Counter(reason for _, reason in failed).items():
             self._metrics.publish_failures.labels(reason).inc(n)
         return PublishResult(confirmed, failed)
+
+    async def mark_start(self, cursor_json: str) -> None:
+        """Record a first start's cursor in the event log (``bridge.eventlog.start_marker``);
+        PublishFailed unless the broker confirms it."""
+        try:
+            await publish_confirmed(
+                self._channel, log_queue(self._exchange.name), start_marker(cursor_json)
+            )
+        except BROKER_ERRORS as exc:
+            self._metrics.publish_failures.labels("connection").inc()
+            raise PublishFailed(
+                "connection", f"the start marker was not confirmed ({exc})"
+            ) from None
 
     async def _publish_one(self, event: Event) -> str | None:
         properties = message_properties(event, self._source, self._tz)

@@ -26,7 +26,7 @@ from bridge.amqp import (
     open_channel,
     uncancelled,
 )
-from bridge.eventlog import READ_PREFETCH, LogMissing, log_queue, offset_of
+from bridge.eventlog import READ_PREFETCH, LogMissing, is_marker, log_queue, offset_of
 from bridge.stream.positions import Position, position_of
 from bridge.waiting import sleep_unless
 
@@ -50,7 +50,9 @@ class LogEntry:
 
 def entry_of(message: AbstractIncomingMessage, offset: int) -> LogEntry | None:
     """The log message at ``offset`` as the stream sends it; None for a message that is not
-    an event (published to the exchange by hand)."""
+    an event (the log's own markers, a message published to the exchange by hand)."""
+    if is_marker(message):
+        return None
     try:
         data = message.body.decode()
         if "\n" in data or "\r" in data:  # SSE data lines: the contract says one line

@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from bridge.amqp import BROKER_TIMEOUT_S, RecycledConnection, connect_with_retry, is_connected
+from bridge.checks.patchwork import PatchworkChecks
 from bridge.http import serve_app
 from bridge.metrics import Metrics
 from bridge.settings import Settings
@@ -47,8 +48,9 @@ class StreamRole:
             return
         hub = self._hub = Hub(self._connection, self.settings.exchange)
         reads = RecycledConnection(self.settings, f"{self.name} history")
+        patchwork = PatchworkChecks(self.settings) if self.settings.patchwork_url else None
         server = self._server = StreamServer(
-            self.settings, self.metrics, self.consumers, hub, self._connection, reads
+            self.settings, self.metrics, self.consumers, hub, self._connection, reads, patchwork
         )
         hub_stop = asyncio.Event()
         following = asyncio.create_task(hub.run(hub_stop), name="stream-hub")
@@ -86,6 +88,8 @@ class StreamRole:
             except TimeoutError:
                 log.warning("stream: the log reader did not stop within %ss", BROKER_TIMEOUT_S)
             await reads.close()
+            if patchwork is not None:
+                await patchwork.close()
             with contextlib.suppress(Exception):
                 await self._connection.close()
 

@@ -12,6 +12,7 @@ import uuid
 from importlib import resources
 
 import aio_pika
+import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
@@ -24,10 +25,13 @@ from bridge.amqp import (
     RecycledConnection,
     declare_exchange,
 )
-from bridge.checks.result import InvalidResult, parse_result, results_exchange
+from bridge.checks.patchwork import PatchworkChecks
+from bridge.checks.patchwork import Refused as PatchworkRefused
+from bridge.checks.result import CheckResult, InvalidResult, parse_result, results_exchange
 from bridge.eventlog import LogMissing
 from bridge.metrics import Metrics
 from bridge.settings import Settings
+from bridge.sinks.base import GiveUp
 from bridge.stream.consumers import StreamConsumers
 from bridge.stream.feed import Feed, Gap, LogStalled
 from bridge.stream.hub import Hub
@@ -46,8 +50,6 @@ log = logging.getLogger(__name__)
 LOG_UNREADABLE: tuple[type[BaseException], ...] = (LogStalled, *BROKER_ERRORS)
 """Why a stream cannot start just now: the client gets a 503 and tries again."""
 
-KEEPALIVE_S = 15.0
-"""A comment line this often keeps proxies from closing a quiet stream."""
 RETRY_MS = 3000
 """How long a client waits before reconnecting: sent once, with the first event (a
 block of its own would reach some clients as an empty event)."""
@@ -63,6 +65,31 @@ class ClientStalled(Exception):
     """A write to the client did not finish within SEND_TIMEOUT_S."""
 
 
+class KeepAliveResponse(EventSourceResponse):
+    """aiohttp-sse's response, whose keep-alive is a comment line and nothing more.
+
+    aiohttp-sse (3.0) ends its ``: ping`` comment with a blank line. The SSE spec says a
+    blank line with no data dispatches nothing, but httpx-sse (0.4.3, the current release)
+    dispatches an empty ``message`` event there once it has seen an ``id``, and a client
+    that parses every event's data as JSON dies at the first keep-alive (15 s in). A
+    comment line alone keeps proxies open just the same, and no parser can make an event
+    of it: the blank line that ends the next event ends only that event.
+    """
+
+    async def _ping(self) -> None:  # aiohttp-sse's own loop, with the comment line alone
+        message = f": ping{self._sep}".encode()
+        while True:
+            await asyncio.sleep(self._ping_interval)
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self.write(message)
+            except TimeoutError:
+                self._abort_transport()
+                break
+            except (ConnectionResetError, RuntimeError):  # RuntimeError: written after EOF
+                break
+
+
 class StreamServer:
     """The handlers, and the clients they serve, so that shutdown and metrics reach them."""
 
@@ -74,8 +101,12 @@ class StreamServer:
         hub: Hub,
         connection: AbstractRobustConnection,
         reads: RecycledConnection,
+        patchwork: PatchworkChecks | None = None,
     ) -> None:
+        """``patchwork``: where a posted result's project is checked before it is queued
+        (None: the checks role alone checks). Owned by the caller."""
         self._settings = settings
+        self._patchwork = patchwork
         self._metrics = metrics
         self._consumers = consumers
         self._hub = hub
@@ -151,7 +182,10 @@ class StreamServer:
         reason = "client"
         try:
             async with sse_response(
-                request, ping_interval=KEEPALIVE_S, send_timeout=SEND_TIMEOUT_S
+                request,
+                ping_interval=self._settings.stream_keepalive,
+                send_timeout=SEND_TIMEOUT_S,
+                response_cls=KeepAliveResponse,
             ) as response:
                 if gap is not None:
                     gone = {"asked": str(gap.asked), "oldest": str(gap.oldest)}
@@ -247,6 +281,7 @@ class StreamServer:
             key = f"{result.project}.check"
             if not any(covers(allowed, key) for allowed in consumer.events):
                 raise Refused(403, f"consumer {consumer.name!r} may not post checks to {key!r}")
+            await self._check_project(result, result.project)
         except InvalidResult as exc:
             return self._refuse(request, 400, f"not a check result: {exc}")
         except Refused as exc:
@@ -259,6 +294,24 @@ class StreamServer:
             return self._unavailable(f"not queued ({type(exc).__name__}); send it again")
         log.info("stream: %s queued a %s result for %s", consumer.name, result.state, result.target)
         return web.json_response({"queued": message_id}, status=202)
+
+    async def _check_project(self, result: CheckResult, project: str) -> None:
+        """Refused (403) when Patchwork says the patch or series is another project's. The
+        checks role checks again before it posts (the result waits in the broker meanwhile),
+        so a Patchwork that does not answer now only delays the answer to the CI."""
+        if self._patchwork is None:
+            return  # no BRIDGE_PATCHWORK_URL here: the checks role alone checks
+        try:
+            await self._patchwork.target(result, project)
+        except PatchworkRefused as refused:
+            outcome = refused.outcome
+            if isinstance(outcome, GiveUp) and outcome.reason == "wrong_project":
+                raise Refused(403, outcome.detail) from None
+            if isinstance(outcome, GiveUp) and outcome.reason in ("not_found", "empty_series"):
+                raise Refused(404, outcome.detail) from None
+            log.info("stream: cannot check %s's project now (%s)", result.target, outcome)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("stream: cannot check %s's project now (%s)", result.target, exc)
 
     async def _publish_result(self, body: bytes, key: str, message_id: str, by: str) -> None:
         async with self._results_lock:

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -21,6 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from bridge.amqp import (
     BROKER_ERRORS,
     BROKER_TIMEOUT_S,
+    TopologyError,
     connect_with_retry,
     declare_exchange,
     is_connected,
@@ -47,11 +49,9 @@ from bridge.webhook.messages import (
 from bridge.webhook.queue_depth import QueueDepthSampler
 from bridge.webhook.queues import (
     QueueControl,
-    TopologyError,
-    dead_queue,
-    main_queue,
-    queue_names,
-    retry_queue,
+    QueueSet,
+    legacy_subscription_queues,
+    subscription_queues,
 )
 from bridge.webhook.retry import delay_ladder
 from bridge.webhook.settle import Ack, DeadLetter, DisableSubscription, Retry, Settled, decide
@@ -85,13 +85,27 @@ class WebhookConsumer:
         subscriptions: Sequence[tuple[Subscription, Sink]],
         *,
         connection_role: str = "webhook",
+        bind_exchange: str | None = None,
+        lane_queues: Callable[[str], QueueSet] | None = None,
+        legacy_queues: Callable[[str], QueueSet] = legacy_subscription_queues,
+        replay_routes: bool = True,
         marker_check_interval_s: float = MARKER_CHECK_INTERVAL_S,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
-        """Takes ready sinks and owns them: they are closed when ``run`` returns."""
+        """Takes ready sinks and owns them: they are closed when ``run`` returns.
+
+        By default the lanes are the deployment's subscriptions: bound to its exchange,
+        named ``<exchange>.webhook.<name>``, each with a replay route. The checks role
+        binds another exchange and names its one lane itself (``lane_queues``)."""
         self.settings = settings
         self.metrics = metrics
-        self._lanes = [Lane(s, sink, delay_ladder(s.retry_schedule)) for s, sink in subscriptions]
+        self._bind_exchange = bind_exchange or settings.exchange
+        self._replay_from = settings.exchange if replay_routes else None
+        queues_of = lane_queues or partial(subscription_queues, settings.exchange)
+        self._lanes = [
+            Lane(s, sink, delay_ladder(s.retry_schedule), queues_of(s.name), legacy_queues(s.name))
+            for s, sink in subscriptions
+        ]
         for lane in self._lanes:
             lane.bind_metrics(metrics)
         self._role = connection_role
@@ -105,6 +119,8 @@ class WebhookConsumer:
         self._closing = False
         self._stopping = asyncio.Event()
         """Set first on shutdown: background loops finish their step and return."""
+        self._refused: TopologyError | None = None
+        """Set when a queue of ours turned out to be bound to another deployment's exchange."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -130,6 +146,8 @@ class WebhookConsumer:
             self.settings,
             self.metrics,
             self._on_message,
+            bind_exchange=self._bind_exchange,
+            replay_from=self._replay_from,
         )
         background: list[asyncio.Task[None]] = []
         try:
@@ -140,7 +158,11 @@ class WebhookConsumer:
                 raise
             sampler = QueueDepthSampler(
                 self._control_connection,
-                [q for lane in self._lanes for q in queue_names(lane.subscription)],
+                [
+                    q
+                    for lane in self._lanes
+                    for q in lane.queues.watched(lane.subscription.retry_schedule)
+                ],
                 self.metrics,
                 self.settings.queue_depth_interval,
             )
@@ -152,12 +174,16 @@ class WebhookConsumer:
                 asyncio.create_task(sampler.run(self._stopping), name="webhook-queue-depth"),
             ]
             stopped = asyncio.create_task(stop.wait())
+            refused = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait(
-                [stopped, *background], return_when=asyncio.FIRST_COMPLETED
+                [stopped, refused, *background], return_when=asyncio.FIRST_COMPLETED
             )
             stopped.cancel()
-            for task in done - {stopped}:
+            refused.cancel()
+            for task in done - {stopped, refused}:
                 task.result()  # a background loop only ends by raising: re-raise it
+            if self._refused is not None:
+                raise self._refused
         finally:
             await self._shutdown(background)
 
@@ -179,7 +205,7 @@ class WebhookConsumer:
         assert self._connection is not None and self._keeper is not None
         async with asyncio.timeout(BROKER_TIMEOUT_S):
             control = await self._connection.channel()
-            await declare_exchange(control, self.settings.exchange)
+            await declare_exchange(control, self._bind_exchange)
         await self._keeper.start()
         self._started = True
         log.info("webhook: consuming for %d subscriptions", len(self._lanes))
@@ -251,6 +277,11 @@ class WebhookConsumer:
             lane.in_flight.discard(task)
 
     async def _handle(self, lane: Lane, message: AbstractIncomingMessage) -> None:
+        assert self._keeper is not None
+        foreign = self._keeper.foreign_exchange(message)
+        if foreign is not None:
+            await self._refuse(lane, message, foreign)
+            return
         attempt = attempt_of(message)
         try:
             await self._settle(lane, message, attempt, await self._outcome(lane, message))
@@ -267,6 +298,17 @@ class WebhookConsumer:
         except Exception as exc:
             raise_if_cancelled()
             await self._settle_bug(lane, message, attempt, exc)
+
+    async def _refuse(self, lane: Lane, message: AbstractIncomingMessage, exchange: str) -> None:
+        """Another deployment's event in our queue: hand it back untouched and stop the role
+        with one line (``run`` raises it): delivering it would cross deployments."""
+        assert self._keeper is not None
+        with contextlib.suppress(*BROKER_ERRORS):
+            await message.nack(requeue=True)
+        if self._refused is None:
+            self._refused = self._keeper.refusal(lane, exchange)
+            log.error("%s %s: %s", self.name, lane.name, self._refused)
+            self._stopping.set()
 
     async def _outcome(self, lane: Lane, message: AbstractIncomingMessage) -> Settled:
         try:
@@ -328,7 +370,7 @@ class WebhookConsumer:
             case Retry(delay_s=delay_s, next_attempt=next_attempt):
                 assert isinstance(outcome, RetryLater | SettleBug)
                 headers = retry_headers(message, outcome, next_attempt)
-                await self._copy(lane, message, retry_queue(name, delay_s), headers)
+                await self._copy(lane, message, lane.queues.retry(delay_s), headers)
                 log.info(
                     "webhook %s: event %s attempt %d failed (%s: %s); retry in %gs",
                     name,
@@ -344,7 +386,7 @@ class WebhookConsumer:
             case DeadLetter(attempts=attempts):
                 assert not isinstance(outcome, Delivered | Disable | Unmatched)
                 headers = dead_headers(message, outcome, attempts)
-                await self._copy(lane, message, dead_queue(name), headers)
+                await self._copy(lane, message, lane.queues.dead, headers)
                 log.warning(
                     "webhook %s: event %s dead-lettered after %d attempts (%s: %s)",
                     name,
@@ -372,7 +414,7 @@ class WebhookConsumer:
             lane.name,
             key,
             list(lane.subscription.events),
-            main_queue(lane.name),
+            lane.queues.main,
         )
 
     async def _copy(

@@ -23,14 +23,14 @@ from aio_pika.abc import (
 )
 from prometheus_client import Counter, Histogram
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, raise_if_cancelled
+from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, TopologyError, raise_if_cancelled
 from bridge.logs import one_line
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, Sink
 from bridge.topics import TopicMatcher
 from bridge.waiting import Ticker
-from bridge.webhook.queues import QueueControl, declare_subscription, main_queue, marker_queue
+from bridge.webhook.queues import QueueControl, QueueSet, declare_lane
 from bridge.webhook.subscriptions import Subscription
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ class Lane:
     subscription: Subscription
     sink: Sink
     ladder: list[float]
+    queues: QueueSet
+    """Its main, retry, dead and marker queues, named for the deployment."""
+    legacy: QueueSet | None = None
+    """Its queues as versions before 0.2 named them, shared by every deployment."""
     queue: AbstractQueue | None = None
     consumer_tag: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -133,8 +137,15 @@ class Lanes:
         settings: Settings,
         metrics: Metrics,
         on_message: OnMessage,
+        *,
+        bind_exchange: str,
+        replay_from: str | None,
     ) -> None:
+        """``bind_exchange``: what the lanes' main queues are bound to; ``replay_from``: the
+        event exchange whose replay routes mirror those bindings (None: no replay routes)."""
         self.lanes = lanes
+        self._bind_exchange = bind_exchange
+        self._replay_from = replay_from
         self._connection = connection
         self._control = control
         self.settings = settings
@@ -145,13 +156,13 @@ class Lanes:
         """Open every lane; consume those not disabled (their marker queue says so)."""
         for lane in self.lanes:
             await self._open(lane)
-            if await self._control.is_disabled(lane.name):
+            if await self._control.is_disabled(lane.queues):
                 self.metrics.subscription_enabled.labels(lane.name).set(0)
                 log.warning(
                     "webhook %s: disabled (marker queue %s exists); events wait in %s",
                     lane.name,
-                    marker_queue(lane.name),
-                    main_queue(lane.name),
+                    lane.queues.marker,
+                    lane.queues.main,
                 )
             else:
                 await self._consume(lane)
@@ -166,10 +177,71 @@ class Lanes:
         async with asyncio.timeout(BROKER_TIMEOUT_S):
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=lane.subscription.concurrency)
-        lane.queue = await declare_subscription(
-            channel, self.settings.exchange, lane.subscription, self.settings.queue_type
+        lane.queue = await declare_lane(
+            channel,
+            self._bind_exchange,
+            lane.queues,
+            lane.subscription.events,
+            lane.subscription.retry_schedule,
+            self.settings.queue_type,
+            replay_from=self._replay_from,
         )
         self._hear_broker_cancel(lane, channel)
+        await self._leave_legacy(lane, channel)
+        await self._check_head(lane)
+
+    def foreign_exchange(self, message: AbstractIncomingMessage) -> str | None:
+        """The exchange a message was routed from when that is another deployment's: a
+        queue of this deployment's name bound to it would mix their events."""
+        exchange = message.exchange
+        if not exchange or exchange == self._bind_exchange:
+            return None  # moved between our queues, or routed from our exchange
+        if self._replay_from is not None and exchange.startswith(f"{self._replay_from}.replay."):
+            return None  # a replay's copy, through the queue's replay route
+        return exchange
+
+    def refusal(self, lane: Lane, exchange: str) -> TopologyError:
+        return TopologyError(
+            f"{lane.queues.main} is bound to exchange {exchange}, not only to this "
+            f"deployment's {self._bind_exchange}: its queues must be its own; unbind it "
+            "(rabbitmqctl list_bindings shows it), or give this deployment another "
+            "BRIDGE_EXCHANGE"
+        )
+
+    async def _check_head(self, lane: Lane) -> None:
+        """The message at the head of the main queue, looked at and handed back: one routed
+        from another deployment's exchange stops the start (TopologyError)."""
+        assert lane.queue is not None
+        head = await lane.queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
+        if head is None:
+            return
+        await head.nack(requeue=True)  # back in its place
+        foreign = self.foreign_exchange(head)
+        if foreign is not None:
+            raise self.refusal(lane, foreign)
+
+    async def _leave_legacy(self, lane: Lane, channel: AbstractChannel) -> None:
+        """An old main queue of this lane stops getting this deployment's events (the new
+        one is bound now), and one line says what still waits in it."""
+        if lane.legacy is None:
+            return
+        found = await self._control.inspect(lane.legacy.main)
+        if found is None:
+            return
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            old = await channel.get_queue(lane.legacy.main, ensure=False)
+            for pattern in lane.subscription.events:
+                await old.unbind(self._bind_exchange, pattern)
+        log.warning(
+            "%s: %s, as versions before 0.2 named this lane's queue, still exists (%d "
+            "messages); no longer bound to %s. `patchwork-bridge migrate` moves this "
+            "deployment's messages (and those of its retry and dead queues) into %s",
+            lane.name,
+            lane.legacy.main,
+            found.message_count or 0,
+            self._bind_exchange,
+            lane.queues.main,
+        )
 
     def _hear_broker_cancel(self, lane: Lane, channel: AbstractChannel) -> None:
         """Say so the moment the broker cancels the lane's consumer (queue deleted, quorum
@@ -224,7 +296,7 @@ class Lanes:
             await self._stop_consuming(lane)
             self.metrics.subscription_enabled.labels(lane.name).set(0)
             try:
-                await self._control.set_disabled(lane.name, True, self.settings.queue_type)
+                await self._control.set_disabled(lane.queues, True, self.settings.queue_type)
             except BROKER_ERRORS as exc:
                 log.error(
                     "webhook %s: could not persist the disabled state (%s); "
@@ -239,7 +311,7 @@ class Lanes:
                 outcome.reason,
                 outcome.status,
                 one_line(outcome.detail),
-                main_queue(lane.name),
+                lane.queues.main,
                 lane.name,
             )
 
@@ -292,7 +364,7 @@ class Lanes:
 
     async def _sync_marker(self, lane: Lane) -> None:
         async with lane.lock:
-            disabled = await self._control.is_disabled(lane.name)
+            disabled = await self._control.is_disabled(lane.queues)
             if disabled and lane.consumer_tag is not None:
                 await self._stop_consuming(lane)
                 self.metrics.subscription_enabled.labels(lane.name).set(0)

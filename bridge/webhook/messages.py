@@ -6,6 +6,7 @@ that say which attempt it is for and, on a dead letter, why it failed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,7 +68,7 @@ class SettleBug:
 
 
 class InvalidMessage(ValueError):
-    """The body is not a JSON object, or the message has no id or routing key."""
+    """The body is not a JSON object, or the message has no routing key."""
 
 
 def delivery_from(message: AbstractIncomingMessage) -> Delivery:
@@ -80,8 +81,6 @@ def delivery_from(message: AbstractIncomingMessage) -> Delivery:
         raise InvalidMessage("body is not UTF-8 JSON") from None
     if not isinstance(body, dict):
         raise InvalidMessage(f"body is a JSON {type(body).__name__}, not an object")
-    if not message.message_id:
-        raise InvalidMessage("no message_id")
     headers = message.headers or {}
     routing_key = header_text(headers.get(ROUTING_KEY)) or message.routing_key
     if not routing_key:
@@ -91,11 +90,18 @@ def delivery_from(message: AbstractIncomingMessage) -> Delivery:
     }
     return Delivery(
         body=message.body,
-        message_id=message.message_id,
+        message_id=message.message_id or derived_id(routing_key, message.body),
         routing_key=routing_key,
         headers=event_headers,
         attempt=attempt_of(message),
     )
+
+
+def derived_id(routing_key: str, body: bytes) -> str:
+    """An id for a message published without one (pika, kombu and most clients set none):
+    the same for every copy of it, since its routing key and body are what identify it."""
+    digest = hashlib.sha256(routing_key.encode() + b"\n" + body).hexdigest()
+    return f"sha256-{digest[:32]}"
 
 
 def attempt_of(message: AbstractIncomingMessage) -> int:

@@ -1,17 +1,24 @@
-"""The webhook consumer's queues: their names, their declaration, and marker changes.
+"""The delivery lanes' queues: their names, their declaration, and marker changes.
 
-Per subscription ``<name>``: ``bridge.webhook.<name>`` (main, bound to the exchange
-with the subscription's patterns), one ``.retry.<delay>s`` queue per step of the
-retry ladder (queue-wide TTL, dead-lettered back to the main queue, so a long delay
-never blocks a short one), ``.dead`` (dead letters) and, while the subscription is
-disabled, an empty ``.disabled`` marker queue. Everything lives on the broker, so
-it survives restarts and is shared by competing consumers.
+Every name belongs to one deployment, the exchange it reads (``BRIDGE_EXCHANGE``): two
+bridges with different exchanges on one vhost share no queue. Per subscription ``<name>``
+of exchange ``<ex>``: ``<ex>.webhook.<name>`` (main, bound to the exchange with the
+subscription's patterns), one ``.retry.<delay>s`` queue per step of the retry ladder
+(queue-wide TTL, dead-lettered back to the main queue, so a long delay never blocks a
+short one), ``.dead`` (dead letters) and, while the subscription is disabled, an empty
+``.disabled`` marker queue. The checks role's lane is ``<ex>.checks`` with the same
+suffixes. Everything lives on the broker, so it survives restarts and is shared by
+competing consumers of the same deployment.
+
+Versions before 0.2 named them ``bridge.webhook.<name>`` and ``bridge.checks`` for every
+deployment alike (``LEGACY_*``); ``patchwork-bridge migrate`` moves what waits there.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aiormq import spec
@@ -22,77 +29,92 @@ from bridge.amqp import (
     BROKER_ERRORS,
     BROKER_TIMEOUT_S,
     QueueType,
+    TopologyError,
     close_channel,
     declare_queue,
+    declare_replay_route,
     open_bare_channel,
     queue_arguments,
 )
 from bridge.webhook.retry import delay_ladder
-from bridge.webhook.subscriptions import RESERVED, Subscription
+from bridge.webhook.subscriptions import Subscription
 
-PREFIX = "bridge.webhook"
+__all__ = ["TopologyError"]  # raised here, defined with the broker's other errors
 
-
-class TopologyError(Exception):
-    """A queue cannot be declared as configured (most often: it exists with another type)."""
-
-
-def main_queue(name: str) -> str:
-    return RESERVED.get(name, f"{PREFIX}.{name}")
+LEGACY_PREFIX = "bridge.webhook"
+LEGACY_CHECKS = "bridge.checks"
 
 
-def dead_queue(name: str) -> str:
-    return f"{main_queue(name)}.dead"
+@dataclass(frozen=True, slots=True)
+class QueueSet:
+    """One lane's queues, all named after its main queue."""
+
+    main: str
+
+    @property
+    def dead(self) -> str:
+        return f"{self.main}.dead"
+
+    @property
+    def marker(self) -> str:
+        """Exists exactly while the lane is disabled."""
+        return f"{self.main}.disabled"
+
+    def retry(self, delay_s: float) -> str:
+        """Named by the delay in seconds, to the millisecond (``retry.0.2s``, ``retry.300s``).
+
+        The name fixes the TTL, so every process declares the same queue the same way.
+        """
+        text = f"{ttl_ms(delay_s) / 1000:.3f}".rstrip("0").rstrip(".")
+        return f"{self.main}.retry.{text}s"
+
+    def retries(self, retry_schedule: Sequence[float]) -> dict[float, str]:
+        """Each delay of the schedule's ladder and the queue that waits that long."""
+        return {d: self.retry(d) for d in delay_ladder(retry_schedule)}
+
+    def watched(self, retry_schedule: Sequence[float]) -> list[str]:
+        """Main, retry and dead queues: the ones whose depth an operator watches."""
+        return [self.main, *self.retries(retry_schedule).values(), self.dead]
 
 
-def marker_queue(name: str) -> str:
-    return f"{main_queue(name)}.disabled"
+def subscription_queues(exchange: str, name: str) -> QueueSet:
+    return QueueSet(f"{exchange}.webhook.{name}")
 
 
-def retry_queue(name: str, delay_s: float) -> str:
-    """Named by the delay in seconds, to the millisecond (``retry.0.2s``, ``retry.300s``).
+def checks_queues(exchange: str) -> QueueSet:
+    """The checks role's lane; it binds ``<exchange>.results``, named for the deployment."""
+    return QueueSet(f"{exchange}.checks")
 
-    The name fixes the TTL, so every process declares the same queue the same way.
-    """
-    text = f"{ttl_ms(delay_s) / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{main_queue(name)}.retry.{text}s"
+
+def legacy_subscription_queues(name: str) -> QueueSet:
+    """Where versions before 0.2 kept a subscription's events, whatever the exchange."""
+    return QueueSet(f"{LEGACY_PREFIX}.{name}")
 
 
 def ttl_ms(delay_s: float) -> int:
     return max(0, round(delay_s * 1000))
 
 
-def retry_queues(subscription: Subscription) -> dict[float, str]:
-    """Each delay of the subscription's ladder and the queue that waits that long."""
-    return _retry_queues(subscription.name, subscription.retry_schedule)
-
-
-def queue_names(subscription: Subscription) -> list[str]:
-    """Main, retry and dead queues: the ones whose depth an operator watches."""
-    return queue_names_of(subscription.name, subscription.retry_schedule)
-
-
-def queue_names_of(name: str, retry_schedule: Sequence[float]) -> list[str]:
-    """``queue_names`` for a subscription known only by name and schedule."""
-    return [main_queue(name), *_retry_queues(name, retry_schedule).values(), dead_queue(name)]
-
-
-def _retry_queues(name: str, retry_schedule: Sequence[float]) -> dict[float, str]:
-    return {d: retry_queue(name, d) for d in delay_ladder(retry_schedule)}
-
-
-async def declare_subscription(
-    channel: AbstractChannel, exchange: str, subscription: Subscription, queue_type: QueueType
+async def declare_lane(
+    channel: AbstractChannel,
+    exchange: str,
+    queues: QueueSet,
+    patterns: Sequence[str],
+    retry_schedule: Sequence[float],
+    queue_type: QueueType,
+    *,
+    replay_from: str | None = None,
 ) -> AbstractQueue:
-    """Declare and bind all queues of one subscription; returns the main queue to consume.
+    """Declare and bind all queues of one lane; returns the main queue to consume.
 
-    Idempotent, so any number of processes may run it. Raises TopologyError naming
-    the queue when the broker refuses (e.g. it exists as a classic queue and
-    BRIDGE_QUEUE_TYPE says quorum).
+    ``exchange`` is what the main queue is bound to with ``patterns``; ``replay_from``, the
+    deployment's event exchange whose replay route (``bridge.amqp.replay_exchange``) gets
+    the same bindings, so that ``replay`` gives the queue only what it would have routed.
+    Idempotent, so any number of processes may run it. Raises TopologyError naming the
+    queue when the broker refuses (e.g. it exists as a classic queue and BRIDGE_QUEUE_TYPE
+    says quorum).
     """
-    name = subscription.name
-    main = main_queue(name)
-    current = main
+    current = queues.main
     try:
         async with asyncio.timeout(BROKER_TIMEOUT_S):
             # Quorum: past the delivery limit the broker moves an event to .dead (x-death
@@ -100,24 +122,26 @@ async def declare_subscription(
             # no delivery limit, and keep the arguments they always had.
             main_arguments = (
                 queue_arguments(
-                    queue_type, dead_letter_exchange="", dead_letter_routing_key=dead_queue(name)
+                    queue_type, dead_letter_exchange="", dead_letter_routing_key=queues.dead
                 )
                 if queue_type == "quorum"
                 else queue_arguments(queue_type)
             )
-            queue = await declare_queue(channel, main, main_arguments)
-            for pattern in subscription.events:
+            queue = await declare_queue(channel, queues.main, main_arguments)
+            for pattern in patterns:
                 await queue.bind(exchange, pattern)
-            for delay_s, retry_name in retry_queues(subscription).items():
+            if replay_from is not None:
+                await declare_replay_route(channel, replay_from, queue, patterns)
+            for delay_s, retry_name in queues.retries(retry_schedule).items():
                 current = retry_name
                 arguments = queue_arguments(
                     queue_type,
                     dead_letter_exchange="",
-                    dead_letter_routing_key=main,
+                    dead_letter_routing_key=queues.main,
                     message_ttl_ms=ttl_ms(delay_s),
                 )
                 await declare_queue(channel, retry_name, arguments)
-            current = dead_queue(name)
+            current = queues.dead
             await declare_queue(channel, current, queue_arguments(queue_type, dead_letters=True))
     except BROKER_ERRORS as exc:
         raise TopologyError(
@@ -125,6 +149,21 @@ async def declare_subscription(
             f"if it exists with another type, check BRIDGE_QUEUE_TYPE"
         ) from None
     return queue
+
+
+async def declare_subscription(
+    channel: AbstractChannel, exchange: str, subscription: Subscription, queue_type: QueueType
+) -> AbstractQueue:
+    """``declare_lane`` for a subscription of the deployment of ``exchange``."""
+    return await declare_lane(
+        channel,
+        exchange,
+        subscription_queues(exchange, subscription.name),
+        subscription.events,
+        subscription.retry_schedule,
+        queue_type,
+        replay_from=exchange,
+    )
 
 
 class QueueControl:
@@ -152,23 +191,23 @@ class QueueControl:
             except ChannelNotFoundEntity:
                 return None
 
-    async def is_disabled(self, name: str) -> bool:
-        """Whether the subscription's marker queue exists."""
-        return await self.inspect(marker_queue(name)) is not None
+    async def is_disabled(self, queues: QueueSet) -> bool:
+        """Whether the lane's marker queue exists."""
+        return await self.inspect(queues.marker) is not None
 
-    async def set_disabled(self, name: str, disabled: bool, queue_type: QueueType) -> None:
+    async def set_disabled(self, queues: QueueSet, disabled: bool, queue_type: QueueType) -> None:
         """Persist the disabled state: the marker queue exists exactly while disabled."""
         async with self._lock, asyncio.timeout(BROKER_TIMEOUT_S):
             channel = await self._underlay()
             if disabled:
                 await channel.queue_declare(
-                    marker_queue(name),
+                    queues.marker,
                     durable=True,
                     # Empty; its existence is the state. Holds nothing to dead-letter.
                     arguments=queue_arguments(queue_type, dead_letters=True),
                 )
             else:
-                await channel.queue_delete(marker_queue(name))
+                await channel.queue_delete(queues.marker)
 
     async def close(self) -> None:
         if self._channel is not None:

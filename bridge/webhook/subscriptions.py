@@ -31,9 +31,9 @@ from bridge.webhook.netguard import ForbiddenAddress, check_literal_host
 from bridge.webhook.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
-RESERVED = {"checks": "bridge.checks"}
-"""Lanes of the bridge's own roles and their main queues, named for the role: a
-subscription may not take these names."""
+RESERVED = frozenset({"checks"})
+"""Lanes of the bridge's own roles: a subscription may not take these names, so that an
+operator command given a name (``dlq checks``) means one lane."""
 MAX_RETRY_DELAY_S = 4_294_967.0
 """RabbitMQ's largest queue TTL (2^32-1 ms); delays are realised as queue TTLs."""
 
