@@ -30,15 +30,15 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import AMQP_URL, TZ, bridge_settings, run_id
-from bridge.amqp import declare_exchange
+from bridge.broker.topology import declare_exchange
 from bridge.checks.result import results_exchange
 from bridge.checks.role import build_checks_role
-from bridge.demo.patchwork_double import MEASURED, FakePatchwork
+from bridge.delivery.queues import checks_queues
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
-from bridge.webhook.queues import checks_queues
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S
+from tests.patchwork_cost import MEASURED, CostedPatchwork
 
 TOKEN = "bench-maintainer-token-0123456789"
 
@@ -79,7 +79,7 @@ async def main() -> None:
 
     exchange = f"bench-checks-{run_id()}"
     # /events/ costs what a real Patchwork's did (60 ms a request, 1.9 ms an event).
-    fake = FakePatchwork(tz=TZ, maintainers={TOKEN: {"netdevbpf"}}, cost=MEASURED)
+    fake = CostedPatchwork(tz=TZ, maintainers={TOKEN: {"netdevbpf"}}, cost=MEASURED)
     await fake.start()
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True)

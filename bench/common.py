@@ -35,16 +35,18 @@ import aio_pika
 import aiohttp
 from aiohttp import web
 
-from bridge.amqp import declare_exchange, replay_exchange
-from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork, ServingCost
+from bridge.broker.topology import declare_exchange, replay_exchange
+from bridge.delivery.queues import subscription_queues
+from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.events import Event, parse_event
 from bridge.metrics import Metrics
 from bridge.producer.publisher import Publisher
 from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings
-from bridge.webhook.queues import declare_subscription, subscription_queues
+from bridge.webhook.role import declare_subscription
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
+from tests.patchwork_cost import MEASURED, ServingCost
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 """The broker, as for the tests (tests/broker.py): TEST_AMQP_URL picks another, such as 4.x."""

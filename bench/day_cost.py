@@ -26,12 +26,12 @@ import aio_pika
 from common import AMQP_URL, TZ, run_id
 from poll_cost import SEED_EVENTS, Feed, Tap, naive_poller, summarise
 
-from bridge.demo.patchwork_double import MEASURED, FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
+from tests.patchwork_cost import MEASURED, CostedPatchwork
 
 NIPA_INTERVAL_S = 120.0
 
@@ -45,8 +45,8 @@ async def main() -> None:
     args = parser.parse_args()
     counts = [int(n) for n in args.pollers.split(",")]
     rid = run_id()
-    ours = FakePatchwork(tz=TZ, cost=MEASURED)
-    theirs = {n: FakePatchwork(tz=TZ, cost=MEASURED) for n in counts}
+    ours = CostedPatchwork(tz=TZ, cost=MEASURED)
+    theirs = {n: CostedPatchwork(tz=TZ, cost=MEASURED) for n in counts}
     fakes = [ours, *theirs.values()]
     for fake in fakes:
         fake.add_events(SEED_EVENTS)

@@ -51,10 +51,10 @@ from common import (
     write_subscriptions,
 )
 
+from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import USER_AGENT, Event
-from bridge.webhook.queues import subscription_queues
-from bridge.webhook.signing import decode_secret, sign_with_key
+from bridge.sinks.signing import decode_secret, sign_with_key
 
 SEGMENT = "fast"
 DRAIN_TIMEOUT_S = 300.0

@@ -39,7 +39,7 @@ from common import (
 )
 from delivery_throughput import bare_headers
 
-from bridge.webhook.queues import subscription_queues
+from bridge.delivery.queues import subscription_queues
 
 DRAIN_TIMEOUT_S = 600.0
 

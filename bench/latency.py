@@ -75,7 +75,7 @@ async def one_round(args: argparse.Namespace, receiver: Receiver, round_no: int)
                 subscriptions=write_subscriptions(tmp / "subscriptions.toml", [hook]),
                 state_dir=tmp / "state",
                 poll_interval=args.poll_interval,
-                poll_overlap=args.overlap,
+                poll_late_wait=args.overlap,
                 start="now",
             )
             bridge = InProcessBridge(settings)
@@ -115,7 +115,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="events added per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to add events")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="BRIDGE_POLL_INTERVAL")
-    parser.add_argument("--overlap", type=float, default=30.0, help="BRIDGE_POLL_OVERLAP")
+    parser.add_argument("--overlap", type=float, default=30.0, help="BRIDGE_POLL_LATE_WAIT")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 

@@ -55,7 +55,7 @@ from common import (
     write_subscriptions,
 )
 
-from bridge.demo.patchwork_double import FakePatchwork
+from tests.patchwork_cost import CostedPatchwork
 
 STOP_TIMEOUT_S = 30.0
 TOKEN = "bench-memory-token-0123456789"
@@ -239,7 +239,7 @@ async def main() -> None:
     names = [f"bench-{rid}-{i}" for i in range(args.subscriptions)]
     segments = [f"fast{i}" for i in range(args.subscriptions)]
     exchange = f"bench-memory-{rid}"
-    fake = FakePatchwork(tz=TZ, cost=serving_cost(args))
+    fake = CostedPatchwork(tz=TZ, cost=serving_cost(args))
     if args.source == "patchwork":
         print(f"building a {args.events}-event backlog in the Patchwork double ...", flush=True)
         fill_backlog(fake, args.events)

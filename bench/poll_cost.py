@@ -33,12 +33,13 @@ import aio_pika
 import aiohttp
 from common import AMQP_URL, TZ, percentile, run_id
 
-from bridge.demo.patchwork_double import CATEGORIES, MEASURED, FakePatchwork
+from bridge.demo.patchwork_double import CATEGORIES
 from bridge.eventlog import log_queue
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
+from tests.patchwork_cost import MEASURED, CostedPatchwork
 
 SEED_EVENTS = 2000
 LATE_FRACTION = 0.1
@@ -88,7 +89,7 @@ class Side:
 class Feed:
     """Adds the same events to both doubles at the same moments; records commit times."""
 
-    def __init__(self, doubles: list[FakePatchwork], seed: int = 5) -> None:
+    def __init__(self, doubles: list[CostedPatchwork], seed: int = 5) -> None:
         self.doubles = doubles
         self.rng = random.Random(seed)
         self.committed: dict[int, float] = {}
@@ -165,7 +166,7 @@ async def until_stop(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def naive_poller(
-    fake: FakePatchwork,
+    fake: CostedPatchwork,
     exchange: str,
     interval_s: float,
     stop: asyncio.Event,
@@ -216,7 +217,7 @@ def summarise(
     name: str,
     feed: Feed,
     taps: Sequence[Tap],
-    fake: FakePatchwork,
+    fake: CostedPatchwork,
     before: tuple[int, int, float],
     per: Per = "published",
 ) -> Side:
@@ -246,7 +247,7 @@ def summarise(
 async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Side, Side]:
     rid = run_id()
     bridge_ex, naive_ex = f"bench-poll-{rid}", f"bench-naive-{rid}"
-    ours, theirs = FakePatchwork(tz=TZ, cost=MEASURED), FakePatchwork(tz=TZ, cost=MEASURED)
+    ours, theirs = CostedPatchwork(tz=TZ, cost=MEASURED), CostedPatchwork(tz=TZ, cost=MEASURED)
     for fake in (ours, theirs):
         fake.add_events(SEED_EVENTS)
         await fake.start()

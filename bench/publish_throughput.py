@@ -29,7 +29,7 @@ from common import AMQP_URL, forget_log, round_ratios
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
 

@@ -36,7 +36,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import AMQP_URL, bridge_settings, free_port, run_id, workdir
-from bridge.amqp import declare_exchange
+from bridge.broker.topology import declare_exchange
 from bridge.eventlog import declare_log, log_queue
 
 TOKEN = "bench-token-0123456789abcdef"

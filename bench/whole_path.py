@@ -47,7 +47,7 @@ from common import (
 )
 from delivery_throughput import bare_headers, contract_headers
 
-from bridge.demo.patchwork_double import FakePatchwork
+from tests.patchwork_cost import CostedPatchwork
 
 SEGMENT = "path"
 DRAIN_TIMEOUT_S = 300.0
@@ -212,7 +212,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     add_cost_option(parser)
     args = parser.parse_args()
-    fake = FakePatchwork(tz=TZ, cost=serving_cost(args))
+    fake = CostedPatchwork(tz=TZ, cost=serving_cost(args))
     fill_backlog(fake, args.events)
     gc.freeze()  # the backlog lives as long as the run: keep the collector off it
     results: dict[str, list[Measure]] = {which: [] for which in VARIANTS}

@@ -21,7 +21,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import BROKER_TIMEOUT_S, close_channel, open_channel, uncancelled
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel, open_channel, uncancelled
 from bridge.events import BadEvent, Event, parse_event
 from bridge.settings import Settings
 
@@ -118,7 +118,9 @@ async def read_log(
         wait_s = max(first_wait_s, idle_end_s)
         while True:
             try:
-                async with asyncio.timeout(wait_s):  # not wait_for: see bridge.amqp.uncancelled
+                async with asyncio.timeout(
+                    wait_s
+                ):  # not wait_for: see bridge.broker.calls.uncancelled
                     message = await inbox.get()
             except TimeoutError:
                 break

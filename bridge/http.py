@@ -9,6 +9,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bridge.metrics import Metrics
 
+
+class PortInUse(Exception):
+    """A port of ours cannot be bound (most often: another bridge process has it)."""
+
+
 # Returns (ready, reason); reason says what is missing when not ready.
 ReadinessCheck = Callable[[], tuple[bool, str]]
 

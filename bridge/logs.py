@@ -51,7 +51,7 @@ def setup_logging(log_format: str = "text", level: str = "INFO") -> None:
 
 
 def quiet_libraries() -> None:
-    """aio-pika and aiormq log every reconnect at length; bridge.amqp's own lines say
+    """aio-pika and aiormq log every reconnect at length; bridge.broker.connect's own lines say
     enough (one when a connection is lost, naming the reason, one when it is back)."""
     root = logging.getLogger()
     for noisy in ("aio_pika", "aiormq", "aiohttp.access"):
@@ -74,7 +74,7 @@ class ReconnectNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg if isinstance(record.msg, str) else ""
         if message.startswith("Unexpected connection close from remote"):
-            return False  # bridge.amqp's line names the broker's reason too
+            return False  # bridge.broker.connect's line names the broker's reason too
         if message.startswith("Cancelling cause reader exited abnormally"):
             return not _connection_lost(record.exc_info[1] if record.exc_info else None)
         if message.startswith("Callback %r error") and len(record.args or ()) == 3:

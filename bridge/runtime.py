@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from aio_pika.abc import AbstractChannel
 
-from bridge.amqp import LoginRefused, TopologyError
-from bridge.http import start_server
-from bridge.logs import setup_logging
+from bridge.http import PortInUse, start_server
 from bridge.metrics import Metrics
-from bridge.producer.cursor import CursorError, StateDirError
-from bridge.settings import Settings, SettingsError, load_settings
+from bridge.settings import Settings, SettingsError
 from bridge.waiting import Ticker
 
 if TYPE_CHECKING:
@@ -28,16 +23,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class PortInUse(Exception):
-    """BRIDGE_HTTP_PORT cannot be bound (most often: another bridge process has it)."""
-
-
-OPERATOR_ERRORS = (LoginRefused, PortInUse, StateDirError, CursorError, TopologyError)
-"""Mistakes an operator mends (one line, exit 2), unlike our bugs (a traceback, once)."""
-
-
 class Role(Protocol):
-    """A long-running part of the bridge (producer, webhook consumer)."""
+    """A long-running part of the bridge (producer, webhook, stream, checks)."""
 
     name: str
 
@@ -60,7 +47,7 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
     roles: list[Role] = []
     subscriptions = subscriptions_for(command, settings)
     if command in ("producer", "run"):
-        from bridge.producer.poller import Producer
+        from bridge.producer.role import Producer
         from bridge.schema import SchemaWatch
 
         roles.append(
@@ -72,9 +59,9 @@ def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role
             )
         )
     if command == "webhook" or (command == "run" and subscriptions):
-        from bridge.webhook.consumer import build_consumer
+        from bridge.webhook.role import build_webhook_role
 
-        roles.append(build_consumer(settings, metrics, subscriptions))
+        roles.append(build_webhook_role(settings, metrics, subscriptions))
     elif command == "run":
         log.info("no subscriptions: no webhook role")
     consumers = consumers_for(command, settings)
@@ -131,7 +118,7 @@ def _declare_queues_of(
     events of a first start are queued even if the webhook role is not up yet."""
 
     async def declare(channel: AbstractChannel) -> None:
-        from bridge.webhook.queues import declare_subscription
+        from bridge.webhook.role import declare_subscription
 
         for subscription in subscriptions:
             await declare_subscription(
@@ -259,104 +246,3 @@ async def _run_role(role: Role, stop: asyncio.Event) -> None:
         # One role failing stops the others, so the process exits and is restarted.
         stop.set()
         raise
-
-
-def _settings_or_exit() -> Settings | None:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"patchwork-bridge: {exc}", file=sys.stderr)
-        return None
-
-
-def cli_run(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
-    if settings is None:
-        return 2
-    setup_logging(settings.log_format, settings.log_level)
-    metrics = Metrics()
-    try:
-        roles = build_roles(args.command, settings, metrics)
-    except SettingsError as exc:
-        print(f"patchwork-bridge: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(serve(roles, settings, metrics))
-    except (*OPERATOR_ERRORS, ExceptionGroup) as exc:
-        fatal = _operator_error(exc)
-        if fatal is None:
-            raise  # our bug: its traceback, once
-        print(f"patchwork-bridge: {fatal}", file=sys.stderr)
-        return 2
-
-
-def _operator_error(exc: BaseException) -> BaseException | None:
-    """The operator's mistake behind a role's failure (a refused login, a port in use)."""
-    if isinstance(exc, OPERATOR_ERRORS):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := _operator_error(inner)) is not None:
-                return found
-    return None
-
-
-def cli_check_config(args: argparse.Namespace) -> int:
-    """Check what the role will need, without connecting to RabbitMQ or Patchwork."""
-    settings = _settings_or_exit()
-    if settings is None:
-        return 2
-    role = args.role or _role_described_by(settings)
-    problems: list[str] = []
-    try:
-        subscriptions = subscriptions_for(role, settings)
-    except SettingsError as exc:
-        problems.extend(str(exc).splitlines())
-        subscriptions = []
-    try:
-        consumers = consumers_for(role, settings)
-    except SettingsError as exc:
-        problems.extend(str(exc).splitlines())
-        consumers = None
-    if role in ("producer", "run"):
-        try:
-            settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
-        except SettingsError as exc:
-            problems.append(str(exc))
-        problems.extend(_state_dir_problems(settings))
-    if runs_checks(role, settings):
-        from bridge.checks.role import checks_settings_problems
-
-        problems.extend(checks_settings_problems(settings))
-    for problem in problems:
-        print(f"patchwork-bridge: {problem}", file=sys.stderr)
-    if problems:
-        return 2
-    if role == "run" and not subscriptions:
-        also = " and the stream" if consumers is not None else " only"
-        print(f"configuration ok for run (no subscriptions: the producer{also})")
-    else:
-        print(f"configuration ok for {role}")
-    return 0
-
-
-def _role_described_by(settings: Settings) -> str:
-    """Without --role: a webhook (or stream) process where only subscriptions (or stream
-    consumers) are set, else ``run``."""
-    if settings.patchwork_url is None and settings.subscriptions is not None:
-        return "webhook"
-    if settings.patchwork_url is None and settings.stream_consumers is not None:
-        return "stream"
-    return "run"
-
-
-def _state_dir_problems(settings: Settings) -> list[str]:
-    """What would stop the producer at its state directory: not writable, a bad cursor."""
-    from bridge.producer.cursor import CursorStore, probe_writable
-
-    try:
-        probe_writable(settings.state_dir)
-        CursorStore(settings.state_dir).load_now()
-    except (StateDirError, CursorError) as exc:
-        return [str(exc)]
-    return []

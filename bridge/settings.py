@@ -6,6 +6,7 @@ appear in that line, in ``repr`` or in logs (they are ``SecretStr``).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from datetime import datetime
@@ -16,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "BRIDGE_"
 
@@ -41,7 +44,8 @@ class Settings(BaseSettings):
     patchwork_timeout: float = Field(30.0, gt=0)
 
     poll_interval: float = Field(10.0, gt=0)
-    poll_overlap: float = Field(300.0, ge=0)
+    poll_late_wait: float = Field(300.0, ge=0)
+    """Seconds a late event (an id gap) is waited for, and how far back the sweep reads."""
     poll_sweep_interval: float = Field(60.0, ge=0)
     start: str = "now"
     state_dir: Path = Path("bridge-state")
@@ -163,15 +167,27 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+DEPRECATED = {"BRIDGE_POLL_OVERLAP": "BRIDGE_POLL_LATE_WAIT"}
+"""Old names still read, each with one line saying its new name."""
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings, rejecting misspelled BRIDGE_* names that pydantic would ignore.
 
     ``overrides`` take precedence over the environment (tests and the demo use them).
     """
-    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | set(DEPRECATED)
     unknown = sorted(
         k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
     )
+    for old, new in DEPRECATED.items():
+        if old not in os.environ:
+            continue
+        if new in os.environ:
+            raise SettingsError(f"{old}: the old name of {new}; set only {new}")
+        log.warning("%s is the old name of %s, which it sets; rename it", old, new)
+        field = new.removeprefix(ENV_PREFIX).lower()
+        overrides = {field: os.environ[old], **overrides}
     if unknown:
         raise SettingsError(f"{unknown[0]}: unknown setting (see README, Configuration)")
     try:

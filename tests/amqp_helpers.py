@@ -20,14 +20,15 @@ import aio_pika
 import pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from bridge.amqp import replay_exchange
+from bridge.broker.topology import replay_exchange
+from bridge.delivery.engine import DeliveryRole
+from bridge.delivery.queues import QueueControl, QueueSet, subscription_queues
 from bridge.events import APP_ID, amqp_headers, parse_event
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, Outcome
-from bridge.webhook.consumer import WebhookConsumer
-from bridge.webhook.queues import QueueControl, QueueSet, subscription_queues
+from bridge.webhook.role import lane_of
 from bridge.webhook.subscriptions import Subscription
 from tests.broker import AMQP_URL, rabbitmqctl
 
@@ -185,20 +186,22 @@ def make_consumer(
     metrics: Metrics | None = None,
     role: str | None = None,
     **kwargs: object,
-) -> WebhookConsumer:
+) -> DeliveryRole:
+    """The webhook role for these subscriptions and sinks; ``role`` names its connections."""
     settings = Settings(exchange=exchange, queue_type=queue_type, queue_depth_interval=0.2)  # type: ignore[arg-type]
-    return WebhookConsumer(
+    return DeliveryRole(
+        "webhook",
         settings,
         metrics or Metrics(),
-        pairs,
-        connection_role=role or f"webhook test-{uuid.uuid4().hex[:8]}",
+        [(lane_of(exchange, sub), sink) for sub, sink in pairs],
+        connection_name=role or f"webhook test-{uuid.uuid4().hex[:8]}",
         marker_check_interval_s=kwargs.pop("marker_check_interval_s", 0.2),  # type: ignore[arg-type]
         drain_timeout_s=kwargs.pop("drain_timeout_s", 2.0),  # type: ignore[arg-type]
     )
 
 
 @asynccontextmanager
-async def running(consumer: WebhookConsumer) -> AsyncIterator[WebhookConsumer]:
+async def running(consumer: DeliveryRole) -> AsyncIterator[DeliveryRole]:
     """Run the consumer until the block ends; fails fast if it does not become ready."""
     async with InProcess([consumer]) as bridge:
         await bridge.wait_ready(20)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import aio_pika
 import pytest
 
-from bridge.amqp import replay_exchange
+from bridge.broker.topology import replay_exchange
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from tests.broker import AMQP_URL, rabbitmqctl

@@ -17,7 +17,7 @@ from pathlib import Path
 import aio_pika
 from aiohttp import web
 
-from bridge.webhook.queues import QueueControl
+from bridge.delivery.queues import QueueControl
 from tests.broker import AMQP_URL, rabbitmqctl
 from tests.receiver import Handler, Receiver
 

@@ -13,11 +13,12 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
 from bridge.stream.consumers import load_consumers
 from bridge.stream.role import StreamRole
+from tests.amqp_helpers import wait_for
 from tests.test_producer import make_settings
 
 NIPA = "nipa-token-0123456789abcdef"
@@ -45,13 +46,40 @@ def stream_settings(patchwork: FakePatchwork, exchange_name: str, tmp_path: Path
     )
 
 
+_METRICS: dict[str, Metrics] = {}
+"""Each running stream role's metrics, by its URL: ``connected`` reads its client count."""
+
+
 @asynccontextmanager
 async def stream_role(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[str]:
     """A stream role in this process; yields its base URL once it follows the log."""
-    role = StreamRole(settings, metrics or Metrics(), load_consumers(settings.stream_consumers))
+    metrics = metrics or Metrics()
+    role = StreamRole(settings, metrics, load_consumers(settings.stream_consumers))
     async with InProcess([role]) as bridge:
         await bridge.wait_ready()
-        yield f"http://127.0.0.1:{role.port}"
+        url = f"http://127.0.0.1:{role.port}"
+        _METRICS[url] = metrics
+        try:
+            yield url
+        finally:
+            del _METRICS[url]
+
+
+async def connected(url: str, clients: int = 1) -> None:
+    """Until the stream role at ``url`` serves ``clients`` clients: from then on each gets
+    what is published (a client joins the hub before the role counts it)."""
+
+    def serving() -> bool:
+        metric = _METRICS[url].registry.get_sample_value
+        return (
+            sum(
+                metric("patchwork_bridge_stream_clients", {"consumer": name}) or 0
+                for name in ("nipa", "dpdk")
+            )
+            >= clients
+        )
+
+    await wait_for(serving, what=f"{clients} stream clients connected")
 
 
 @asynccontextmanager
@@ -94,7 +122,7 @@ async def publish_and_read(
     """``count`` new events, read live by a client that connected first; afterwards the
     hub has handed all of them out."""
     reader = asyncio.create_task(read_events(url, count))
-    await asyncio.sleep(0.5)
+    await connected(url)
     added = patchwork.add_events(count)
     return added, await reader
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 
 import aio_pika
 import pytest
 
-from bridge.amqp import replay_exchange
-from bridge.cli.bind import BindError, bind, cli, unbind
+from bridge.__main__ import main
+from bridge.broker.topology import replay_exchange
+from bridge.cli.bind import BindError, bind, unbind
 from bridge.cli.common import CliError
 from bridge.settings import load_settings
 from tests.broker import AMQP_URL, rabbitmqctl
+
+
+async def bind_command(*argv: str) -> int:
+    """`patchwork-bridge bind ARGV...`, in this process (in a thread: it runs its own loop)."""
+    return await asyncio.to_thread(main, ["bind", *argv])
 
 
 def queue_facts(*names: str) -> dict[str, dict]:
@@ -85,8 +90,7 @@ async def test_cli_prints_one_line(
 ):
     monkeypatch.setenv("BRIDGE_AMQP_URL", AMQP_URL)
     monkeypatch.setenv("BRIDGE_EXCHANGE", exchange_name)
-    args = argparse.Namespace(queue=ci_queue, patterns=["dpdk.*"])
-    assert await cli(args) == 0
+    assert await bind_command(ci_queue, "dpdk.*") == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == [
         f"queue {ci_queue} (classic) bound to exchange {exchange_name} with dpdk.*; "
@@ -99,7 +103,7 @@ async def test_cli_reports_an_unreachable_broker_in_one_line_without_the_passwor
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
     monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://ci:hunter2@127.0.0.1:1/")
-    assert await cli(argparse.Namespace(queue="never-declared", patterns=["#"])) == 1
+    assert await bind_command("never-declared", *["#"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert len(err.splitlines()) == 1 and "cannot bind" in err
@@ -120,7 +124,7 @@ async def test_cli_reports_an_unreachable_broker_in_one_line_without_the_passwor
 async def test_cli_rejects_names_rabbitmq_would_refuse(
     queue: str, patterns: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ):
-    assert await cli(argparse.Namespace(queue=queue, patterns=patterns)) == 1
+    assert await bind_command(queue, *patterns) == 1
     assert message in capsys.readouterr().err
 
 
@@ -128,7 +132,7 @@ async def test_cli_exits_2_on_a_bad_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
     monkeypatch.setenv("BRIDGE_QUEUE_TYPE", "lazy")
-    assert await cli(argparse.Namespace(queue="q", patterns=["#"])) == 2
+    assert await bind_command("q", *["#"]) == 2
     assert "BRIDGE_QUEUE_TYPE" in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import bridge
-from bridge.amqp import uncancelled
+from bridge.broker.calls import uncancelled
 
 
 async def test_a_broker_call_cancelled_as_it_ends_still_cancels_its_caller():

@@ -17,16 +17,16 @@ import pika
 import pytest
 from pydantic import SecretStr
 
-from bridge.amqp import declare_exchange
+from bridge.broker.topology import declare_exchange
 from bridge.checks.result import InvalidResult, parse_result, results_exchange
 from bridge.checks.role import build_checks_role
+from bridge.delivery.messages import LAST_ERROR, LAST_REASON
+from bridge.delivery.queues import checks_queues
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess
 from bridge.schema import SCHEMAS_DIR
 from bridge.settings import Settings
-from bridge.webhook.messages import LAST_ERROR, LAST_REASON
-from bridge.webhook.queues import checks_queues
 from tests.amqp_helpers import drain, get_all, wait_for
 from tests.broker import AMQP_URL
 from tests.stream_helpers import DPDK, NIPA, producer, stream_role, stream_settings

@@ -16,15 +16,12 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
-from bridge.amqp import connection_name, declare_exchange
+from bridge.broker.connect import connection_name
+from bridge.broker.errors import TopologyError
+from bridge.broker.topology import declare_exchange
 from bridge.cli.subscriptions import run_subscriptions
-from bridge.metrics import Metrics
-from bridge.runtime import InProcess, build_roles
-from bridge.settings import Settings, SettingsError
-from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, RetryLater
-from bridge.sinks.registry import load_sink
-from bridge.webhook.consumer import WebhookConsumer
-from bridge.webhook.messages import (
+from bridge.delivery.engine import DeliveryRole
+from bridge.delivery.messages import (
     ATTEMPTS,
     DEAD_AT,
     LAST_ERROR,
@@ -32,8 +29,14 @@ from bridge.webhook.messages import (
     LAST_STATUS,
     ROUTING_KEY,
 )
-from bridge.webhook.queues import QueueControl, TopologyError, declare_subscription
-from bridge.webhook.settle import SETTLE_BUG_TRIES
+from bridge.delivery.queues import QueueControl
+from bridge.delivery.settle import SETTLE_BUG_TRIES
+from bridge.metrics import Metrics
+from bridge.runtime import InProcess, build_roles
+from bridge.settings import Settings, SettingsError
+from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, RetryLater
+from bridge.sinks.registry import load_sink
+from bridge.webhook.role import declare_subscription
 from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
     FakeSink,
@@ -144,7 +147,7 @@ async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
         pass  # the queue is now bound with both patterns, as after an earlier start
     narrow = make_sub("narrowed", events=["*.series-completed"])
     sink, metrics = FakeSink(), Metrics()
-    with caplog.at_level(logging.WARNING, logger="bridge.webhook.consumer"):
+    with caplog.at_level(logging.WARNING, logger="bridge.delivery.lane"):
         async with running(make_consumer(exchange_name, [(narrow, sink)], metrics=metrics)):
             await publish_events(
                 exchange_name,
@@ -157,7 +160,7 @@ async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "bridge.webhook.consumer" and r.levelno >= logging.WARNING
+        if r.name == "bridge.delivery.lane" and r.levelno >= logging.WARNING
     ]
     assert len(warnings) == 1  # once per routing key
     assert "netdevbpf.patch-created" in warnings[0] and "list_bindings" in warnings[0]
@@ -313,12 +316,12 @@ async def test_a_bug_while_settling_ends_in_dead_after_bounded_tries(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from bridge.webhook import consumer as consumer_module
+    from bridge.delivery import lane as lane_module
 
     def broken(message: object) -> object:
         raise KeyError("a bug of ours")
 
-    monkeypatch.setattr(consumer_module, "delivery_from", broken)
+    monkeypatch.setattr(lane_module, "delivery_from", broken)
     target = make_sub("settle-bug")
     sink, metrics = FakeSink(), Metrics()
     consumer = make_consumer(
@@ -581,8 +584,8 @@ def test_build_roles_loads_subscriptions_and_their_sinks(tmp_path: Path) -> None
     path = tmp_path / "subscriptions.toml"
     path.write_text('[[webhook]]\nname = "ci"\nurl = "https://ci.example.org/hook"\n')
     (consumer,) = build_roles("webhook", Settings(subscriptions=path), Metrics())
-    assert isinstance(consumer, WebhookConsumer)
-    assert [lane.name for lane in consumer._lanes] == ["ci"]
+    assert isinstance(consumer, DeliveryRole)
+    assert consumer.lane_names == ["ci"]
 
 
 async def test_queue_of_another_type_stops_start_up_with_a_clear_error(

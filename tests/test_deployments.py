@@ -19,11 +19,11 @@ import pytest
 from aiohttp import web
 
 from bridge.__main__ import main
-from bridge.amqp import replay_exchange
+from bridge.broker.topology import replay_exchange
 from bridge.checks.result import results_exchange
+from bridge.delivery.queues import checks_queues, subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
-from bridge.webhook.queues import checks_queues, subscription_queues
 from tests.amqp_helpers import queue_depth, wait_for
 from tests.broker import AMQP_URL
 from tests.receiver import Receiver

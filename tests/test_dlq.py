@@ -17,10 +17,10 @@ from bridge.cli.bind import bind, unbind
 from bridge.cli.common import CliError
 from bridge.cli.dlq import Target, run_dlq
 from bridge.cli.subscriptions import remove_subscription
+from bridge.delivery.messages import BRIDGE_HEADERS
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.base import GiveUp
-from bridge.webhook.messages import BRIDGE_HEADERS
 from bridge.webhook.subscriptions import Subscription
 from tests.amqp_helpers import (
     FakeSink,

@@ -16,10 +16,10 @@ import aio_pika
 import pytest
 
 from bridge.__main__ import main
-from bridge.amqp import RecycledConnection, connection_name
+from bridge.broker.connect import RecycledConnection, connection_name
 from bridge.eventlog import is_marker, log_queue, logged_start, read_log
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from tests.amqp_helpers import connection_pids, drain, wait_for
 from tests.test_producer import make_settings, running
@@ -51,7 +51,7 @@ async def test_reads_cancelled_at_any_moment_leave_the_connection_reading(
 ):
     """A stream client that hangs up cancels its read of the log, whatever it was doing.
     aiormq answers a cancelled Basic.Consume or Channel.Close in ways that stopped every
-    channel of the connection (bridge.amqp.uncancelled); the connection must read on."""
+    channel of the connection (bridge.broker.calls.uncancelled); the connection must read on."""
     patchwork.add_events(300)
     async with running(make_settings(patchwork, exchange_name, tmp_path)):
         await drain(bound_queue, expected=300)
@@ -178,7 +178,7 @@ async def test_two_first_starts_on_a_new_log_the_second_still_reads_it_before_ta
             [Producer(settings.model_copy(update={"state_dir": tmp_path / "b"}), metrics["b"])]
         ),
     }
-    caplog.set_level("INFO", logger="bridge.producer.poller")
+    caplog.set_level("INFO", logger="bridge.producer.role")
     for side in sides.values():
         side.start()
     try:
@@ -330,7 +330,7 @@ async def test_now_holds_across_a_stateless_restart_or_a_takeover(
         exchange_name,
         tmp_path / "first",
         start="now",
-        poll_overlap=300.0,
+        poll_late_wait=300.0,
         poll_sweep_interval=0.2,
     )
     second = settings.model_copy(update={"state_dir": tmp_path / "second"})

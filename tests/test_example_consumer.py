@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from bridge.__main__ import main
-from bridge.amqp import declare_exchange, replay_exchange
+from bridge.broker.topology import declare_exchange, replay_exchange
 from bridge.cli.bind import bind, unbind
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import declare_log, log_queue

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.amqp_helpers import wait_for
-from tests.stream_helpers import NIPA, producer, stream_role, stream_settings
+from tests.stream_helpers import NIPA, connected, producer, stream_role, stream_settings
 
 pytestmark = pytest.mark.broker
 
@@ -65,7 +65,7 @@ async def test_the_stream_example_resumes_after_a_kill_and_misses_nothing(
     async with producer(settings), stream_role(settings) as url:
         example = Example(url, tmp_path)
         await example.start()
-        await asyncio.sleep(1.5)  # connected: no saved id yet, so it reads from now on
+        await connected(url)  # no saved id yet, so it reads from now on
         added = patchwork.add_events(200, category="patch-created")
         await wait_for(lambda: len(example.ids()) >= 80, timeout=30)
         await example.kill()

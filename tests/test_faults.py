@@ -18,7 +18,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from bridge.amqp import connection_name
+from bridge.broker.connect import connection_name
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.logs import quiet_libraries
 from bridge.metrics import Metrics
@@ -105,7 +105,7 @@ async def test_producer_killed_five_times_mid_catch_up_loses_nothing(
         state_dir=str(tmp_path / "state"),
         start="beginning",
         poll_interval="0.2",
-        poll_overlap="60",
+        poll_late_wait="60",
         patchwork_timeout="5",
     )
     log = tmp_path / "producer.log"  # where bridges() sends its output
@@ -215,7 +215,7 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
         state_dir=tmp_path / "state",
         start="beginning",
         poll_interval=0.1,
-        poll_overlap=60.0,
+        poll_late_wait=60.0,
         patchwork_timeout=2.0,
         subscriptions=path,
     )
@@ -262,7 +262,7 @@ async def test_run_recovers_from_cut_broker_connections_and_loses_nothing(
     assert delivered_ids() == added
     assert len(added) == 1800
     # What the operator reads: one line per role each way, no library errors or tracebacks.
-    ours = [r.getMessage() for r in caplog.records if r.name == "bridge.amqp"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "bridge.broker.connect"]
     for role in ("producer", "webhook"):
         lost = [m for m in ours if m.startswith(f"{role}: lost its RabbitMQ connection")]
         assert len(lost) == 1 and "CONNECTION_FORCED - test: connection cut" in lost[0]

@@ -22,7 +22,7 @@ from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.http import start_server
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
 from tests.amqp_helpers import lane, wait_for

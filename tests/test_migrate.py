@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from bridge.amqp import declare_exchange, queue_arguments
+from bridge.broker.topology import declare_exchange, queue_arguments
 from bridge.cli.migrate import Move, migrate
 from bridge.cli.subscriptions import run_subscriptions
+from bridge.delivery.messages import ATTEMPT, LAST_REASON, ROUTING_KEY
+from bridge.delivery.queues import QueueSet, legacy_subscription_queues, subscription_queues
 from bridge.settings import Settings
-from bridge.webhook.messages import ATTEMPT, LAST_REASON, ROUTING_KEY
-from bridge.webhook.queues import QueueSet, legacy_subscription_queues, subscription_queues
 from tests.amqp_helpers import (
     FakeSink,
     delete_subscription_queues,

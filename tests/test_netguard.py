@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.webhook.netguard import (
+from bridge.sinks.netguard import (
     ForbiddenAddress,
     GuardedResolver,
     check_literal_host,

@@ -14,10 +14,10 @@ from zoneinfo import ZoneInfo
 import aio_pika
 import pytest
 
-from bridge.amqp import connection_name
+from bridge.broker.connect import connection_name
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics
-from bridge.producer.poller import Producer
+from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from bridge.settings import Settings
 from tests.amqp_helpers import cut_connection, drain, wait_for
@@ -32,7 +32,7 @@ def make_settings(patchwork: FakePatchwork, exchange: str, state_dir: Path, **kw
         "patchwork_timezone": TZ,
         "state_dir": state_dir,
         "poll_interval": 0.1,
-        "poll_overlap": 60.0,
+        "poll_late_wait": 60.0,
         "start": "beginning",
         "patchwork_timeout": 2.0,
     }

@@ -19,11 +19,12 @@ import pytest
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 
-from bridge.demo.patchwork_double import MEASURED, FakePatchwork
+from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from tests.amqp_helpers import wait_for
 from tests.broker import AMQP_URL
 from tests.fault_tools import tail
+from tests.patchwork_cost import MEASURED, CostedPatchwork
 
 pytestmark = pytest.mark.broker
 
@@ -151,7 +152,7 @@ async def test_every_event_reaches_a_pika_consumer_once_across_a_restart(unique,
     # range, so the sweep finds them; every 5 s here instead of 60.
     env = producer_env(
         patchwork, reader.exchange, tmp_path,
-        START="beginning", POLL_INTERVAL="0.2", POLL_OVERLAP="30", PATCHWORK_TIMEOUT="2",
+        START="beginning", POLL_INTERVAL="0.2", POLL_LATE_WAIT="30", PATCHWORK_TIMEOUT="2",
         POLL_SWEEP_INTERVAL="5",
     )  # fmt: skip
     stop_feeding = asyncio.Event()
@@ -217,7 +218,7 @@ async def test_first_start_under_load_publishes_everything_created_during_start_
     """BRIDGE_START=now against a busy Patchwork that charges the measured serving cost:
     200 events created while the start-up read is in flight (one in ten committed up to 3 s
     late) all reach an independent tap once; none of the 3,000 older events does."""
-    patchwork = FakePatchwork(tz=TZ, cost=MEASURED)
+    patchwork = CostedPatchwork(tz=TZ, cost=MEASURED)
     old = patchwork.add_events(3000)
     await patchwork.start()
     reader = tap(unique)
@@ -280,7 +281,7 @@ async def test_two_producers_one_poller_survive_five_kills_of_the_poller(unique,
     during a catch-up (a fresh standby started each time). Every event reaches an
     independent tap; duplicates stay within the events in flight at each kill; and the
     double never sees two producers polling in turn: each poller's requests are one run."""
-    patchwork = FakePatchwork(tz=TZ, cost=MEASURED)
+    patchwork = CostedPatchwork(tz=TZ, cost=MEASURED)
     added = patchwork.add_events(6000)
     await patchwork.start()
     reader = tap(unique)
@@ -290,7 +291,7 @@ async def test_two_producers_one_poller_survive_five_kills_of_the_poller(unique,
     async def start(index: int) -> asyncio.subprocess.Process:
         env = producer_env(
             patchwork, reader.exchange, tmp_path / f"state-{index}",
-            START="beginning", POLL_INTERVAL="0.2", POLL_OVERLAP="30", PATCHWORK_TIMEOUT="5",
+            START="beginning", POLL_INTERVAL="0.2", POLL_LATE_WAIT="30", PATCHWORK_TIMEOUT="5",
             POLL_SWEEP_INTERVAL="5",  # late events of the feed are the sweep's to find
         )  # fmt: skip
         logs.append(tmp_path / f"producer-{index}.log")

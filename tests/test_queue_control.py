@@ -10,8 +10,9 @@ import tracemalloc
 import aio_pika
 import pytest
 
-from bridge.amqp import BROKER_ERRORS, connection_name
-from bridge.webhook.queues import QueueControl, QueueSet
+from bridge.broker.connect import connection_name
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.delivery.queues import QueueControl, QueueSet
 from tests.amqp_helpers import cut_connection, wait_for
 from tests.broker import AMQP_URL
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
+from bridge.delivery.depth import QueueDepthSampler
 from bridge.metrics import Metrics
-from bridge.webhook.queue_depth import QueueDepthSampler
 from tests.amqp_helpers import (
     HangingSink,
     delete_subscription_queues,

@@ -9,15 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.webhook.retry import (
-    RETRY_AFTER_MAX_S,
-    RETRY_AFTER_MIN_S,
+from bridge.delivery.retry import (
     RETRY_AFTER_STEPS_S,
     delay_for_attempt,
     delay_ladder,
-    parse_retry_after,
     round_up_to_ladder,
 )
+from bridge.sinks.retry_after import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, parse_retry_after
 
 NOW = datetime(2026, 11, 24, 3, 14, 28, tzinfo=UTC)
 SCHEDULE = [5.0, 300.0, 1800.0]

@@ -21,7 +21,7 @@ from standardwebhooks import Webhook
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
-from bridge.webhook.netguard import refusal_reason
+from bridge.sinks.netguard import refusal_reason
 from bridge.webhook.subscriptions import load_subscriptions
 from tests.amqp_helpers import delete_subscription_queues, get_all, lane, queue_depth, wait_for
 from tests.receiver import Receiver

@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
-import subprocess
-import sys
+from dataclasses import dataclass
 
 import pytest
 
+from bridge.__main__ import main
 from bridge.logs import JsonFormatter, ReconnectNoise
 from bridge.settings import SettingsError, load_settings, redact_url
 
 TOKEN = "tok-0123456789abcdef-sekrit"
 
 
-def run_bridge(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_bridge(*args: str, **env: str) -> Ran:
+    """`patchwork-bridge ARGS` in this process, with only ``env`` of the BRIDGE_* settings:
+    what it says and how it ends are the command's (tests/test_operator.py runs processes
+    where the process itself is what is tested: signals, a port in use)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({k: v for k, v in saved.items() if not k.startswith("BRIDGE_")} | env)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # --help
+                code = int(exc.code or 0)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize(
@@ -249,3 +267,20 @@ def test_help_says_what_a_command_does_and_what_it_reads(command, names):
     text = " ".join(result.stdout.split())
     for name in names:
         assert " ".join(name.split()) in text, (name, result.stdout)
+
+
+def test_the_old_name_of_a_setting_is_read_with_one_line_saying_the_new_one(monkeypatch, caplog):
+    monkeypatch.setenv("BRIDGE_POLL_OVERLAP", "30")
+    with caplog.at_level(logging.WARNING, logger="bridge.settings"):
+        settings = load_settings()
+    assert settings.poll_late_wait == 30
+    [said] = [r.getMessage() for r in caplog.records if r.name == "bridge.settings"]
+    assert (
+        said
+        == "BRIDGE_POLL_OVERLAP is the old name of BRIDGE_POLL_LATE_WAIT, which it sets; rename it"
+    )
+    monkeypatch.setenv("BRIDGE_POLL_LATE_WAIT", "60")
+    with pytest.raises(
+        SettingsError, match="BRIDGE_POLL_OVERLAP: the old name of BRIDGE_POLL_LATE_WAIT"
+    ):
+        load_settings()

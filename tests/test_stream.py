@@ -15,7 +15,8 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 import bridge.stream.feed as feed_module
-from bridge.amqp import connection_name, declare_exchange
+from bridge.broker.connect import connection_name
+from bridge.broker.topology import declare_exchange
 from bridge.eventlog import log_queue, read_log
 from bridge.metrics import Metrics
 from bridge.settings import Settings
@@ -24,6 +25,7 @@ from tests.amqp_helpers import cut_connection, wait_for
 from tests.stream_helpers import (
     DPDK,
     NIPA,
+    connected,
     event_ids,
     producer,
     publish_and_read,
@@ -45,7 +47,7 @@ def settings(patchwork, exchange_name, tmp_path) -> Settings:
 async def test_a_client_gets_every_published_event_once_with_patchworks_json(patchwork, settings):
     async with producer(settings), stream_role(settings) as url:
         reader = asyncio.create_task(read_events(url, 300))
-        await asyncio.sleep(0.5)  # connected, reading from the live tail
+        await connected(url)  # reading from the live tail
         added = patchwork.add_events(300)
         events = await reader
     assert event_ids(events) == [e["id"] for e in added]
@@ -59,7 +61,7 @@ async def test_a_client_gets_every_published_event_once_with_patchworks_json(pat
 async def test_a_client_that_hangs_up_resumes_from_its_last_id_missing_nothing(patchwork, settings):
     async with producer(settings), stream_role(settings) as url:
         reader = asyncio.create_task(read_events(url, 120))
-        await asyncio.sleep(0.5)
+        await connected(url)
         added = patchwork.add_events(200)
         first = await reader  # hangs up with 80 still to come
         added += patchwork.add_events(100)  # published while it is away
@@ -84,7 +86,7 @@ async def test_a_stream_role_restarted_mid_stream_ends_streams_cleanly_and_resum
     async with producer(settings):
         async with stream_role(settings) as url:
             reader = asyncio.create_task(read_until_the_end(url))
-            await asyncio.sleep(0.5)
+            await connected(url)
             added = patchwork.add_events(150)
             await wait_for(lambda: len(got) >= 50)
         await asyncio.wait_for(reader, 10)  # the stream ended; no error
@@ -175,7 +177,7 @@ async def test_clients_live_and_catching_up_miss_nothing_when_the_roles_connecti
     """``stream``: the hub's; ``stream history``: the one clients catching up read on."""
     async with producer(settings), stream_role(settings) as url:
         live = [asyncio.create_task(read_resuming(url, 400)) for _ in range(4)]
-        await asyncio.sleep(0.5)
+        await connected(url, 4)
         added = patchwork.add_events(200)
         since = {"since": "2000-01-01T00:00:00"}
         catching_up = [asyncio.create_task(read_resuming(url, 400, params=since)) for _ in range(4)]
@@ -192,7 +194,7 @@ async def test_a_consumer_sees_only_the_events_it_asks_for(patchwork, settings):
         reader = asyncio.create_task(
             read_events(url, 10, token=DPDK, params={"events": "dpdk.patch-created"})
         )
-        await asyncio.sleep(0.5)
+        await connected(url)
         patchwork.add_events(30, project="netdevbpf")
         wanted = patchwork.add_events(10, project="dpdk", category="patch-created")
         events = await reader
@@ -292,7 +294,7 @@ async def test_bad_requests_get_a_clear_4xx_and_the_token_is_never_logged(
 async def test_a_position_of_another_log_or_past_its_end_is_refused(patchwork, settings):
     async with producer(settings), stream_role(settings) as url:
         reader = asyncio.create_task(read_events(url, 5))
-        await asyncio.sleep(0.5)
+        await connected(url)
         patchwork.add_events(5)
         events = await reader
         offset = int(events[-1].id.split("-")[0])
@@ -370,8 +372,8 @@ async def test_a_client_that_stops_reading_is_disconnected_and_the_others_go_on(
         request = f"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {NIPA}\r\n\r\n"
         await asyncio.get_running_loop().sock_sendall(stuck, request.encode())
         reader = asyncio.create_task(read_events(url, 6000))
-        await wait_for(lambda: len(patchwork.pollers) > 0)
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: patchwork.events_requests > 0)
+        await connected(url, 2)  # the stuck one and the reader
         added = patchwork.add_events(6000)
         events = await reader
         await wait_for(lambda: dropped() == 1, timeout=30, what="the stuck client dropped as slow")

@@ -89,7 +89,7 @@ def test_every_problem_of_a_consumers_file_is_one_line_and_no_token_is_shown(tmp
         load_consumers(path)
     lines = str(caught.value).splitlines()
     assert lines == [
-        f"{path}: consumer 'a': name: duplicate name (also consumer 'a')",
+        f"{path}: consumer 'a': name: duplicate name (also consumer #1)",
         f"{path}: consumer 'b': token: the same token as consumer 'a'",
         f"{path}: consumer 'c': token: must be at least 16 characters",
         f"{path}: consumer 'd': token: required (or token_file)",

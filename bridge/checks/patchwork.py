@@ -17,7 +17,7 @@ from bridge.checks.result import CheckResult
 from bridge.events import user_agent
 from bridge.settings import Settings
 from bridge.sinks.base import GiveUp, Outcome, RetryLater
-from bridge.webhook.retry import parse_retry_after
+from bridge.sinks.retry_after import parse_retry_after
 
 PROJECTS_KEPT = 10_000
 """Patches and series whose project is remembered: it never changes, and asking again

@@ -1,1 +1,19 @@
-"""Operator commands: dead letters, queues for CI systems, subscriptions, configuration checks."""
+"""The commands: each module registers its parser and carries the command out."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from bridge.cli import bind, check_config, demo, dlq, migrate, replay, roles, subscriptions
+
+COMMANDS: tuple[ModuleType, ...] = (
+    roles,
+    demo,
+    dlq,
+    subscriptions,
+    bind,
+    replay,
+    migrate,
+    check_config,
+)
+"""In the order ``--help`` lists them."""

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aio_pika
 
-from bridge.amqp import (
-    connect,
+from bridge.broker.connect import connect
+from bridge.broker.topology import (
     declare_exchange,
     declare_queue,
     declare_replay_route,
@@ -34,13 +33,15 @@ from bridge.amqp import (
 )
 from bridge.cli.common import (
     CliError,
+    Commands,
+    command,
     connected,
     delete_queues,
     delete_replay_route,
     exists,
-    run_operator_command,
+    usage,
 )
-from bridge.settings import Settings, SettingsError, load_settings
+from bridge.settings import Settings, load_settings
 from bridge.topics import check_pattern
 
 DEAD_SUFFIX = ".dead"
@@ -49,8 +50,12 @@ BIND_TIMEOUT_S = 30.0
 MAX_NAME_BYTES = 255  # AMQP short strings: queue names and routing patterns
 
 
-class BindError(Exception):
-    """The broker refused or is unreachable; the message is one line fit for an operator."""
+class BindError(CliError):
+    """The broker refused or is unreachable, or the queue is not this deployment's; the
+    message is one line fit for an operator."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"bind: {message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,31 +169,34 @@ async def unbind(settings: Settings, queue: str, *, yes: bool = False) -> list[s
     return deleted
 
 
-async def cli(args: argparse.Namespace) -> int:
+def register(commands: Commands) -> None:
+    bind_ = commands.add_parser("bind", help="declare a durable queue bound to the exchange")
+    bind_.add_argument("queue", help="queue name")
+    bind_.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic patterns, e.g. dpdk.*")
+    bind_.add_argument(
+        "--remove", action="store_true", help="delete QUEUE, QUEUE.dead and its replay route"
+    )
+    bind_.add_argument("--yes", action="store_true", help="with --remove: do not ask")
+    bind_.add_argument(
+        "--adopt",
+        action="store_true",
+        help="bind QUEUE although this deployment's bind did not make it (an earlier version's)",
+    )
+    bind_.set_defaults(run=run)
+
+
+@command
+async def run(args: argparse.Namespace) -> None:
     """One line on stdout when bound; one line on stderr and exit 2/1 when not."""
-    if getattr(args, "remove", False):
+    if args.remove:
         if args.patterns:
-            print("patchwork-bridge bind: --remove takes no patterns", file=sys.stderr)
-            return 2
-        return await run_operator_command(
-            lambda settings, _: unbind(settings, args.queue, yes=getattr(args, "yes", False)),
-            needs_subscriptions=False,
-        )
+            raise usage("bind: --remove takes no patterns")
+        await unbind(load_settings(), args.queue, yes=args.yes)
+        return
     if not args.patterns:
-        print("patchwork-bridge bind: give at least one PATTERN (or --remove)", file=sys.stderr)
-        return 2
-    # aio-pika logs a failed connect at length; the one line below says enough.
+        raise usage("bind: give at least one PATTERN (or --remove)")
+    # aio-pika logs a failed connect at length; the one line it ends with says enough.
     for noisy in ("aio_pika", "aiormq"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"patchwork-bridge: {exc}", file=sys.stderr)
-        return 2
-    try:
-        bound = await bind(settings, args.queue, args.patterns, adopt=getattr(args, "adopt", False))
-    except BindError as exc:
-        print(f"patchwork-bridge bind: {exc}", file=sys.stderr)
-        return 1
+    bound = await bind(load_settings(), args.queue, args.patterns, adopt=args.adopt)
     print(bound.describe())
-    return 0

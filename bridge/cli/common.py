@@ -1,32 +1,84 @@
-"""What the operator commands share: one short-lived connection, exit codes, subscription lookup."""
+"""What the commands share: one error type and how a command ends, one short-lived
+connection, subscription lookup, questions before deleting.
+
+Every command module has ``register(commands)``, which adds its parser and sets its
+``run``; ``run`` is wrapped by ``command``, so every command ends the same way: 0, or one
+line on stderr and 1 (trouble: the broker, a missing queue) or 2 (the operator's mistake:
+a setting, the command line).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
+import inspect
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    CONNECT_TIMEOUT_S,
-    close_channel,
-    replay_exchange,
-)
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel
+from bridge.broker.connect import CONNECT_TIMEOUT_S
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.topology import replay_exchange
+from bridge.delivery.queues import QueueControl
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.webhook.queues import QueueControl
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
 
 PROG = "patchwork-bridge"
 
 
 class CliError(Exception):
-    """Ends a command with one line on stderr and exit status 1."""
+    """Ends a command with one line on stderr and exit status ``code`` (1: trouble, 2: a
+    mistake of the operator's that running it again will not mend)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def usage(message: str) -> CliError:
+    """A command line that cannot be carried out as written."""
+    return CliError(message, code=2)
+
+
+Run = Callable[[argparse.Namespace], int]
+Commands = argparse._SubParsersAction  # what each command module's ``register`` adds to
+
+
+def command(body: Callable[[argparse.Namespace], Awaitable[Any] | Any]) -> Run:
+    """A command's ``run``: ``body`` (sync or async) carried out, and its end one of three:
+    0; CliError or SettingsError as one line and their code; Ctrl-C as one line and 130."""
+
+    @functools.wraps(body)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            result = body(args)
+            if inspect.iscoroutine(result):
+                result = asyncio.run(result)
+        except SettingsError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return 2
+        except CliError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return exc.code
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        return result if isinstance(result, int) else 0
+
+    return run
+
+
+def settings_and_subscriptions(needed: bool = True) -> tuple[Settings, list[Subscription]]:
+    """The settings, and the subscriptions of BRIDGE_SUBSCRIPTIONS where ``needed``."""
+    settings = load_settings()
+    return settings, configured(settings) if needed else []
 
 
 def configured(settings: Settings) -> list[Subscription]:
@@ -61,29 +113,6 @@ async def connected(settings: Settings, command: str) -> AsyncIterator[AbstractC
         yield connection
     finally:
         await connection.close()
-
-
-async def run_operator_command(
-    command: Callable[[Settings, list[Subscription]], Awaitable[object]],
-    *,
-    needs_subscriptions: bool = True,
-) -> int:
-    """Exit 0 on success, 2 for bad settings or an unknown subscription, 1 for broker trouble."""
-    try:
-        settings = load_settings()
-        await command(settings, configured(settings) if needs_subscriptions else [])
-    except SettingsError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except CliError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def usage_error(message: str) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return 2
 
 
 async def confirm(question: str, yes: bool) -> None:
@@ -135,7 +164,7 @@ async def delete_queues(
 
 
 async def delete_replay_route(connection: AbstractConnection, exchange: str, queue: str) -> None:
-    """Delete the queue's replay route (``bridge.amqp.replay_exchange``), if it has one."""
+    """Delete the queue's replay route (``replay_exchange``), if it has one."""
     channel = await connection.channel()
     try:
         await channel.exchange_delete(replay_exchange(exchange, queue), timeout=BROKER_TIMEOUT_S)

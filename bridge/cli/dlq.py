@@ -16,26 +16,23 @@ from typing import TextIO
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    close_channel,
-    publish_confirmed,
-    replay_exchange,
-)
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.topology import publish_confirmed, replay_exchange
 from bridge.cli.bind import DEAD_SUFFIX
 from bridge.cli.common import (
     CliError,
+    Commands,
+    command,
     confirm,
     connected,
     exists,
     pick,
     queue_depths,
-    run_operator_command,
-    usage_error,
+    settings_and_subscriptions,
+    usage,
 )
-from bridge.settings import Settings
-from bridge.webhook.messages import (
+from bridge.delivery.messages import (
     ATTEMPTS,
     DEAD_AT,
     LAST_ERROR,
@@ -46,7 +43,8 @@ from bridge.webhook.messages import (
     header_text,
     replay_headers,
 )
-from bridge.webhook.queues import QueueSet, checks_queues, subscription_queues
+from bridge.delivery.queues import QueueSet, checks_queues, subscription_queues
+from bridge.settings import Settings
 from bridge.webhook.subscriptions import RESERVED
 
 
@@ -121,7 +119,7 @@ async def list_dead(connection: AbstractConnection, target: Target, limit: int, 
     """Print up to ``limit`` dead letters, oldest first, leaving them in the queue.
 
     Each message shown is returned when the channel closes, which a quorum queue counts
-    as a delivery: dead queues allow a million (see ``bridge.amqp.DEAD_DELIVERY_LIMIT``).
+    as a delivery: dead queues allow a million (see ``bridge.broker.topology.DEAD_DELIVERY_LIMIT``).
     """
     channel = await connection.channel(publisher_confirms=False)
     try:
@@ -182,11 +180,12 @@ async def run_dlq(
     target: Target,
     action: str,
     limit: int | None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     *,
     yes: bool = False,
 ) -> None:
     """The command itself, with settings loaded and the queues chosen (tests call this)."""
+    out = out or sys.stdout
     async with connected(settings, f"dlq {action}") as connection:
         if target.route is not None and not await exists(connection, exchange=target.route):
             raise CliError(
@@ -214,32 +213,46 @@ async def run_dlq(
             raise CliError(f"dlq {action} {target.main}: {type(exc).__name__}: {exc}") from None
 
 
-async def cli(args: argparse.Namespace) -> int:
-    limit = getattr(args, "limit", None)
-    yes = getattr(args, "yes", False)
-    if args.queue is not None and args.name is not None:
-        return usage_error("dlq: give a subscription NAME or --queue QUEUE, not both")
-    if args.queue is None and args.name is None:
-        return usage_error("dlq: give a subscription NAME, or --queue QUEUE for a bind queue")
-    if args.queue is not None or args.name in RESERVED:  # RESERVED: the checks role's lane
-        return await run_operator_command(
-            lambda settings, _: run_dlq(
-                settings,
-                Target.of_bound_queue(settings.exchange, args.queue)
-                if args.queue is not None
-                else Target.of_subscription(settings.exchange, args.name),
-                args.dlq_command,
-                limit,
-                yes=yes,
-            ),
-            needs_subscriptions=False,
-        )
-    return await run_operator_command(
-        lambda settings, subscriptions: run_dlq(
-            settings,
-            Target.of_subscription(settings.exchange, pick(subscriptions, args.name).name),
-            args.dlq_command,
-            limit,
-            yes=yes,
-        )
+def register(commands: Commands) -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="list, replay or purge dead letters",
+        description="Dead letters of a subscription (NAME), of the checks role (checks), or "
+        "of a queue made by `bind` (--queue QUEUE: its QUEUE.dead).",
     )
+    actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    for action, help_text in {
+        "list": "show dead letters without removing them",
+        "replay": "send dead letters back for delivery, with a fresh attempt count",
+        "purge": "delete all dead letters (asks first)",
+    }.items():
+        p = actions.add_parser(action, help=help_text)
+        p.add_argument("name", nargs="?", help="subscription name, or checks")
+        p.add_argument("--queue", help="a queue made by `bind` instead of a subscription")
+        if action == "list":
+            p.add_argument("--limit", type=int, default=50, help="show at most N (default 50)")
+        if action == "replay":
+            p.add_argument("--limit", type=int, default=None, help="at most N (default all)")
+        if action == "purge":
+            p.add_argument("--yes", action="store_true", help="do not ask")
+        p.set_defaults(run=run)
+
+
+@command
+async def run(args: argparse.Namespace) -> None:
+    if args.queue is not None and args.name is not None:
+        raise usage("dlq: give a subscription NAME or --queue QUEUE, not both")
+    if args.queue is None and args.name is None:
+        raise usage("dlq: give a subscription NAME, or --queue QUEUE for a bind queue")
+    # A bind queue and the checks role's lane need no subscriptions file.
+    settings, subscriptions = settings_and_subscriptions(
+        needed=args.queue is None and args.name not in RESERVED
+    )
+    if args.queue is not None:
+        target = Target.of_bound_queue(settings.exchange, args.queue)
+    elif args.name in RESERVED:
+        target = Target.of_subscription(settings.exchange, args.name)
+    else:
+        target = Target.of_subscription(settings.exchange, pick(subscriptions, args.name).name)
+    limit = getattr(args, "limit", None)
+    await run_dlq(settings, target, args.dlq_command, limit, yes=getattr(args, "yes", False))

@@ -3,7 +3,7 @@ versions before 0.2, which every deployment on a vhost shared.
 
 Those versions named a subscription's queues ``bridge.webhook.<name>`` (``.retry.<d>s``,
 ``.dead``, ``.disabled``) and the checks role's ``bridge.checks``, whatever the exchange.
-This version names them after the exchange (``bridge.webhook.queues``). For each
+This version names them after the exchange (``bridge.delivery.queues``). For each
 subscription of BRIDGE_SUBSCRIPTIONS, and for the checks lane:
 
 1. the new queues are declared and bound, then the old main queue is unbound from this
@@ -27,7 +27,6 @@ is confirmed).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -36,18 +35,13 @@ from typing import Any, TextIO
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    close_channel,
-    declare_exchange,
-    publish_confirmed,
-)
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.topology import declare_exchange, publish_confirmed
 from bridge.checks.result import ROUTING_PATTERN, results_exchange
-from bridge.cli.common import CliError, configured, connected, run_operator_command
-from bridge.settings import Settings
-from bridge.webhook.messages import copy_message, header_text
-from bridge.webhook.queues import (
+from bridge.cli.common import CliError, Commands, command, configured, connected
+from bridge.delivery.messages import copy_message, header_text
+from bridge.delivery.queues import (
     LEGACY_CHECKS,
     QueueControl,
     QueueSet,
@@ -57,6 +51,7 @@ from bridge.webhook.queues import (
     legacy_subscription_queues,
     subscription_queues,
 )
+from bridge.settings import Settings, load_settings
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S, Subscription
 
 
@@ -294,15 +289,36 @@ async def migrate(
     return moved
 
 
-def cli(args: argparse.Namespace) -> int:
-    async def command(settings: Settings, _: list[Subscription]) -> None:
-        # Without BRIDGE_SUBSCRIPTIONS (a checks-only site), the checks lane alone.
-        subscriptions = configured(settings) if settings.subscriptions is not None else []
-        await migrate(
-            settings,
-            moves(settings, subscriptions),
-            dry_run=args.dry_run,
-            claim_copies=args.claim_copies,
-        )
+def register(commands: Commands) -> None:
+    migrate_ = commands.add_parser(
+        "migrate",
+        help="move this deployment's messages out of the queue names before 0.2 (bridge.*)",
+        description="Versions before 0.2 named queues bridge.webhook.<name> and bridge.checks, "
+        "shared by every deployment on a vhost. Move this deployment's waiting, retrying and "
+        "dead messages into its own queues (<exchange>.webhook.<name>, <exchange>.checks), "
+        "carry a disabled state over, and delete the old queues it empties. Messages of "
+        "another deployment are left in place. Set BRIDGE_PATCHWORK_URL: it tells this "
+        "deployment's retries and dead letters from another's. Safe to run again.",
+    )
+    migrate_.add_argument("--dry-run", action="store_true", help="show what is there, move nothing")
+    migrate_.add_argument(
+        "--claim-copies",
+        action="store_true",
+        help="also move retries and dead letters that do not say whose they are (the checks "
+        "role's; a subscription's without BRIDGE_PATCHWORK_URL): only if no other deployment "
+        "ever used the old queues",
+    )
+    migrate_.set_defaults(run=run)
 
-    return asyncio.run(run_operator_command(command, needs_subscriptions=False))
+
+@command
+async def run(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    # Without BRIDGE_SUBSCRIPTIONS (a checks-only site), the checks lane alone.
+    subscriptions = configured(settings) if settings.subscriptions is not None else []
+    await migrate(
+        settings,
+        moves(settings, subscriptions),
+        dry_run=args.dry_run,
+        claim_copies=args.claim_copies,
+    )

@@ -3,7 +3,7 @@ joined late or lost its own.
 
 Only ever into one named queue (``--queue``, e.g. one made by ``bind``) or one
 subscription's main queue, never to the exchange: the other CI systems get nothing
-again. Copies go through the queue's replay route (``bridge.amqp.replay_exchange``), a
+again. Copies go through the queue's replay route (``bridge.broker.topology.replay_exchange``), a
 private exchange with the same bindings as the queue, each with its original routing
 key: the queue gets exactly what it would have got live, and its consumer reads the
 routing key where it always does. Each copy keeps its ``message_id`` and headers and
@@ -27,19 +27,24 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq import spec
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    close_channel,
-    declare_replay_route,
-    replay_exchange,
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.topology import declare_replay_route, replay_exchange
+from bridge.cli.common import (
+    CliError,
+    Commands,
+    command,
+    connected,
+    exists,
+    pick,
+    settings_and_subscriptions,
+    usage,
 )
-from bridge.cli.common import CliError, connected, exists, pick, run_operator_command, usage_error
+from bridge.delivery.messages import copy_message
+from bridge.delivery.queues import subscription_queues
 from bridge.eventlog import SINCE_SKEW, LogMissing, log_queue, logged_event, read_log
 from bridge.settings import Settings, SettingsError
 from bridge.topics import TopicMatcher, check_pattern
-from bridge.webhook.messages import copy_message
-from bridge.webhook.queues import subscription_queues
 from bridge.webhook.subscriptions import Subscription
 
 REPLAY_HEADER = "x-patchwork-replay"
@@ -48,32 +53,55 @@ IN_FLIGHT = 500
 """Copies published and not yet confirmed, at most."""
 
 
-def cli(args: argparse.Namespace) -> int:
+def register(commands: Commands) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="copy events from the event log into one queue (a CI that joined late)",
+        description="Copy the events dated from --since (to --until) out of the event log "
+        "into one queue: a queue made by `bind` (--queue) or a subscription's main queue "
+        "(--subscription), through its replay route, so it gets only what its bindings "
+        "take, each under its original routing key. Never to the exchange, so nobody else "
+        "gets them again. Each copy keeps its message_id and carries the header "
+        "x-patchwork-replay: true. Dates are Patchwork's server time unless they carry a zone.",
+    )
+    replay.add_argument("--since", required=True, metavar="DATE", help="ISO 8601, inclusive")
+    replay.add_argument("--until", metavar="DATE", help="ISO 8601, exclusive (default: now)")
+    replay.add_argument(
+        "--events",
+        nargs="+",
+        metavar="PATTERN",
+        help="topic patterns, e.g. dpdk.* (default #; required for a queue `bind` did not make)",
+    )
+    target = replay.add_mutually_exclusive_group()
+    target.add_argument("--queue", help="the queue to copy into (it must exist)")
+    target.add_argument("--subscription", metavar="NAME", help="a subscription's main queue")
+    replay.add_argument("--dry-run", action="store_true", help="count, copy nothing")
+    replay.set_defaults(run=run)
+
+
+@command
+async def run(args: argparse.Namespace) -> None:
     if (args.queue is None) == (args.subscription is None):
-        return usage_error("replay: give --queue QUEUE or --subscription NAME (one of them)")
+        raise usage("replay: give --queue QUEUE or --subscription NAME (one of them)")
     for pattern in args.events or []:
         try:
             check_pattern(pattern)
         except ValueError as exc:
-            return usage_error(f"replay: --events {pattern!r}: {exc}")
-
-    async def command(settings: Settings, subscriptions: list[Subscription]) -> None:
-        since = _server_time(args.since, settings, "--since")
-        until = _server_time(args.until, settings, "--until") if args.until else None
-        subscription = pick(subscriptions, args.subscription) if args.subscription else None
-        target = (
-            subscription_queues(settings.exchange, subscription.name).main
-            if subscription is not None
-            else args.queue
-        )
-        async with (
-            connected(settings, "replay") as connection,
-            _route(connection, settings.exchange, target, subscription, args.events) as route,
-        ):
-            await _replay(connection, *route, settings, target, since, until, args)
-
-    needs_subscriptions = args.subscription is not None
-    return asyncio.run(run_operator_command(command, needs_subscriptions=needs_subscriptions))
+            raise usage(f"replay: --events {pattern!r}: {exc}") from None
+    settings, subscriptions = settings_and_subscriptions(needed=args.subscription is not None)
+    since = _server_time(args.since, settings, "--since")
+    until = _server_time(args.until, settings, "--until") if args.until else None
+    subscription = pick(subscriptions, args.subscription) if args.subscription else None
+    target = (
+        subscription_queues(settings.exchange, subscription.name).main
+        if subscription is not None
+        else args.queue
+    )
+    async with (
+        connected(settings, "replay") as connection,
+        _route(connection, settings.exchange, target, subscription, args.events) as route,
+    ):
+        await _replay(connection, *route, settings, target, since, until, args)
 
 
 @asynccontextmanager

@@ -10,18 +10,20 @@ import argparse
 import sys
 from typing import TextIO
 
-from bridge.amqp import BROKER_ERRORS
+from bridge.broker.errors import BROKER_ERRORS
 from bridge.cli.common import (
     CliError,
+    Commands,
+    command,
     connected,
     delete_queues,
     delete_replay_route,
     pick,
-    run_operator_command,
+    settings_and_subscriptions,
 )
+from bridge.delivery.engine import MARKER_CHECK_INTERVAL_S
+from bridge.delivery.queues import QueueControl, subscription_queues
 from bridge.settings import Settings
-from bridge.webhook.consumer import MARKER_CHECK_INTERVAL_S
-from bridge.webhook.queues import QueueControl, subscription_queues
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S, Subscription
 
 
@@ -64,18 +66,34 @@ async def run_subscriptions(
         )
 
 
-async def cli(args: argparse.Namespace) -> int:
-    if args.subscriptions_command == "remove":
-        return await run_operator_command(
-            lambda settings, subscriptions: remove_subscription(
-                settings, subscriptions, args.name, yes=args.yes
-            )
-        )
-    return await run_operator_command(
-        lambda settings, subscriptions: run_subscriptions(
-            settings, subscriptions, args.subscriptions_command, getattr(args, "name", None)
-        )
+def register(commands: Commands) -> None:
+    subs = commands.add_parser(
+        "subscriptions", help="list subscriptions; enable, disable or remove one"
     )
+    actions = subs.add_subparsers(dest="subscriptions_command", metavar="ACTION", required=True)
+    actions.add_parser(
+        "list", help="each subscription, its patterns and whether it is enabled"
+    ).set_defaults(run=run)
+    for action in ("enable", "disable"):
+        p = actions.add_parser(action, help=f"{action} a subscription's deliveries")
+        p.add_argument("name", help="subscription name")
+        p.set_defaults(run=run)
+    remove = actions.add_parser(
+        "remove", help="delete a subscription's queues (main, retry, dead) after showing them"
+    )
+    remove.add_argument("name", help="subscription name")
+    remove.add_argument("--yes", action="store_true", help="do not ask")
+    remove.set_defaults(run=run)
+
+
+@command
+async def run(args: argparse.Namespace) -> None:
+    settings, subscriptions = settings_and_subscriptions()
+    if args.subscriptions_command == "remove":
+        await remove_subscription(settings, subscriptions, args.name, yes=args.yes)
+    else:
+        name = getattr(args, "name", None)
+        await run_subscriptions(settings, subscriptions, args.subscriptions_command, name)
 
 
 async def remove_subscription(

@@ -12,23 +12,32 @@ import json
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from bridge.demo.patchwork_store import render
-
-if TYPE_CHECKING:
-    from bridge.demo.patchwork_double import FakePatchwork
 
 _NO_CREDENTIALS = {"detail": "Authentication credentials were not provided."}
 _FORBIDDEN = {"detail": "You do not have permission to perform this action."}
 STATES = ("pending", "success", "warning", "fail")
 
 
+class Site(Protocol):
+    """What the checks API needs of the double it is part of."""
+
+    @property
+    def url(self) -> str: ...
+
+    def now(self) -> datetime: ...
+
+    def add_check_event(self, project: str, patch_id: int, check: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class FakeChecks:
-    fake: FakePatchwork
+    fake: Site
     maintainers: Mapping[str, set[str]]
     """Token -> link names of the projects its user maintains."""
     patch_projects: dict[int, str] = field(default_factory=dict)

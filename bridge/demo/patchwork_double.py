@@ -21,10 +21,8 @@ import math
 import random
 import re
 import signal
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
@@ -114,26 +112,6 @@ def link_header(url: str, page: int, num_pages: int) -> str:
     return ", ".join(f'<{target}>; rel="{rel}"' for target, rel in links)
 
 
-@dataclass(frozen=True, slots=True)
-class ServingCost:
-    """What one ``/events/`` request costs the server, as seconds of delay.
-
-    ``MEASURED`` is what a real Patchwork took (gunicorn with 4 workers, PostgreSQL,
-    14,600 events): about 60 ms a request plus 1.9 ms an event served. Every page also
-    COUNTs the filtered rows on a table with no index on ``date``; its per-row cost is
-    our estimate, not a measurement.
-    """
-
-    request_s: float = 0.0
-    per_event_s: float = 0.0
-    count_per_row_s: float = 0.0
-    workers: int | None = None
-    """Requests served at once; None: no limit."""
-
-
-MEASURED = ServingCost(request_s=0.060, per_event_s=0.0019, count_per_row_s=0.00002, workers=4)
-
-
 class FakePatchwork(EventStore):
     """The double. ``start()`` serves it on loopback; ``stop()`` closes it, hung requests too.
 
@@ -149,35 +127,25 @@ class FakePatchwork(EventStore):
         projects: Sequence[str] = ("netdevbpf", "linux-kselftest", "dpdk"),
         token: str | None = None,
         public_url: str | None = None,
-        cost: ServingCost | None = None,
         maintainers: Mapping[str, set[str]] | None = None,
     ) -> None:
-        """``cost``: what each ``/events/`` request takes to serve (none by default).
-        ``maintainers``: token -> projects its user maintains, for the checks API."""
+        """``maintainers``: token -> projects its user maintains, for the checks API."""
         super().__init__(tz=tz, api_version=api_version, projects=projects, public_url=public_url)
-        self.cost = cost or ServingCost()
         self.checks = FakeChecks(self, maintainers or {})
         self.series_patches: dict[int, list[int]] = {}
         """A series' patch ids; a series not named here has the recorded four."""
         self.series_projects: dict[int, str] = {}
         """A series' project; series not named here are netdevbpf's, as recorded. A patch's
         is ``checks.patch_projects``'s."""
-        self._workers = asyncio.Semaphore(self.cost.workers) if self.cost.workers else None
         self._token = token
         self._url: str | None = None
         self._faults: deque[str] = deque()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.requests: list[dict[str, str]] = []
-        self.pollers: list[str] = []
-        """The User-Agent of each ``/events/`` request, in order: who polled when."""
-        self.poll_times: list[float] = []
-        """``time.monotonic()`` of each of those requests."""
         self.events_requests = 0
         self.events_served = 0
         """Items served by ``/events/`` so far, over all requests."""
-        self.busy_s = 0.0
-        """Seconds of serving cost charged so far (see ``ServingCost``)."""
 
     @property
     def url(self) -> str:
@@ -233,8 +201,6 @@ class FakePatchwork(EventStore):
         if request.match_info.route.name == "events":
             self.events_requests += 1
             self.requests.append(dict(request.query))
-            self.pollers.append(request.headers.get("User-Agent", ""))
-            self.poll_times.append(time.monotonic())
         if self._token is not None and request.method == "GET":
             expected = f"Token {self._token}".encode()
             if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
@@ -267,7 +233,7 @@ class FakePatchwork(EventStore):
         else:
             chunk = selected[start:end]
         self.events_served += len(chunk)
-        await self._serve_cost(len(selected), len(chunk))
+        await self.served(request, len(selected), len(chunk))
         return web.Response(
             body=b"[" + b",".join(item.body for item in chunk) + b"]",
             content_type="application/json",
@@ -278,17 +244,10 @@ class FakePatchwork(EventStore):
             },
         )
 
-    async def _serve_cost(self, rows: int, served: int) -> None:
-        cost = self.cost
-        delay_s = cost.request_s + cost.per_event_s * served + cost.count_per_row_s * rows
-        if delay_s <= 0:
-            return
-        self.busy_s += delay_s
-        if self._workers is None:
-            await asyncio.sleep(delay_s)
-            return
-        async with self._workers:  # a busy server queues requests behind its workers
-            await asyncio.sleep(delay_s)
+    async def served(self, request: web.Request, rows: int, items: int) -> None:
+        """Called for each ``/events/`` page served, before it is sent: ``rows`` matched the
+        filters, ``items`` are on the page. Nothing here; a test or a benchmark charges
+        Patchwork's serving cost in a subclass (tests/patchwork_cost.py)."""
 
     def _select(self, query: Any, version: str) -> list[StoredItem]:
         """Visible items matching the filters, ascending by date; bisect for since/before."""

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import aio_pika
 
-from bridge.amqp import connect, replay_exchange
+from bridge.broker.connect import connect
+from bridge.broker.topology import replay_exchange
+from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork, seed
 from bridge.demo.receiver import Received, start_receiver
 from bridge.eventlog import log_queue
@@ -28,7 +30,6 @@ from bridge.logs import setup_logging
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.webhook.queues import subscription_queues
 from bridge.webhook.subscriptions import load_subscriptions
 
 TIMEOUT_S = 60.0

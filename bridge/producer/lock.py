@@ -17,7 +17,9 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelLockedResource
 
-from bridge.amqp import BROKER_ERRORS, BROKER_TIMEOUT_S, CONNECT_TIMEOUT_S, connection_name
+from bridge.broker.calls import BROKER_TIMEOUT_S
+from bridge.broker.connect import CONNECT_TIMEOUT_S, connection_name
+from bridge.broker.errors import BROKER_ERRORS
 from bridge.settings import Settings
 from bridge.waiting import sleep_unless
 

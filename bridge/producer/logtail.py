@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractConnection
 
-from bridge.amqp import BROKER_ERRORS
+from bridge.broker.errors import BROKER_ERRORS
 from bridge.eventlog import LogMissing, logged_event, logged_start, read_log
 from bridge.events import Event
 from bridge.producer.cursor import Cursor, CursorError
@@ -41,7 +41,7 @@ async def cursor_from_log(connection: AbstractConnection, settings: Settings) ->
         stamps = [m.timestamp for m in last if m.timestamp is not None]
         if not stamps:
             return None
-        margin = timedelta(seconds=settings.poll_overlap + MARGIN_S)
+        margin = timedelta(seconds=settings.poll_late_wait + MARGIN_S)
         start = max(stamps) - margin
         events, started = await _read_since(connection, settings, start)
         if events:
@@ -59,7 +59,7 @@ async def cursor_from_log(connection: AbstractConnection, settings: Settings) ->
     if not events:
         return first  # a first start that has published nothing yet
     # On top of the first start's cursor: its floor, and what counted as published then.
-    window = Window(first or Cursor(), settings.poll_overlap)
+    window = Window(first or Cursor(), settings.poll_late_wait)
     window.confirm(events)
     window.prune()
     window.take_changes()  # the gaps it found are not news

@@ -14,7 +14,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 from aiormq import spec
 
-from bridge.amqp import BROKER_ERRORS, publish_confirmed
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.topology import publish_confirmed
 from bridge.eventlog import log_queue, start_marker
 from bridge.events import APP_ID, Event, amqp_headers
 from bridge.metrics import Metrics

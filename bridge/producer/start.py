@@ -60,7 +60,7 @@ async def initial_cursor(
     # events are gaps, published if they fill in time.
     # The floor keeps the sweep and the gap reads from reaching below what was seen.
     oldest = min(usable, key=lambda e: e.when).date
-    window = Window(Cursor(floor=oldest), settings.poll_overlap)
+    window = Window(Cursor(floor=oldest), settings.poll_late_wait)
     window.confirm(usable)
     log.info(
         "no cursor: starting after %s, the newest event now (id %d)",

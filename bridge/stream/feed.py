@@ -1,9 +1,9 @@
 """One client's events: read from the log from its position, then handed on by the hub.
 
-The seam between the two is exact: the client joins the hub, which notes the last
-offset it had handed out (the seam), and the client reads the log up to the seam
-itself. Offsets in a stream are consecutive, so nothing falls between and nothing is
-sent twice.
+``Feed.entries`` is three phases (history, seam, live). The seam between the log and the
+hub is exact: the client joins the hub, which notes the last offset it had handed out (the
+seam), and the client reads the log up to the seam itself. Offsets in a stream are
+consecutive, so nothing falls between and nothing is sent twice.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.amqp import BROKER_TIMEOUT_S, RecycledConnection
+from bridge.broker.calls import BROKER_TIMEOUT_S
+from bridge.broker.connect import RecycledConnection
 from bridge.eventlog import IDLE_END_S, SINCE_SKEW, logged_event, offset_of, read_log
 from bridge.stream.hub import Hub, LogEntry, Subscriber, entry_of
 from bridge.stream.positions import BadPosition, Position, position_of
@@ -87,22 +88,28 @@ class Feed:
         """Find the start before anything is sent: raises BadPosition, LogMissing, and
         LogStalled when the broker does not send in time what the log is known to hold."""
         if start is None:
-            return None
+            return None  # from now on: the hub alone
         if isinstance(start, Since):
-            self._since = start.local
-            read_from, tail = start.utc - SINCE_SKEW, self._hub.tail
-            held = self._hub.holds_published_since(read_from)
-            self._history = self._read(read_from, held)
-            self._first = await anext(self._history, None)  # raises LogMissing now, not later
-            if self._first is None:
-                if held or self._hub.tail != tail:
-                    # The log holds events from then, or got some meanwhile, and the read
-                    # sent none: a broker too busy to answer, not an empty range.
-                    await self.close()
-                    raise LogStalled("the event log sent nothing from a time it holds")
-                self.last_read = tail  # nothing after it yet: the seam read starts there
+            await self._open_since(start)
             return None
-        asked = start.position
+        return await self._open_after(start.position)
+
+    async def _open_since(self, start: Since) -> None:
+        self._since = start.local
+        read_from, tail = start.utc - SINCE_SKEW, self._hub.tail
+        held = self._hub.holds_published_since(read_from)
+        self._history = self._read(read_from, held)
+        self._first = await anext(self._history, None)  # raises LogMissing now, not later
+        if self._first is not None:
+            return
+        if held or self._hub.tail != tail:
+            # The log holds events from then, or got some meanwhile, and the read sent
+            # none: a broker too busy to answer, not an empty range.
+            await self.close()
+            raise LogStalled("the event log sent nothing from a time it holds")
+        self.last_read = tail  # nothing after it yet: the seam read starts there
+
+    async def _open_after(self, asked: Position) -> Gap | None:
         held = self._hub.holds(asked.offset)
         self._history = self._read(asked.offset, held)
         first = await anext(self._history, None)
@@ -113,18 +120,25 @@ class Feed:
         if found is None or found.offset < asked.offset:
             await self.close()
             raise BadPosition("Last-Event-ID: a position past the end of this stream's log")
-        if found.offset == asked.offset:
-            if found.tag != asked.tag:
-                await self.close()
-                raise BadPosition("Last-Event-ID: a position of another log than this one")
-            self.last_read = found.offset  # the client has it
-            return None
-        self._first = first  # the log starts after the position asked for
-        return Gap(asked, found)
+        if found.offset > asked.offset:
+            self._first = first  # the log starts after the position asked for
+            return Gap(asked, found)
+        if found.tag != asked.tag:
+            await self.close()
+            raise BadPosition("Last-Event-ID: a position of another log than this one")
+        self.last_read = found.offset  # the client has it
+        return None
 
     async def entries(self) -> AsyncIterator[LogEntry]:
-        """The client's events, history then live, each once; ends only by raising
-        (a broker error, or the hub's overflow seen by the caller)."""
+        """The client's events in three phases, each once; ends only by raising (a broker
+        error, or the hub's overflow seen by the caller).
+
+        1. History: the log from the client's start until close to the hub's tail.
+        2. The seam: joined to the hub, which notes the last offset it handed out before
+           (or, if it had handed out none, its first event for the client tells it); the
+           client reads the log from where its history ended up to there.
+        3. Live: what the hub hands it, after the seam.
+        """
         if self._history is not None:
             async for entry in self._catch_up():
                 yield entry
@@ -133,15 +147,23 @@ class Feed:
             # It found nothing when the hub had handed nothing out; the hub has since: what
             # it handed out before this client joined is read by nobody. It asks again.
             raise LogStalled("the event log got events while this stream was starting")
-        # Known now if the hub had handed out events, else set by its first one: either
-        # way the log up to it is read before a live event is sent.
-        seam_closed = self.last_read is None  # from now on: nothing before to read
-        live: LogEntry | None = None
+        first_live: LogEntry | None = None
+        if self.last_read is not None:  # else from now on: nothing before to read
+            if self.subscriber.seam is None:
+                first_live = await self.subscriber.entries.get()  # the hub sets the seam
+            seam = self.subscriber.seam
+            assert seam is not None
+            async for entry in self._read_on(
+                lambda: self.last_read is None or self.last_read >= seam
+            ):
+                yield entry
+        async for entry in self._live(first_live):
+            yield entry
+
+    async def _live(self, first: LogEntry | None) -> AsyncIterator[LogEntry]:
+        """The hub's events, from ``first``; those the seam read already sent are skipped."""
+        live = first
         while True:
-            if not seam_closed and self.subscriber.seam is not None:
-                async for older in self._up_to(self.subscriber.seam):
-                    yield older
-                seam_closed = True
             if live is not None and (self.last_read is None or live.offset > self.last_read):
                 self.last_read = live.offset
                 yield live
@@ -171,11 +193,6 @@ class Feed:
     def _near_tail(self) -> bool:
         tail, last = self._hub.tail, self.last_read
         return tail is None or last is None or tail - last <= self.subscriber.entries.maxsize // 2
-
-    async def _up_to(self, seam: int) -> AsyncIterator[LogEntry]:
-        """What lies between this client's history and the hub's first event for it."""
-        async for entry in self._read_on(lambda: self.last_read is None or self.last_read >= seam):
-            yield entry
 
     async def _read_on(self, far_enough: Callable[[], bool]) -> AsyncIterator[LogEntry]:
         """The log from ``last_read`` on, until ``far_enough()``.

@@ -18,14 +18,9 @@ from datetime import UTC, datetime
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    close_channel,
-    is_connected,
-    open_channel,
-    uncancelled,
-)
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel, open_channel, uncancelled
+from bridge.broker.connect import is_connected
+from bridge.broker.errors import BROKER_ERRORS
 from bridge.eventlog import READ_PREFETCH, LogMissing, is_marker, log_queue, offset_of
 from bridge.stream.positions import Position, position_of
 from bridge.waiting import sleep_unless

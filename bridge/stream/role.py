@@ -10,9 +10,10 @@ import logging
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from bridge.amqp import BROKER_TIMEOUT_S, RecycledConnection, connect_with_retry, is_connected
+from bridge.broker.calls import BROKER_TIMEOUT_S
+from bridge.broker.connect import RecycledConnection, connect_with_retry, is_connected
 from bridge.checks.patchwork import PatchworkChecks
-from bridge.http import serve_app
+from bridge.http import PortInUse, serve_app
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.stream.consumers import StreamConsumers
@@ -21,10 +22,6 @@ from bridge.stream.server import CLOSE_TIMEOUT_S, StreamServer
 from bridge.waiting import Ticker
 
 log = logging.getLogger(__name__)
-
-
-class StreamPortInUse(OSError):
-    """BRIDGE_STREAM_PORT cannot be bound."""
 
 
 class StreamRole:
@@ -41,8 +38,6 @@ class StreamRole:
         self._server: StreamServer | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        from bridge.runtime import PortInUse
-
         self._connection = await connect_with_retry(self.settings, self.name, stop)
         if self._connection is None:
             return

@@ -18,13 +18,10 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from aiormq import spec
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    NotConfirmed,
-    RecycledConnection,
-    declare_exchange,
-)
+from bridge.broker.calls import BROKER_TIMEOUT_S
+from bridge.broker.connect import RecycledConnection
+from bridge.broker.errors import BROKER_ERRORS, NotConfirmed
+from bridge.broker.topology import declare_exchange
 from bridge.checks.patchwork import PatchworkChecks
 from bridge.checks.patchwork import Refused as PatchworkRefused
 from bridge.checks.result import CheckResult, InvalidResult, parse_result, results_exchange

@@ -13,22 +13,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from bridge.sinks.netguard import ForbiddenAddress, check_literal_host
 from bridge.sinks.registry import sink_names
-from bridge.tablefile import (
-    Problems,
-    error_key,
-    error_message,
-    is_one_word,
-    label_of,
-    read_secret_file,
-    read_tables,
-    resolve,
-)
+from bridge.sinks.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
+from bridge.tablefile import NOT_ONE_WORD, Entry, Problems, is_one_word, load_entries
 from bridge.topics import check_pattern
-from bridge.webhook.netguard import ForbiddenAddress, check_literal_host
-from bridge.webhook.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
 RESERVED = frozenset({"checks"})
@@ -116,73 +107,45 @@ def load_subscriptions(path: Path) -> list[Subscription]:
     Relative ``secret_file`` and ``bearer_token_file`` paths are taken from the
     file's directory. An empty file is valid and yields no subscriptions.
     """
-    tables, problems = read_tables(path, "webhook", "subscriptions")
     known_sinks = set(sink_names())
-    subscriptions: list[Subscription] = []
-    first_index: dict[str, int] = {}
-    for index, table in enumerate(tables, start=1):
-        label = label_of(table, index)
-        name = table.get("name")
-        if name in RESERVED:
-            problems.add(label, "name", f"{name!r} is the checks role's own; choose another")
-            continue
-        if isinstance(name, str):
-            if name in first_index:
-                problems.add(label, "name", f"duplicate name (also webhook #{first_index[name]})")
-                continue
-            first_index[name] = index
-        subscription = _load_one(table, label, path.parent, known_sinks, problems)
-        if subscription is not None:
-            subscriptions.append(subscription)
+
+    def check(entry: Entry, problems: Problems) -> None:
+        values, label = entry.values, entry.label
+        if values.get("name") in RESERVED:
+            problems.add(
+                label, "name", f"{values['name']!r} is the checks role's own; choose another"
+            )
+        if isinstance(values.get("secret"), str):
+            _check_secret(values["secret"], label, entry.given_by("secret"), problems)
+        token = values.get("bearer_token")
+        if isinstance(token, str) and not is_one_word(token):
+            problems.add(label, entry.given_by("bearer_token"), NOT_ONE_WORD)
+        sink = values.get("sink", "webhook")
+        if isinstance(sink, str) and sink not in known_sinks:
+            installed = ", ".join(sorted(known_sinks)) or "none"
+            problems.add(label, "sink", f"unknown sink {sink!r} (installed: {installed})")
+        if sink == "webhook" and values.get("url") is None:
+            problems.add(label, "url", "required for a webhook")
+        if sink == "command" and not values.get("command"):
+            problems.add(
+                label, "command", 'required for sink = "command": the program and its args'
+            )
+
+    def check_loaded(subscription: Subscription, entry: Entry, problems: Problems) -> None:
+        if subscription.sink == "webhook" and not subscription.allow_private_network:
+            _check_reachable(subscription.url or "", entry.label, problems)
+
+    subscriptions, problems = load_entries(
+        path,
+        "webhook",
+        "subscriptions",
+        Subscription,
+        secret_files=_FILE_KEYS,
+        check=check,
+        check_loaded=check_loaded,
+    )
     problems.raise_any()
     return subscriptions
-
-
-def _load_one(
-    table: dict[str, Any], label: str, base: Path, known_sinks: set[str], problems: Problems
-) -> Subscription | None:
-    before = len(problems.lines)
-    values = dict(table)
-    for key in sorted(set(values) - set(Subscription.model_fields)):
-        problems.add(label, key, "unknown key")
-        del values[key]
-
-    for file_key, value_key in _FILE_KEYS.items():
-        if file_key in values and value_key in values:
-            problems.add(label, file_key, f"set either {value_key} or {file_key}, not both")
-        elif isinstance(values.get(file_key), str):
-            file_path = resolve(values[file_key], base)
-            values[file_key] = file_path
-            content = read_secret_file(file_path, label, file_key, problems)
-            if content is not None:
-                values[value_key] = content
-
-    given_by = "secret_file" if "secret_file" in table else "secret"
-    if isinstance(values.get("secret"), str):
-        _check_secret(values["secret"], label, given_by, problems)
-    token_key = "bearer_token_file" if "bearer_token_file" in table else "bearer_token"
-    token = values.get("bearer_token")
-    if isinstance(token, str) and not is_one_word(token):
-        problems.add(label, token_key, "must be one word, without spaces or control characters")
-
-    sink = values.get("sink", "webhook")
-    if isinstance(sink, str) and sink not in known_sinks:
-        installed = ", ".join(sorted(known_sinks)) or "none"
-        problems.add(label, "sink", f"unknown sink {sink!r} (installed: {installed})")
-    if sink == "webhook" and values.get("url") is None:
-        problems.add(label, "url", "required for a webhook")
-    if sink == "command" and not values.get("command"):
-        problems.add(label, "command", 'required for sink = "command": the program and its args')
-
-    try:
-        subscription = Subscription.model_validate(values)
-    except ValidationError as exc:
-        for error in exc.errors(include_input=False, include_url=False):
-            problems.add(label, error_key(error["loc"]), error_message(error["msg"]))
-        return None
-    if subscription.sink == "webhook" and not subscription.allow_private_network:
-        _check_reachable(subscription.url or "", label, problems)
-    return subscription if len(problems.lines) == before else None
 
 
 def _check_reachable(url: str, label: str, problems: Problems) -> None:

@@ -1,4 +1,4 @@
-"""The messages on the webhook queues: how one is read, and the copies moved between queues.
+"""The messages on a lane's queues: how one is read, and the copies moved between queues.
 
 A copy carries the event's body and properties unchanged, plus ``x-bridge-*`` headers
 that say which attempt it is for and, on a dead letter, why it failed.
@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from bridge.delivery.outcomes import Delivery, Failure, RetryLater, SettleBug
 from bridge.logs import one_line
-from bridge.sinks.base import Delivery, GiveUp, RetryLater
 
 # Headers the bridge adds to copies it moves between its queues.
 ATTEMPT = "x-bridge-attempt"
@@ -36,35 +37,6 @@ BRIDGE_HEADERS = (ATTEMPT, LAST_STATUS, LAST_REASON, LAST_ERROR, ATTEMPTS, DEAD_
 # starts clean so they do not pile up across retries.
 _BROKER_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-delivery-count")
 _EVENT_HEADER_PREFIXES = ("ce-", "x-patchwork-")
-
-
-@dataclass(frozen=True, slots=True)
-class Invalid:
-    """The outcome for a message no sink can handle: dead-lettered without an attempt."""
-
-    detail: str
-    reason: str = "invalid"
-    status: None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Unmatched:
-    """The outcome for an event none of the subscription's patterns match: a binding left
-    from an earlier configuration routed it (AMQP cannot list bindings to remove them)."""
-
-    routing_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class SettleBug:
-    """The outcome for a message whose settling raised a bug of ours: retried a few times,
-    then dead-lettered with the error's one-line summary (see ``bridge.webhook.settle``)."""
-
-    detail: str
-    tries: int
-    """Settling attempts that raised so far, this one included."""
-    reason: str = "bug"
-    status: None = None
 
 
 class InvalidMessage(ValueError):
@@ -118,7 +90,37 @@ def _count_header(message: AbstractIncomingMessage, key: str, default: int) -> i
     return value if ok else default  # type: ignore[return-value]
 
 
-def carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+class Carried(Protocol):
+    """What the header functions read of a message: an incoming one, or ``Facts``."""
+
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the settle decision needs of a message, read once from it."""
+
+    message_id: str | None
+    routing_key: str | None
+    headers: Mapping[str, Any]
+    attempt: int
+    settle_bugs: int
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage) -> Facts:
+        return cls(
+            message.message_id,
+            message.routing_key,
+            message.headers or {},
+            attempt_of(message),
+            settle_bugs_of(message),
+        )
+
+
+def carried_headers(message: Carried) -> dict[str, Any]:
     """The message's headers without those the broker adds, plus the event's routing key."""
     headers = {
         k: v
@@ -145,11 +147,8 @@ def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> a
     )
 
 
-Failure = RetryLater | GiveUp | Invalid | SettleBug
-
-
 def retry_headers(
-    message: AbstractIncomingMessage, outcome: RetryLater | SettleBug, next_attempt: int
+    message: Carried, outcome: RetryLater | SettleBug, next_attempt: int
 ) -> dict[str, Any]:
     headers = _failure_headers(message, outcome) | {ATTEMPT: next_attempt}
     if isinstance(outcome, SettleBug):
@@ -158,17 +157,17 @@ def retry_headers(
 
 
 def dead_headers(
-    message: AbstractIncomingMessage, outcome: Failure, attempts: int
+    message: Carried, outcome: Failure, attempts: int, now: datetime
 ) -> dict[str, Any]:
     """What an operator needs to judge a dead letter (``dlq list`` shows these)."""
     headers = _failure_headers(message, outcome)
     headers.pop(ATTEMPT, None)
     headers[ATTEMPTS] = attempts
-    headers[DEAD_AT] = datetime.now(UTC).isoformat(timespec="seconds")
+    headers[DEAD_AT] = now.astimezone(UTC).isoformat(timespec="seconds")
     return headers
 
 
-def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+def replay_headers(message: Carried) -> dict[str, Any]:
     """A dead letter sent back starts again at attempt 1, with no failure recorded."""
     headers = carried_headers(message)
     for key in BRIDGE_HEADERS:
@@ -176,7 +175,7 @@ def replay_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
     return headers
 
 
-def _failure_headers(message: AbstractIncomingMessage, outcome: Failure) -> dict[str, Any]:
+def _failure_headers(message: Carried, outcome: Failure) -> dict[str, Any]:
     headers = carried_headers(message)
     headers[LAST_REASON] = outcome.reason
     headers[LAST_ERROR] = one_line(outcome.detail)

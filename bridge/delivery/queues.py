@@ -25,21 +25,10 @@ from aiormq import spec
 from aiormq.abc import AbstractChannel as AbstractChannelUnderlay
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.amqp import (
-    BROKER_ERRORS,
-    BROKER_TIMEOUT_S,
-    QueueType,
-    TopologyError,
-    close_channel,
-    declare_queue,
-    declare_replay_route,
-    open_bare_channel,
-    queue_arguments,
-)
-from bridge.webhook.retry import delay_ladder
-from bridge.webhook.subscriptions import Subscription
-
-__all__ = ["TopologyError"]  # raised here, defined with the broker's other errors
+from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel, open_bare_channel
+from bridge.broker.errors import BROKER_ERRORS, TopologyError
+from bridge.broker.topology import QueueType, declare_queue, declare_replay_route, queue_arguments
+from bridge.delivery.retry import delay_ladder
 
 LEGACY_PREFIX = "bridge.webhook"
 LEGACY_CHECKS = "bridge.checks"
@@ -108,7 +97,7 @@ async def declare_lane(
     """Declare and bind all queues of one lane; returns the main queue to consume.
 
     ``exchange`` is what the main queue is bound to with ``patterns``; ``replay_from``, the
-    deployment's event exchange whose replay route (``bridge.amqp.replay_exchange``) gets
+    deployment's event exchange whose replay route (``bridge.broker.topology.replay_exchange``) gets
     the same bindings, so that ``replay`` gives the queue only what it would have routed.
     Idempotent, so any number of processes may run it. Raises TopologyError naming the
     queue when the broker refuses (e.g. it exists as a classic queue and BRIDGE_QUEUE_TYPE
@@ -149,21 +138,6 @@ async def declare_lane(
             f"if it exists with another type, check BRIDGE_QUEUE_TYPE"
         ) from None
     return queue
-
-
-async def declare_subscription(
-    channel: AbstractChannel, exchange: str, subscription: Subscription, queue_type: QueueType
-) -> AbstractQueue:
-    """``declare_lane`` for a subscription of the deployment of ``exchange``."""
-    return await declare_lane(
-        channel,
-        exchange,
-        subscription_queues(exchange, subscription.name),
-        subscription.events,
-        subscription.retry_schedule,
-        queue_type,
-        replay_from=exchange,
-    )
 
 
 class QueueControl:

@@ -1,7 +1,7 @@
 """Queue depth gauges: how many events wait in each subscription's main, retry and dead queues.
 
 A passive declare answers with the ready-message and consumer counts, so no
-management plugin is needed. The sampler is owned by the webhook consumer and
+management plugin is needed. The sampler is owned by the delivery engine and
 runs until the consumer stops.
 """
 
@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 from aio_pika.abc import AbstractConnection
 
-from bridge.amqp import BROKER_ERRORS, raise_if_cancelled
+from bridge.broker.calls import raise_if_cancelled
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.delivery.queues import QueueControl
 from bridge.metrics import Metrics
 from bridge.waiting import Ticker
-from bridge.webhook.queues import QueueControl
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""RabbitMQ: errors, calls that survive the client libraries' edge cases, connections, topology."""

@@ -1,0 +1,150 @@
+"""The settle decision: what becomes of a message once its outcome is known. Pure, table-tested.
+
+``decide`` is the one place that maps an outcome to what the engine does with the message:
+ack it, or move a copy to which queue with which headers (then ack), or hold it and
+disable the lane; what is counted, and what is said. The lane only carries it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bridge.delivery.messages import Facts, dead_headers, retry_headers
+from bridge.delivery.outcomes import (
+    Delivered,
+    Disable,
+    Failure,
+    GiveUp,
+    Invalid,
+    RetryLater,
+    SettleBug,
+    Settled,
+    Unmatched,
+)
+from bridge.delivery.queues import QueueSet
+from bridge.delivery.retry import delay_for_attempt, round_up_to_ladder
+
+SETTLE_BUG_TRIES = 3
+"""Attempts to settle a message whose settling raised a bug, before it goes to ``.dead``."""
+SETTLE_BUG_PAUSE_S = 1.0
+"""Between those attempts, so that a bug cannot spin on one message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the decision needs of the lane."""
+
+    queues: QueueSet
+    schedule: Sequence[float]
+    """Delays between attempts; attempts = 1 + its length."""
+    ladder: Sequence[float]
+    """The delays the broker has retry queues for, ascending."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Done with it: ``delivered``, or ``unmatched`` (a stale binding routed it)."""
+
+    label: str
+    unmatched: str | None = None
+    """The routing key none of the lane's patterns match, to say once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Publish a copy to ``queue`` with ``headers``, confirmed, then ack the original: a
+    crash in between leaves a duplicate, never a loss."""
+
+    queue: str
+    headers: dict[str, Any] = field(repr=False)
+    label: str
+    """``retried``, ``dead_lettered`` or ``refused`` (never handed to a sink)."""
+    reason: str
+    """Why the attempt failed: a metric label (unknown ones are counted as ``other``)."""
+    said: str
+    """One line for the log, after the lane's name."""
+    warn: bool
+    """A dead letter is a WARNING, a retry INFO."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Disable the lane and hand the message back: it waits in the main queue, in its
+    place, until an operator enables the lane again."""
+
+    outcome: Disable
+    label: str = "disabled"
+
+    @property
+    def reason(self) -> str:
+        return self.outcome.reason
+
+
+Instruction = Ack | Copy | Hold
+
+
+def decide(outcome: Settled, facts: Facts, plan: Plan, now: datetime) -> Instruction:
+    """``facts.attempt`` is the attempt that produced ``outcome`` (1-based).
+
+    A receiver's Retry-After (already capped by the sink) wins over the schedule, rounded
+    up to a step of the ladder; the lane's attempts are never exceeded for it.
+    """
+    attempt = facts.attempt
+    match outcome:
+        case Delivered():
+            return Ack("delivered")
+        case Unmatched(routing_key=key):
+            return Ack("unmatched", unmatched=key)
+        case Disable():
+            return Hold(outcome)
+        case Invalid():
+            # Never handed to a sink: no attempt was spent on it.
+            return _dead(outcome, facts, plan, attempt - 1, "refused", now)
+        case SettleBug(tries=tries):
+            if tries < SETTLE_BUG_TRIES:
+                # The same attempt again: the sink's attempt was not what failed.
+                delay_s = round_up_to_ladder(SETTLE_BUG_PAUSE_S, plan.ladder)
+                return _retry(outcome, facts, plan, delay_s, attempt)
+            return _dead(outcome, facts, plan, attempt, "dead_lettered", now)
+        case RetryLater(delay_s=asked_s):
+            scheduled_s = delay_for_attempt(plan.schedule, attempt)
+            if scheduled_s is None:
+                return _dead(outcome, facts, plan, attempt, "dead_lettered", now)
+            wanted_s = scheduled_s if asked_s is None else asked_s
+            return _retry(
+                outcome, facts, plan, round_up_to_ladder(wanted_s, plan.ladder), attempt + 1
+            )
+        case GiveUp():
+            return _dead(outcome, facts, plan, attempt, "dead_lettered", now)
+    raise TypeError(f"not an outcome: {outcome!r}")
+
+
+def _retry(
+    outcome: RetryLater | SettleBug, facts: Facts, plan: Plan, delay_s: float, next_attempt: int
+) -> Copy:
+    return Copy(
+        plan.queues.retry(delay_s),
+        retry_headers(facts, outcome, next_attempt),
+        "retried",
+        outcome.reason,
+        f"event {facts.message_id} attempt {facts.attempt} failed "
+        f"({outcome.reason}: {outcome.detail}); retry in {delay_s:g}s",
+        warn=False,
+    )
+
+
+def _dead(
+    outcome: Failure, facts: Facts, plan: Plan, attempts: int, label: str, now: datetime
+) -> Copy:
+    return Copy(
+        plan.queues.dead,
+        dead_headers(facts, outcome, attempts, now),
+        label,
+        outcome.reason,
+        f"event {facts.message_id} dead-lettered after {attempts} attempts "
+        f"({outcome.reason}: {outcome.detail})",
+        warn=True,
+    )
