@@ -46,10 +46,9 @@ from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings
 from bridge.webhook.role import declare_subscription
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
+from tests.broker import AMQP_URL  # TEST_AMQP_URL, as for the tests
 from tests.patchwork_cost import MEASURED, ServingCost
 
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-"""The broker, as for the tests (tests/broker.py): TEST_AMQP_URL picks another, such as 4.x."""
 TZ = "Australia/Canberra"
 # The ce-source of pre-loaded messages; any Patchwork API base URL will do.
 SOURCE = "http://127.0.0.1:8000/api/1.3"

@@ -57,11 +57,15 @@ def log_queue(exchange: str) -> str:
 
 
 def log_arguments(settings: Settings) -> dict[str, Any]:
-    return {
+    arguments: dict[str, Any] = {
         "x-queue-type": "stream",
         "x-max-age": settings.log_max_age,
         "x-max-length-bytes": settings.log_max_bytes,
     }
+    if settings.log_replicas is not None:
+        # Compared on every declare: a log declared without it refuses it (and the reverse).
+        arguments["x-initial-cluster-size"] = settings.log_replicas
+    return arguments
 
 
 async def log_exists(connection: AbstractConnection, exchange: str) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,7 +18,13 @@ class PortInUse(Exception):
 ReadinessCheck = Callable[[], tuple[bool, str]]
 
 
-def build_app(metrics: Metrics, checks: list[ReadinessCheck]) -> web.Application:
+def build_app(
+    metrics: Metrics,
+    checks: list[ReadinessCheck],
+    where: Sequence[tuple[str, Callable[[], str | None]]] = (),
+) -> web.Application:
+    """``where``: each role's name and the RabbitMQ node it is on, said by /readyz."""
+
     async def metrics_handler(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -28,9 +34,10 @@ def build_app(metrics: Metrics, checks: list[ReadinessCheck]) -> web.Application
 
     async def readyz(_: web.Request) -> web.Response:
         failing = [reason for ok, reason in (check() for check in checks) if not ok]
+        nodes = "".join(f"{name}: on RabbitMQ node {node()}\n" for name, node in where if node())
         if failing:
-            return web.Response(status=503, text="not ready: " + "; ".join(failing) + "\n")
-        return web.Response(text="ready\n")
+            return web.Response(status=503, text="not ready: " + "; ".join(failing) + "\n" + nodes)
+        return web.Response(text="ready\n" + nodes)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)
@@ -40,10 +47,15 @@ def build_app(metrics: Metrics, checks: list[ReadinessCheck]) -> web.Application
 
 
 async def start_server(
-    metrics: Metrics, checks: list[ReadinessCheck], host: str, port: int
+    metrics: Metrics,
+    checks: list[ReadinessCheck],
+    host: str,
+    port: int,
+    *,
+    where: Sequence[tuple[str, Callable[[], str | None]]] = (),
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (the caller cleans it up) and the bound port."""
-    return await serve_app(build_app(metrics, checks), host, port)
+    return await serve_app(build_app(metrics, checks, where), host, port)
 
 
 async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

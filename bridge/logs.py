@@ -73,6 +73,8 @@ class ReconnectNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg if isinstance(record.msg, str) else ""
+        if message.startswith("error when creating transport"):
+            return False  # a reconnect attempt failed: bridge.broker.connect says when it is back
         if message.startswith("Unexpected connection close from remote"):
             return False  # bridge.broker.connect's line names the broker's reason too
         if message.startswith("Cancelling cause reader exited abnormally"):

@@ -218,6 +218,12 @@ class Metrics:
             ["consumer"],
             registry=r,
         )
+        self.broker_node = Gauge(
+            f"{p}_broker_node",
+            "1 for the RabbitMQ node (host:port) the role's connection is on now, by role.",
+            ["role", "node"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             f"{p}_broker_connected",
             "1 while the role's connection to RabbitMQ is up.",

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from bridge.http import PortInUse, start_server
 from bridge.metrics import Metrics
@@ -36,6 +36,9 @@ class Role(Protocol):
 
     def connected(self) -> bool:
         """Whether the role's broker connection is up right now."""
+
+    def node(self) -> str | None:
+        """The RabbitMQ node (host:port) its connection is on, if any."""
 
 
 def build_roles(command: str, settings: Settings, metrics: Metrics) -> list[Role]:
@@ -113,17 +116,24 @@ def subscriptions_for(command: str, settings: Settings) -> list[Subscription]:
 
 def _declare_queues_of(
     subscriptions: list[Subscription], settings: Settings
-) -> Callable[[AbstractChannel], Awaitable[None]]:
+) -> Callable[[AbstractConnection], Awaitable[None]]:
     """The producer declares the subscriptions' queues before its first publish, so the
     events of a first start are queued even if the webhook role is not up yet."""
 
-    async def declare(channel: AbstractChannel) -> None:
+    async def declare(connection: AbstractConnection) -> None:
+        from bridge.broker.calls import close_channel
+        from bridge.delivery.queues import until_declared
         from bridge.webhook.role import declare_subscription
 
         for subscription in subscriptions:
-            await declare_subscription(
-                channel, settings.exchange, subscription, settings.queue_type
-            )
+
+            async def one(channel: AbstractChannel, s: Subscription = subscription) -> object:
+                return await declare_subscription(
+                    channel, settings.exchange, s, settings.queue_type
+                )
+
+            channel, _ = await until_declared(connection, one, f"producer: {subscription.name}")
+            await close_channel(channel)
 
     return declare
 
@@ -136,7 +146,11 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         runner, port = await start_server(
-            metrics, [role.readiness for role in roles], settings.http_host, settings.http_port
+            metrics,
+            [role.readiness for role in roles],
+            settings.http_host,
+            settings.http_port,
+            where=[(role.name, role.node) for role in roles],
         )
     except OSError as exc:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,10 +182,18 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
 
 
 async def _watch_connections(roles: list[Role], metrics: Metrics, stop: asyncio.Event) -> None:
-    """Keep ``broker_connected{role}`` current while the roles run."""
+    """Keep ``broker_connected{role}`` and ``broker_node{role,node}`` current while the
+    roles run."""
+    nodes: dict[str, str] = {}
     async for _ in Ticker(stop, 1.0):
         for role in roles:
             metrics.broker_connected.labels(role.name).set(1 if role.connected() else 0)
+            node = role.node()
+            if node is not None and nodes.get(role.name) != node:
+                if role.name in nodes:
+                    metrics.broker_node.labels(role.name, nodes[role.name]).set(0)
+                metrics.broker_node.labels(role.name, node).set(1)
+                nodes[role.name] = node
 
 
 class InProcess:
@@ -208,12 +230,10 @@ class InProcess:
         await self.close()
 
     def check(self) -> None:
-        """Raise what a role died of; a role must not end before it is told to."""
+        """Raise what a role died of (RoleEnded for one that ended before it was told to)."""
         for task in self._tasks:
             if task.done():
                 task.result()
-                if not self.stop.is_set():
-                    raise RuntimeError(f"role {task.get_name()} ended on its own")
 
     async def until(self, event: asyncio.Event, timeout_s: float) -> None:
         """Wait for ``event``; raises what a role died of meanwhile, and TimeoutError."""
@@ -239,10 +259,25 @@ class InProcess:
             await asyncio.sleep(0.05)
 
 
+class RoleEnded(RuntimeError):
+    """A role stopped working without being told to: our bug, never a reason to exit 0."""
+
+
 async def _run_role(role: Role, stop: asyncio.Event) -> None:
+    """One role failing stops the others, so the process exits (non-zero) and is restarted."""
     try:
         await role.run(stop)
+    except asyncio.CancelledError as exc:
+        stop.set()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the process is being stopped
+        # A library cancelled what the role awaited (aiormq does when a connection dies):
+        # without this, the role's task would end "cancelled", which a TaskGroup ignores.
+        raise RoleEnded(f"the {role.name} role was cancelled: {exc}") from exc
     except BaseException:
-        # One role failing stops the others, so the process exits and is restarted.
         stop.set()
         raise
+    if not stop.is_set():
+        stop.set()
+        raise RoleEnded(f"the {role.name} role returned before it was told to stop")

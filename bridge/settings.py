@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     log_max_age: str = Field("14D", pattern=r"^[1-9][0-9]*[YMDhms]$")
     """Event log retention by age, in RabbitMQ's syntax (14D, 12h, 1Y)."""
     log_max_bytes: int = Field(10_000_000_000, gt=0)
+    log_replicas: int | None = Field(None, ge=1)
+    """The event log's replicas on a cluster (``x-initial-cluster-size``), set before the log
+    is first declared; unset: RabbitMQ's default (every node, up to three, on 4.3)."""
 
     subscriptions: Path | None = None
 
@@ -136,8 +139,16 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        if urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
-            raise ValueError("must be an amqp:// or amqps:// URL")
+        urls = [u.strip() for u in value.get_secret_value().split(",") if u.strip()]
+        if not urls:
+            raise ValueError("must be an amqp:// or amqps:// URL (or several, comma-separated)")
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(
+                    "must be an amqp:// or amqps:// URL, or several, comma-separated, one "
+                    "per node of a cluster"
+                )
         return value
 
     @property
@@ -153,7 +164,9 @@ class Settings(BaseSettings):
 
     @property
     def amqp_url_redacted(self) -> str:
-        return redact_url(self.amqp_url.get_secret_value())
+        """BRIDGE_AMQP_URL with every password replaced, fit for a log line."""
+        urls = self.amqp_url.get_secret_value().split(",")
+        return ",".join(redact_url(url.strip()) for url in urls if url.strip())
 
 
 def redact_url(url: str) -> str:

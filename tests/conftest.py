@@ -13,6 +13,7 @@ import pytest
 from bridge.broker.topology import replay_exchange
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
+from bridge.producer.lock import quorum_lock_queue
 from tests.broker import AMQP_URL, rabbitmqctl
 
 # Every Settings() and every role run as a process talks to the broker under test.
@@ -52,6 +53,7 @@ async def exchange_name(amqp: aio_pika.abc.AbstractConnection, unique: str) -> A
     channel = await amqp.channel()
     await channel.exchange_delete(name)
     await channel.queue_delete(log_queue(name))  # the event log a producer declared
+    await channel.queue_delete(quorum_lock_queue(name))  # a producer's lock on a cluster
     await channel.close()
 
 

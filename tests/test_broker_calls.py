@@ -13,7 +13,10 @@ import pytest
 from aiormq.exceptions import ChannelInvalidStateError
 
 from bridge.broker.calls import close_channel, open_bare_channel, uncancelled
+from bridge.broker.errors import BrokerUnavailable
+from bridge.broker.nodes import with_heartbeat
 from tests.broker import AMQP_URL
+from tests.node_proxy import NodeProxy
 
 pytestmark = pytest.mark.broker
 
@@ -108,3 +111,26 @@ async def test_a_closed_connection_says_so_with_a_bare_runtime_error():
     await connection.close()
     with pytest.raises((RuntimeError, ChannelInvalidStateError)):
         await underlay.channel()
+
+
+async def test_a_call_on_a_connection_found_stuck_is_cancelled_and_reported_as_broker_loss():
+    """When the heartbeat finds a connection stuck (a hung node), aiormq cancels its calls
+    in flight: their callers get a CancelledError they were never sent. A role's task
+    ending "cancelled" stopped `run` with exit code 0 when a cluster node hung, so
+    ``uncancelled`` raises BrokerUnavailable instead."""
+    node = NodeProxy(AMQP_URL)
+    await node.start()
+    url = with_heartbeat(node.url(AMQP_URL), 1)  # found stuck after 6 s without a frame
+    try:
+        raw = await aio_pika.connect(url, timeout=10)
+        ours = await aio_pika.connect(url, timeout=10)
+        node.hang()  # the channel opens below are sent and never answered
+        underlay = raw.transport.connection  # type: ignore[union-attr]
+        pending = asyncio.ensure_future(underlay.channel(publisher_confirms=False))
+        opening = asyncio.ensure_future(open_bare_channel(ours))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(pending, 30)  # the library's behaviour
+        with pytest.raises(BrokerUnavailable, match="connection closed during the call"):
+            await asyncio.wait_for(opening, 30)
+    finally:
+        await node.kill()

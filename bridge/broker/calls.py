@@ -84,7 +84,9 @@ async def uncancelled(
     connection error ("CHANNEL_ERROR - expected 'channel.open'"). So Basic.Consume and
     Channel.Close, after which deliveries may be in flight, go through here.
 
-    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel that arrives as the call
+    When the connection dies during the call, aiormq cancels it: that is raised as
+    BrokerUnavailable, like any other loss of the broker (a cancel of the caller stays a
+    cancel). Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel that arrives as the call
     ends, returning the result instead (python/cpython#86296, fixed in 3.12). A stream
     client dropped as slow at that moment went on waiting for the hub's events for good
     (bench/memory.py), so no code here waits with it.
@@ -98,6 +100,11 @@ async def uncancelled(
     except (TimeoutError, asyncio.CancelledError):
         if if_abandoned is not None:
             running.add_done_callback(lambda ended: _undo(ended, if_abandoned))
+        task = asyncio.current_task()
+        if running.cancelled() and not (task is not None and task.cancelling()):
+            # aiormq cancels the calls in flight when their connection dies: that is the
+            # broker gone, for the caller to retry, not a cancel of the caller.
+            raise BrokerUnavailable("the connection closed during the call") from None
         raise
 
 

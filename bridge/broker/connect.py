@@ -15,15 +15,23 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
-from aiormq.exceptions import ProbableAuthenticationError
 
 from bridge.broker.calls import BROKER_TIMEOUT_S
-from bridge.broker.errors import BROKER_ERRORS, LoginRefused
-from bridge.settings import Settings
+from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.nodes import (
+    HEARTBEAT_S,
+    UNREACHABLE,
+    first_answering,
+    follow_nodes,
+    node_of,
+    split_urls,
+    url_of,
+    with_heartbeat,
+)
+from bridge.settings import Settings, redact_url
 from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
@@ -31,24 +39,56 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 
 
+def node_urls(settings: Settings) -> list[str]:
+    """BRIDGE_AMQP_URL's nodes, each with the bridge's heartbeat unless it names one."""
+    return [with_heartbeat(url) for url in split_urls(settings.amqp_url.get_secret_value())]
+
+
 async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
-    """A robust connection named after the role, so operators can see it in RabbitMQ."""
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url.get_secret_value(),
-        timeout=CONNECT_TIMEOUT_S,
-        client_properties={"connection_name": connection_name(role)},
-        reconnect_interval=1.0,
-        fail_fast=True,
+    """A robust connection named after the role, so operators can see it in RabbitMQ, to the
+    first node that answers; it moves to another node when its own goes (``bridge.broker
+    .nodes``). Raises BrokerRefused for a refused login or vhost."""
+    urls = node_urls(settings)
+
+    async def attempt(url: str) -> AbstractRobustConnection:
+        return await aio_pika.connect_robust(
+            url,
+            timeout=CONNECT_TIMEOUT_S,
+            client_properties={"connection_name": connection_name(role)},
+            reconnect_interval=1.0,
+            fail_fast=True,
+        )
+
+    connection = await first_answering(urls, attempt)
+    log.info(
+        "connected to RabbitMQ at %s as %s", redact_url(url_of(connection).split("?")[0]), role
     )
-    log.info("connected to RabbitMQ at %s as %s", settings.amqp_url_redacted, role)
     _say_when_lost_and_back(connection, role)
+    follow_nodes(connection, urls, role)
     return connection
+
+
+async def connect_plain(
+    settings: Settings, name: str, *, heartbeat_s: int | None = None
+) -> AbstractConnection:
+    """A plain connection (never reconnected behind our back) to the first node that
+    answers. Raises BrokerRefused, or the last node's error."""
+    urls = split_urls(settings.amqp_url.get_secret_value())
+
+    async def attempt(url: str) -> AbstractConnection:
+        return await aio_pika.connect(
+            with_heartbeat(url, heartbeat_s or HEARTBEAT_S),
+            timeout=CONNECT_TIMEOUT_S,
+            client_properties={"connection_name": connection_name(name)},
+        )
+
+    return await first_answering(urls, attempt)
 
 
 RECONNECT_NOTE = {
     "producer": "events not yet confirmed are published again from the cursor",
     "webhook": "deliveries not yet acked go back to their queues",
-    "checks": "results not yet acked go back to bridge.checks",
+    "checks": "results not yet acked go back to their queue",
     "stream": "clients keep their streams; the log is followed again from where it was",
 }
 
@@ -76,7 +116,10 @@ def _say_when_lost_and_back(connection: AbstractRobustConnection, role: str) -> 
         nonlocal lost_at
         if lost_at is not None:
             log.info(
-                "%s: connected to RabbitMQ again after %.1fs", role, time.monotonic() - lost_at
+                "%s: connected to RabbitMQ again after %.1fs, on node %s",
+                role,
+                time.monotonic() - lost_at,
+                node_of(connection),
             )
         lost_at = None
 
@@ -135,11 +178,7 @@ class RecycledConnection:
                 if current is not None and not self._leases.get(current):
                     self._retire(current)
                 self._current = None  # still leased: closed when its last lease ends
-                current = self._current = await aio_pika.connect(
-                    self._settings.amqp_url.get_secret_value(),
-                    timeout=CONNECT_TIMEOUT_S,
-                    client_properties={"connection_name": connection_name(self._name)},
-                )
+                current = self._current = await connect_plain(self._settings, self._name)
                 self._opened = 0
                 self._leases[current] = 0
             self._opened += 1
@@ -185,7 +224,7 @@ async def connect_with_retry(
     """Keep trying until the broker answers, so a process may start before RabbitMQ does.
 
     Returns None as soon as ``stop`` is set, even in the middle of an attempt. Raises
-    LoginRefused for a refused login, which no retry mends.
+    BrokerRefused for a refused login or vhost, which no retry mends.
     """
     delay_s = 1.0
     while not stop.is_set():
@@ -202,13 +241,7 @@ async def connect_with_retry(
             return None
         try:
             return attempt.result()
-        except ProbableAuthenticationError:
-            user = urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
-            raise LoginRefused(
-                f"RabbitMQ at {settings.amqp_url_redacted} refused the login of user {user!r}: "
-                "check the user and password in BRIDGE_AMQP_URL"
-            ) from None
-        except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        except UNREACHABLE as exc:
             log.warning(
                 "cannot reach RabbitMQ at %s (%s); retrying in %.0fs",
                 settings.amqp_url_redacted,

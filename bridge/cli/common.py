@@ -18,13 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel
-from bridge.broker.connect import CONNECT_TIMEOUT_S
-from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.connect import connect_plain
+from bridge.broker.errors import BROKER_ERRORS, BrokerRefused
 from bridge.broker.topology import replay_exchange
 from bridge.delivery.queues import QueueControl
 from bridge.settings import Settings, SettingsError, load_settings
@@ -98,13 +97,12 @@ def pick(subscriptions: list[Subscription], name: str) -> Subscription:
 
 @asynccontextmanager
 async def connected(settings: Settings, command: str) -> AsyncIterator[AbstractConnection]:
-    """A plain, short-lived connection for one command; CliError if the broker is unreachable."""
+    """A plain, short-lived connection for one command, to the first node that answers;
+    CliError if none does (2 if RabbitMQ refused the login or the vhost)."""
     try:
-        connection = await aio_pika.connect(
-            settings.amqp_url.get_secret_value(),
-            timeout=CONNECT_TIMEOUT_S,
-            client_properties={"connection_name": f"{PROG} {command}"},
-        )
+        connection = await connect_plain(settings, command)
+    except BrokerRefused as exc:
+        raise CliError(str(exc), code=2) from None
     except BROKER_ERRORS as exc:
         raise CliError(
             f"cannot reach RabbitMQ at {settings.amqp_url_redacted} ({type(exc).__name__})"

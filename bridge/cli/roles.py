@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import sys
 
-from bridge.broker.errors import LoginRefused, TopologyError
+from bridge.broker.errors import BrokerRefused, TopologyError
 from bridge.cli.common import PROG, Commands
 from bridge.http import PortInUse
 from bridge.logs import setup_logging
@@ -16,7 +16,7 @@ from bridge.producer.cursor import CursorError, StateDirError
 from bridge.runtime import build_roles, serve
 from bridge.settings import SettingsError, load_settings
 
-OPERATOR_ERRORS = (LoginRefused, PortInUse, StateDirError, CursorError, TopologyError)
+OPERATOR_ERRORS = (BrokerRefused, PortInUse, StateDirError, CursorError, TopologyError)
 """Mistakes an operator mends (one line, exit 2), unlike our bugs (a traceback, once)."""
 
 ROLE_COMMANDS = (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from aio_pika.abc import AbstractConnection
 
 from bridge.broker.calls import raise_if_cancelled
-from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.errors import BROKER_TROUBLE
 from bridge.delivery.queues import QueueControl
 from bridge.metrics import Metrics
 from bridge.waiting import Ticker
@@ -50,7 +50,7 @@ class QueueDepthSampler:
                 try:
                     await self.sample_once()
                     self._recovered()
-                except BROKER_ERRORS as exc:
+                except BROKER_TROUBLE as exc:
                     raise_if_cancelled()
                     self._failed(exc)
         finally:

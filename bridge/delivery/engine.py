@@ -17,7 +17,8 @@ from aio_pika.abc import AbstractRobustConnection
 
 from bridge.broker.calls import BROKER_TIMEOUT_S, raise_if_cancelled
 from bridge.broker.connect import connect_with_retry, is_connected
-from bridge.broker.errors import BROKER_ERRORS, TopologyError
+from bridge.broker.errors import BROKER_ERRORS, BROKER_TROUBLE, TopologyError
+from bridge.broker.nodes import node_of
 from bridge.broker.topology import declare_exchange
 from bridge.delivery.depth import QueueDepthSampler
 from bridge.delivery.lane import Lane, LaneSpec
@@ -136,6 +137,9 @@ class DeliveryRole:
     def connected(self) -> bool:
         return is_connected(self._connection)
 
+    def node(self) -> str | None:
+        return node_of(self._connection)
+
     def readiness(self) -> tuple[bool, str]:
         if self._connection is None or not self._started:
             return False, f"{self.name}: connecting to RabbitMQ and declaring queues"
@@ -176,7 +180,7 @@ class DeliveryRole:
                 for lane in self.lanes:
                     await lane.follow_cancel(self._connection)
                     await lane.follow_marker()
-            except BROKER_ERRORS as exc:
+            except BROKER_TROUBLE as exc:
                 raise_if_cancelled()
                 if not failing:
                     log.warning(

@@ -22,7 +22,7 @@ from aio_pika.abc import (
 )
 
 from bridge.broker.calls import BROKER_TIMEOUT_S, raise_if_cancelled
-from bridge.broker.errors import BROKER_ERRORS, TopologyError
+from bridge.broker.errors import BROKER_ERRORS, BROKER_TROUBLE, TopologyError
 from bridge.broker.topology import QueueType, publish_confirmed
 from bridge.delivery.messages import (
     Facts,
@@ -43,7 +43,7 @@ from bridge.delivery.outcomes import (
     Sink,
     Unmatched,
 )
-from bridge.delivery.queues import QueueControl, QueueSet, declare_lane
+from bridge.delivery.queues import QueueControl, QueueSet, declare_lane, until_declared
 from bridge.delivery.retry import delay_ladder
 from bridge.delivery.settle import Ack, Copy, Hold, Instruction, Plan, decide
 from bridge.logs import one_line
@@ -145,18 +145,21 @@ class Lane:
 
     async def open(self, connection: AbstractRobustConnection) -> None:
         """A channel of its own (prefetch = concurrency) and its declared, bound queues."""
-        async with asyncio.timeout(BROKER_TIMEOUT_S):
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=self.spec.concurrency)
         spec = self.spec
-        self.queue = await declare_lane(
-            channel,
-            spec.exchange,
-            spec.queues,
-            spec.patterns,
-            spec.retry_schedule,
-            self._queue_type,
-            replay_from=spec.replay_from,
+
+        async def declare(channel: AbstractChannel) -> AbstractQueue:
+            return await declare_lane(
+                channel,
+                spec.exchange,
+                spec.queues,
+                spec.patterns,
+                spec.retry_schedule,
+                self._queue_type,
+                replay_from=spec.replay_from,
+            )
+
+        channel, self.queue = await until_declared(
+            connection, declare, self.label, prefetch=spec.concurrency
         )
         self._hear_broker_cancel(channel)
         await self._leave_legacy(channel)
@@ -196,7 +199,8 @@ class Lane:
             return
         try:
             await self.queue.cancel(tag, timeout=BROKER_TIMEOUT_S)
-        except BROKER_ERRORS as exc:
+        except BROKER_TROUBLE as exc:
+            raise_if_cancelled()
             # The robust queue has already forgotten the consumer: it is not restored.
             log.warning("%s: cancelling its consumer failed (%s)", self.label, exc)
 
@@ -300,7 +304,8 @@ class Lane:
             self._enabled.set(0)
             try:
                 await self._control.set_disabled(self.spec.queues, True, self._queue_type)
-            except BROKER_ERRORS as exc:
+            except BROKER_TROUBLE as exc:
+                raise_if_cancelled()
                 log.error(
                     "%s: could not persist the disabled state (%s); "
                     "it resumes at the next marker check",
@@ -389,7 +394,7 @@ class Lane:
             await self._carry_out(
                 message, decide(await self._outcome(message), facts, self._plan, _now())
             )
-        except BROKER_ERRORS as exc:
+        except BROKER_TROUBLE as exc:
             raise_if_cancelled()
             log.warning(
                 "%s: could not settle event %s (%s: %s); the broker will redeliver it",

@@ -17,18 +17,32 @@ deployment alike (``LEGACY_*``); ``patchwork-bridge migrate`` moves what waits t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aiormq import spec
 from aiormq.abc import AbstractChannel as AbstractChannelUnderlay
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
 
-from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel, open_bare_channel
-from bridge.broker.errors import BROKER_ERRORS, TopologyError
+from bridge.broker.calls import (
+    BROKER_TIMEOUT_S,
+    close_channel,
+    open_bare_channel,
+    raise_if_cancelled,
+)
+from bridge.broker.errors import BROKER_TROUBLE, QueueUnavailable, TopologyError
 from bridge.broker.topology import QueueType, declare_queue, declare_replay_route, queue_arguments
 from bridge.delivery.retry import delay_ladder
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LEGACY_PREFIX = "bridge.webhook"
 LEGACY_CHECKS = "bridge.checks"
@@ -100,8 +114,10 @@ async def declare_lane(
     deployment's event exchange whose replay route (``bridge.broker.topology.replay_exchange``) gets
     the same bindings, so that ``replay`` gives the queue only what it would have routed.
     Idempotent, so any number of processes may run it. Raises TopologyError naming the
-    queue when the broker refuses (e.g. it exists as a classic queue and BRIDGE_QUEUE_TYPE
-    says quorum).
+    queue when the broker refuses it for good (it exists with other arguments, say as a
+    classic queue where BRIDGE_QUEUE_TYPE says quorum; the user may not declare it), and
+    QueueUnavailable when it may not just now (try again, on a new channel: the broker
+    closed this one).
     """
     current = queues.main
     try:
@@ -132,12 +148,46 @@ async def declare_lane(
                 await declare_queue(channel, retry_name, arguments)
             current = queues.dead
             await declare_queue(channel, current, queue_arguments(queue_type, dead_letters=True))
-    except BROKER_ERRORS as exc:
+    except (ChannelPreconditionFailed, ChannelAccessRefused) as exc:
         raise TopologyError(
             f"cannot declare queue {current} ({type(exc).__name__}: {exc}); "
             f"if it exists with another type, check BRIDGE_QUEUE_TYPE"
         ) from None
+    except BROKER_TROUBLE as exc:
+        raise_if_cancelled()
+        raise QueueUnavailable(f"cannot declare queue {current} just now ({exc})") from None
     return queue
+
+
+DECLARE_TRIES = 8
+"""Declaring queues that may not be declared just now, at most; a second longer between
+each try (28 s in all)."""
+
+
+async def until_declared(
+    connection: AbstractConnection,
+    declare: Callable[[AbstractChannel], Awaitable[T]],
+    what: str,
+    *,
+    prefetch: int | None = None,
+) -> tuple[AbstractChannel, T]:
+    """``declare`` on a channel of its own, and again on a new one while it raises
+    QueueUnavailable (the broker closes the channel of a refused declare). Returns the
+    channel, the caller's to keep or close."""
+    for attempt in range(1, DECLARE_TRIES + 1):
+        async with asyncio.timeout(BROKER_TIMEOUT_S):
+            channel = await connection.channel()
+            if prefetch is not None:
+                await channel.set_qos(prefetch_count=prefetch)
+        try:
+            return channel, await declare(channel)
+        except QueueUnavailable as exc:
+            await close_channel(channel)
+            if attempt == DECLARE_TRIES:
+                raise
+            log.warning("%s: %s; trying again in %ds", what, exc, attempt)
+            await asyncio.sleep(attempt)
+    raise AssertionError("unreachable")
 
 
 class QueueControl:

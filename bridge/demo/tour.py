@@ -20,7 +20,9 @@ from pathlib import Path
 
 import aio_pika
 
-from bridge.broker.connect import connect
+from bridge.broker.connect import connect, connect_plain
+from bridge.broker.errors import BrokerRefused
+from bridge.broker.nodes import UNREACHABLE
 from bridge.broker.topology import replay_exchange
 from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork, seed
@@ -46,7 +48,12 @@ def cli(args: argparse.Namespace) -> int:
     setup_logging(base.log_format, "WARNING")
     # An exchange the user named is theirs (a CI consumer may watch it): keep it.
     own_exchange = "BRIDGE_EXCHANGE" in os.environ
-    if not asyncio.run(_broker_answers(base)):
+    try:
+        answers = asyncio.run(_broker_answers(base))
+    except BrokerRefused as exc:  # RabbitMQ runs, and refused the login or the vhost
+        print(f"patchwork-bridge demo: {exc}", file=sys.stderr)
+        return 2
+    if not answers:
         print(
             f"patchwork-bridge demo: no RabbitMQ at {base.amqp_url_redacted} within "
             f"{BROKER_WAIT_S:g}s; start one (`rabbitmq-server -detached`, or "
@@ -72,12 +79,11 @@ async def _broker_answers(settings: Settings) -> bool:
 
 
 async def _connect_once(settings: Settings) -> bool:
+    """Whether RabbitMQ answers; raises BrokerRefused when it answers no."""
     try:
         async with asyncio.timeout(BROKER_WAIT_S):
-            connection = await aio_pika.connect(
-                settings.amqp_url.get_secret_value(), timeout=BROKER_WAIT_S
-            )
-    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError):
+            connection = await connect_plain(settings, "demo check")
+    except UNREACHABLE:
         return False
     await connection.close()
     return True

@@ -20,7 +20,8 @@ from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractConnection
 
-from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.calls import raise_if_cancelled
+from bridge.broker.errors import BROKER_TROUBLE
 from bridge.eventlog import LogMissing, logged_event, logged_start, read_log
 from bridge.events import Event
 from bridge.producer.cursor import Cursor, CursorError
@@ -52,7 +53,8 @@ async def cursor_from_log(connection: AbstractConnection, settings: Settings) ->
                 events, started = await _read_since(connection, settings, newest - margin)
     except LogMissing:
         return None
-    except BROKER_ERRORS as exc:
+    except BROKER_TROUBLE as exc:
+        raise_if_cancelled()
         log.warning("cannot read the event log's tail (%s); not using it", exc)
         return None
     first = _start_cursor(started)

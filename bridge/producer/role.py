@@ -14,14 +14,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
+from bridge.broker.calls import close_channel, raise_if_cancelled
 from bridge.broker.connect import connect_with_retry, is_connected
+from bridge.broker.errors import BROKER_TROUBLE
+from bridge.broker.nodes import node_of
 from bridge.broker.topology import declare_exchange
 from bridge.eventlog import declare_log, log_exists
 from bridge.metrics import Metrics
 from bridge.producer.cursor import Cursor, CursorStore, probe_writable
-from bridge.producer.lock import PollerLock
+from bridge.producer.lock import poller_lock
 from bridge.producer.logtail import cursor_from_log
 from bridge.producer.patchwork import PatchworkClient
 from bridge.producer.poller import Poller, Stopped, until_stopped
@@ -30,6 +33,9 @@ from bridge.producer.triage import EventCheck, PageSorter
 from bridge.settings import Settings
 
 log = logging.getLogger(__name__)
+
+REDECLARE_S = 5.0
+"""How often the exchange and the log are declared again after a reconnect, until it works."""
 
 
 class Producer:
@@ -41,10 +47,10 @@ class Producer:
         metrics: Metrics,
         *,
         check_event: EventCheck | None = None,
-        prepare: Callable[[AbstractChannel], Awaitable[None]] | None = None,
+        prepare: Callable[[AbstractConnection], Awaitable[None]] | None = None,
     ) -> None:
-        """``prepare`` runs once on the publishing channel before the first poll (queues
-        that must exist before anything is published)."""
+        """``prepare`` runs once on the connection before the first poll (queues that must
+        exist before anything is published)."""
         self._settings = settings
         self._metrics = metrics
         self._source = settings.api_base  # raises SettingsError early if the URL is missing
@@ -54,14 +60,18 @@ class Producer:
             settings, metrics, PageSorter(settings, metrics, check_event), self._store
         )
         self._connection: AbstractRobustConnection | None = None
-        self._lock = PollerLock(settings)
+        self._lock = poller_lock(settings)
         self._log_was_new = False
         """This producer declared the event log: nothing was published to it before."""
+        self._redeclaring: asyncio.Task[None] | None = None
 
     # -- Role ---------------------------------------------------------------------------------
 
     def connected(self) -> bool:
         return is_connected(self._connection)
+
+    def node(self) -> str | None:
+        return node_of(self._connection)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.connected():
@@ -86,13 +96,17 @@ class Producer:
         if self._connection is None:
             return  # stopped before RabbitMQ answered
         try:
-            channel = await self._connection.channel(publisher_confirms=True)
-            exchange = await declare_exchange(channel, self._settings.exchange)
             exists = await log_exists(self._connection, self._settings.exchange)
             self._log_was_new = not exists
-            await declare_log(channel, self._settings)
+            await self._declare_topology()
+            self._connection.reconnect_callbacks.add(self._declare_again)
+            channel = await self._connection.channel(publisher_confirms=True)
+            # Not declared through this robust channel, so a reconnect declares nothing
+            # again: on a cluster, declaring the log waits for its leader, and with it
+            # every publish, for as long as RabbitMQ takes to call a hung node down.
+            exchange = await channel.get_exchange(self._settings.exchange, ensure=False)
             if self._prepare is not None:
-                await self._prepare(channel)
+                await self._prepare(self._connection)
             publisher = Publisher(
                 exchange,
                 self._source,
@@ -106,8 +120,38 @@ class Producer:
                 while await self._lock.acquire(stop):
                     await self._poll_while_holding(client, publisher, stop)
         finally:
+            if self._redeclaring is not None:
+                self._redeclaring.cancel()
+                await asyncio.gather(self._redeclaring, return_exceptions=True)
             await self._lock.release()
             await self._connection.close()
+
+    async def _declare_topology(self) -> None:
+        """The exchange and the event log, once, on a channel of their own."""
+        assert self._connection is not None
+        channel = await self._connection.channel()
+        try:
+            await declare_exchange(channel, self._settings.exchange)
+            await declare_log(channel, self._settings)
+        finally:
+            await close_channel(channel)
+
+    def _declare_again(self, *_: object) -> None:
+        """After a reconnect, beside the publishes, never before them: a broker that came
+        back without its data (no volume) gets the exchange and the log again."""
+        if self._redeclaring is None or self._redeclaring.done():
+            self._redeclaring = asyncio.create_task(self._declare_until_done())
+
+    async def _declare_until_done(self) -> None:
+        while True:
+            try:
+                await self._declare_topology()
+                return
+            except BROKER_TROUBLE as exc:
+                raise_if_cancelled()
+                log.warning("cannot declare the exchange and the event log (%s); again in "
+                            "%gs", exc or type(exc).__name__, REDECLARE_S)  # fmt: skip
+                await asyncio.sleep(REDECLARE_S)
 
     async def _poll_while_holding(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
@@ -115,7 +159,7 @@ class Producer:
         """Poll until stopped or the lock is lost; then stand by again, window forgotten:
         whoever polls next starts from the event log."""
         polling = asyncio.Event()
-        watcher = asyncio.create_task(_set_on_first(polling, stop, self._lock.lost))
+        watcher = asyncio.create_task(self._stand_down_when_lost(polling, stop))
         try:
             await self._store.lock()
             self._metrics.producer_active.set(1)
@@ -127,12 +171,19 @@ class Producer:
         finally:
             self._metrics.producer_active.set(0)
             self._store.unlock()
-            watcher.cancel()
+            if not self._lock.lost.is_set():
+                watcher.cancel()  # else it is handing the lock on: let it finish
             await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _stand_down_when_lost(self, polling: asyncio.Event, stop: asyncio.Event) -> None:
+        """Tell the poller to stop when told to or when the lock is lost; in the latter
+        case let go of the lock at once, so that a standby need not wait for a publish
+        in flight here to finish or time out."""
+        await _set_on_first(polling, stop, self._lock.lost)
         if self._lock.lost.is_set() and not stop.is_set():
             log.warning(
-                "lost the poller lock (its connection closed): stopped polling; "
-                "another producer may poll now, this one stands by"
+                "lost the poller lock: stopped polling; another producer may poll now, "
+                "this one stands by"
             )
             await self._lock.release()
 

@@ -18,9 +18,15 @@ from datetime import UTC, datetime
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel, open_channel, uncancelled
+from bridge.broker.calls import (
+    BROKER_TIMEOUT_S,
+    close_channel,
+    open_channel,
+    raise_if_cancelled,
+    uncancelled,
+)
 from bridge.broker.connect import is_connected
-from bridge.broker.errors import BROKER_ERRORS
+from bridge.broker.errors import BROKER_TROUBLE
 from bridge.eventlog import READ_PREFETCH, LogMissing, is_marker, log_queue, offset_of
 from bridge.stream.positions import Position, position_of
 from bridge.waiting import sleep_unless
@@ -122,7 +128,8 @@ class Hub:
                         log_queue(self._exchange),
                     )
                     said_missing = True
-            except BROKER_ERRORS as exc:
+            except BROKER_TROUBLE as exc:
+                raise_if_cancelled()
                 if is_connected(self._connection):
                     log.warning("stream: reading the event log failed (%s); again", exc)
             finally:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from bridge.broker.calls import BROKER_TIMEOUT_S
 from bridge.broker.connect import RecycledConnection, connect_with_retry, is_connected
+from bridge.broker.nodes import node_of
 from bridge.checks.patchwork import PatchworkChecks
 from bridge.http import PortInUse, serve_app
 from bridge.metrics import Metrics
@@ -99,3 +100,6 @@ class StreamRole:
 
     def connected(self) -> bool:
         return is_connected(self._connection)
+
+    def node(self) -> str | None:
+        return node_of(self._connection)

@@ -18,9 +18,9 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse, sse_response
 from aiormq import spec
 
-from bridge.broker.calls import BROKER_TIMEOUT_S
+from bridge.broker.calls import BROKER_TIMEOUT_S, raise_if_cancelled
 from bridge.broker.connect import RecycledConnection
-from bridge.broker.errors import BROKER_ERRORS, NotConfirmed
+from bridge.broker.errors import BROKER_ERRORS, BROKER_TROUBLE, NotConfirmed
 from bridge.broker.topology import declare_exchange
 from bridge.checks.patchwork import PatchworkChecks
 from bridge.checks.patchwork import Refused as PatchworkRefused
@@ -286,7 +286,8 @@ class StreamServer:
         message_id = uuid.uuid4().hex
         try:
             await self._publish_result(body, key, message_id, consumer.name)
-        except BROKER_ERRORS as exc:
+        except BROKER_TROUBLE as exc:
+            raise_if_cancelled()
             log.warning("stream: result of %s not published (%s)", consumer.name, exc)
             return self._unavailable(f"not queued ({type(exc).__name__}); send it again")
         log.info("stream: %s queued a %s result for %s", consumer.name, result.state, result.target)
