@@ -136,7 +136,8 @@ async def wait_for(
 
 
 def subscription(name: str, **fields: object) -> Subscription:
-    return Subscription(name=name, url="http://127.0.0.1:9/hook", **fields)  # type: ignore[arg-type]
+    fields.setdefault("url", "http://127.0.0.1:9/hook")
+    return Subscription(name=name, **fields)  # type: ignore[arg-type]
 
 
 class FakeSink:

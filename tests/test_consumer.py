@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -190,23 +190,46 @@ async def test_failed_attempts_are_retried_until_the_receiver_accepts(
     assert failures(metrics, flaky.name, "http_5xx") == 2
 
 
-async def test_retry_after_parks_the_event_on_the_next_ladder_step(
-    exchange_name: str, make_sub: MakeSub, amqp: aio_pika.abc.AbstractConnection
+@pytest.mark.timeout(120)
+async def test_retry_after_is_honoured_to_within_a_second(
+    exchange_name: str, make_sub: MakeSub, queue_type: str
 ) -> None:
-    busy = make_sub("busy", retry_schedule=[0.2])
-    sink = FakeSink(lambda d: RetryLater("http_429", "HTTP 429", delay_s=3.0, status=429))
-    async with running(make_consumer(exchange_name, [(busy, sink)])):
-        await publish_events(exchange_name, [("patch-created", 8)])
-        # 3 s is not a ladder step: the receiver's wish is rounded up to 5 s, not down.
-        parked = lane(exchange_name, busy.name).retry(5.0)
-        assert parked.endswith(".retry.5s")
+    """Real receivers answer the first attempt of each event 429 or 503 with Retry-After 2,
+    7 and 45 s: each retry comes no earlier, and less than a second later."""
+    asked = {"two": ("2", 429), "seven": ("7", 503), "forty-five": ("45", 429)}
+    first: dict[str, float] = {}
+    gaps: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
 
-        async def is_parked() -> bool:
-            return await queue_depth(amqp, parked) == 1
+    def handler(label: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def answer(request: web.Request) -> web.Response:
+            key = f"{label}/{request.headers['webhook-id']}"
+            if key not in first:
+                first[key] = loop.time()
+                seconds, status = asked[label]
+                return web.Response(status=status, headers={"Retry-After": seconds})
+            gaps.setdefault(key, loop.time() - first[key])
+            return web.Response(status=204)
 
-        await wait_for(is_parked, what=f"the event in {parked}")
-        assert await queue_depth(amqp, lane(exchange_name, busy.name).retry(0.2)) == 0
-    assert sink.ids == ["8"]
+        return answer
+
+    receivers = {label: Receiver(handler(label)) for label in asked}
+    pairs = []
+    for label, receiver in receivers.items():
+        url = await receiver.start()
+        sub = make_sub(label, url=url, allow_private_network=True, retry_schedule=[600.0])
+        pairs.append((sub, load_sink(sub)))
+    try:
+        async with running(make_consumer(exchange_name, pairs, queue_type=queue_type)):  # type: ignore[arg-type]
+            await publish_events(exchange_name, [("patch-created", i) for i in (11, 12)])
+            await wait_for(lambda: len(gaps) == 6, 90, "the retry of every event")
+    finally:
+        for receiver in receivers.values():
+            await receiver.stop()
+    for key, gap in sorted(gaps.items()):
+        wanted = float(asked[key.split("/")[0]][0])
+        assert wanted <= gap < wanted + 1.0, f"{key}: asked {wanted:g}s, retried after {gap:.3f}s"
+    assert all(r.successes == {"11": 1, "12": 1} for r in receivers.values())
 
 
 async def test_exhausted_retries_land_in_the_dead_letter_queue_with_the_last_failure(

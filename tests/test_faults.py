@@ -297,13 +297,13 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         # The first wait outlasts the kill: no event comes back to the dying consumer, whose
         # kill between a retry copy's confirm and the original's ack would (rightly) leave
         # a duplicate and spoil the exact count below.
-        retry_schedule=[3, 1, 1],
+        retry_schedule=[4, 1, 1],
         timeout=5.0,
     )
     (subscription,) = load_subscriptions(path)
     cleanup.append(subscription)
     main = lane(exchange_name, subscription.name).main
-    retry = lane(exchange_name, subscription.name).retry(3.0)
+    retry = lane(exchange_name, subscription.name).retry(4.0)  # one level: no hop between
     env = bridge_env(exchange=exchange_name, subscriptions=str(path))
     log = tmp_path / "webhook.log"  # where bridges() sends its output
     ids = {str(i) for i in range(1000, 1030)}
@@ -321,7 +321,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         webhook = await bridges("webhook", env)
         await wait_for(consuming, 30, f"a consumer on {main}")
         await publish_events(exchange_name, [("patch-created", int(i)) for i in sorted(ids)])
-        # Every first attempt got a 500: all 30 events wait out their 3 s in the retry queue.
+        # Every first attempt got a 500: all 30 events wait out their 4 s in the retry queue.
         await wait_for(lambda: parked([retry]), 10, "all 30 in the retry queue")
         # A copy is confirmed before its original is acked; killed in between, the original
         # would come back as well (a duplicate, rightly), and spoil the exact counts below.
@@ -330,7 +330,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         assert {hit.webhook_id for hit in receiver.requests} == ids
         assert not receiver.delivered()
         # Nothing went down with the process: with no consumer left, each event waits out
-        # its 3 s and is back in the main queue. (Summing the retry and main depths in two
+        # its 4 s and is back in the main queue. (Summing the retry and main depths in two
         # reads would race with that move and could count an event twice.)
         await wait_for(lambda: parked([main]), 10, "all 30 back in the main queue")
         assert await watch.depth(retry) == 0

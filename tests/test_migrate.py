@@ -114,14 +114,14 @@ async def test_an_upgraded_deployment_loses_nothing_and_takes_nothing_of_another
     assert await migrate(settings, [lane], out=out) == 3 + 2 + 2
     report = out.getvalue()
     assert f"{old.main} -> {new.main}: moved 3, 1 left (another deployment's exchange)" in report
-    assert f"{old.retry(3600.0)} -> {new.retry(3600.0)}: moved 2" in report
+    # A retry of 0.1 says no due time: it is tried again at once, from the main queue.
+    assert f"{old.retry(3600.0)} -> {new.main}: moved 2" in report
     assert f"{old.dead} -> {new.dead}: moved 2, 1 left (another deployment's Patchwork)" in report
     assert f"deleted {old.retry(3600.0)}" in report
 
     # What was this deployment's is in its own queues, in the same roles.
     assert await queue_depth(amqp, old.retry(3600.0)) is None  # emptied, deleted
-    retrying = await get_all(amqp, new.retry(3600.0))
-    assert ids(retrying) == [4, 5] and {m.headers[ATTEMPT] for m in retrying} == {2}
+    assert await queue_depth(amqp, new.main) == 3 + 2
     dead = await get_all(amqp, new.dead)
     assert ids(dead) == [6, 7] and {m.headers[LAST_REASON] for m in dead} == {"http_5xx"}
     # It stays disabled, as it was; the other deployment's messages stay in the old queues.
@@ -135,14 +135,16 @@ async def test_an_upgraded_deployment_loses_nothing_and_takes_nothing_of_another
     await run_subscriptions(settings, [sub], "enable", name, out=io.StringIO())
     sink = FakeSink()
     async with running(make_consumer(exchange_name, [(sub, sink)])):
-        await wait_for(lambda: len(sink.ids) >= 3)
+        await wait_for(lambda: len(sink.ids) >= 5)
         message, key = event_message(recorded_event("patch-created", 8))
         channel = await amqp.channel()
         exchange = await channel.get_exchange(exchange_name)
         await exchange.publish(message, routing_key=key)
         await channel.close()
-        await wait_for(lambda: len(sink.ids) == 4)
-    assert sorted(sink.ids) == ["1", "2", "3", "8"]
+        await wait_for(lambda: len(sink.ids) == 6)
+    assert sorted(sink.ids) == ["1", "2", "3", "4", "5", "8"]
+    # The retries kept their attempt numbers.
+    assert sorted((d.message_id, d.attempt) for d in sink.deliveries)[3:5] == [("4", 2), ("5", 2)]
     assert await queue_depth(amqp, old.main) == 0  # no longer bound to this deployment
 
 

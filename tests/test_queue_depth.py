@@ -91,7 +91,7 @@ async def test_consumer_samples_its_main_retry_and_dead_queues(
     metrics = Metrics()
     consumer = make_consumer(exchange_name, [(stuck, HangingSink())], metrics=metrics)
     main, dead = lane(exchange_name, stuck.name).main, lane(exchange_name, stuck.name).dead
-    retry = lane(exchange_name, stuck.name).retry(0.5)
+    retry = lane(exchange_name, stuck.name).retry(0.25)
     try:
         async with running(consumer):
             await publish_events(exchange_name, [("patch-created", i) for i in range(1, 5)])

@@ -1,4 +1,4 @@
-"""Retry arithmetic: the schedule, Retry-After and the broker's delay ladder."""
+"""Retry arithmetic: the schedule, Retry-After and delays composed from the levels."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.delivery.retry import (
-    RETRY_AFTER_STEPS_S,
+    ON_TIME_S,
+    SMALLEST_LEVEL_S,
     delay_for_attempt,
-    delay_ladder,
-    round_up_to_ladder,
+    legacy_delays,
+    levels_for,
+    next_hop,
 )
 from bridge.sinks.retry_after import RETRY_AFTER_MAX_S, RETRY_AFTER_MIN_S, parse_retry_after
+from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S
 
 NOW = datetime(2026, 11, 24, 3, 14, 28, tzinfo=UTC)
 SCHEDULE = [5.0, 300.0, 1800.0]
@@ -86,50 +89,48 @@ def test_delta_seconds_are_clamped(seconds: int) -> None:
     )
 
 
-def test_ladder_merges_schedule_and_retry_after_steps_without_repeats() -> None:
-    assert delay_ladder([5, 300, 1800, 36000, 36000]) == [
-        1.0,
-        5.0,
-        30.0,
-        60.0,
-        300.0,
-        900.0,
-        1800.0,
-        3600.0,
-        36000.0,
-    ]
+def test_levels_are_powers_of_four_up_to_the_longest_delay_a_lane_may_ask():
+    # The default schedule's longest delay is 10 h; a Retry-After at most an hour.
+    assert levels_for(DEFAULT_RETRY_SCHEDULE_S) == [0.25, 1, 4, 16, 64, 256, 1024, 4096, 16384]
+    assert levels_for([5.0]) == [0.25, 1, 4, 16, 64, 256, 1024]  # an hour's Retry-After
+    assert len(levels_for([4_294_967.0])) == 13  # RabbitMQ's longest TTL (49.7 days)
+
+
+def walk(delay_s: float, levels: list[float]) -> list[float]:
+    """The hops a copy makes when every park ends exactly on time."""
+    hops: list[float] = []
+    remaining = delay_s
+    while (hop := next_hop(remaining, levels)) is not None:
+        hops.append(hop)
+        remaining -= hop
+    return hops
 
 
 @pytest.mark.parametrize(
-    ("delay", "expected"),
-    [(0.2, 1.0), (1.0, 1.0), (1.5, 5.0), (120.0, 300.0), (3600.0, 3600.0), (7200.0, 36000.0)],
+    ("delay", "hops"),
+    [
+        (2.0, [1, 1]),
+        (7.0, [4, 1, 1, 1]),
+        (45.0, [16, 16, 4, 4, 4, 1]),
+        (0.5, [0.25, 0.25]),
+        (0.3, [0.25, 0.25]),  # the one overshoot: 0.2 s
+        (300.0, [256, 16, 16, 4, 4, 4]),
+    ],
 )
-def test_delays_round_up_to_the_next_ladder_step(delay: float, expected: float) -> None:
-    ladder = delay_ladder([5, 300, 36000])
-    assert round_up_to_ladder(delay, ladder) == expected
+def test_a_delay_is_composed_from_the_levels(delay: float, hops: list[float]) -> None:
+    assert walk(delay, levels_for([5.0])) == hops
 
 
-def test_delay_beyond_the_ladder_gets_the_longest_step() -> None:
-    assert round_up_to_ladder(99999.0, delay_ladder([5])) == 3600.0
-
-
-@given(st.lists(delays, max_size=10), delays)
-def test_rounding_waits_at_least_as_long_unless_beyond_the_ladder(
+@given(st.lists(delays, max_size=10), st.floats(min_value=0.05, max_value=4_294_967))
+def test_composed_delays_end_no_earlier_and_under_a_quarter_second_later(
     schedule: list[float], delay: float
 ) -> None:
-    ladder = delay_ladder(schedule)
-    step = round_up_to_ladder(delay, ladder)
-    assert step in ladder
-    assert set(RETRY_AFTER_STEPS_S) | set(schedule) == set(ladder)
-    assert ladder == sorted(ladder)
-    if delay <= ladder[-1]:
-        assert step >= delay
-        assert all(s < delay for s in ladder if s < step)
-    else:
-        assert step == ladder[-1]
+    levels = levels_for(schedule)
+    hops = walk(delay, levels)
+    assert delay - ON_TIME_S <= sum(hops) < delay + SMALLEST_LEVEL_S
+    assert len(hops) <= 3 * len(levels) + (delay / levels[-1])  # bounded: no level 4 times
 
 
-@given(st.lists(delays, max_size=10))
-def test_every_schedule_delay_is_a_ladder_step_exactly(schedule: list[float]) -> None:
-    ladder = delay_ladder(schedule)
-    assert all(round_up_to_ladder(d, ladder) == d for d in schedule)
+def test_old_ladder_queues_are_the_ones_no_level_replaces() -> None:
+    assert legacy_delays([5.0, 300.0, 36000.0]) == [5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 36000.0]
+    assert 1.0 not in legacy_delays([1.0])  # a level now as it was a step then

@@ -9,8 +9,8 @@ subscription of BRIDGE_SUBSCRIPTIONS, and for the checks lane:
 1. the new queues are declared and bound, then the old main queue is unbound from this
    deployment's exchange: from then on new events reach only the new queues;
 2. every message of this deployment is moved, confirmed copy first, then ack: waiting
-   events to the new main queue, retries to the retry queue of the same delay, dead
-   letters to the new ``.dead``; a disabled subscription stays disabled;
+   events and retries to the new main queue (a retry then is tried at once: it carries no
+   due time), dead letters to the new ``.dead``; a disabled subscription stays disabled;
 3. an old queue left empty is deleted.
 
 Whose a message is: one routed from an exchange is that exchange's deployment's; a copy
@@ -137,9 +137,9 @@ class Migration:
         return total
 
     async def _lane(self, lane: Move) -> int:
-        old_retries = lane.old.retries(lane.retry_schedule)
+        # A retry of 0.1 carries no due time: it goes to the main queue, tried at once.
         targets = {lane.old.main: lane.new.main}
-        targets.update({old: lane.new.retry(delay) for delay, old in old_retries.items()})
+        targets.update({old: lane.new.main for old in lane.old.every_retry(lane.retry_schedule)})
         targets[lane.old.dead] = lane.new.dead
         found = {q: await self._control.inspect(q) for q in [*targets, lane.old.marker]}
         existing = {q: r for q, r in found.items() if r is not None}

@@ -108,7 +108,7 @@ async def remove_subscription(
     known = {s.name: s for s in subscriptions}
     schedule = known[name].retry_schedule if name in known else DEFAULT_RETRY_SCHEDULE_S
     lane = subscription_queues(settings.exchange, name)
-    queues = [*lane.watched(schedule), lane.marker]
+    queues = [lane.main, *lane.every_retry(schedule), lane.dead, lane.marker]
     if name in known:
         print(
             f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "

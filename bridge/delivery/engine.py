@@ -180,6 +180,7 @@ class DeliveryRole:
                 for lane in self.lanes:
                     await lane.follow_cancel(self._connection)
                     await lane.follow_marker()
+                    await lane.tidy_old_retries()
             except BROKER_TROUBLE as exc:
                 raise_if_cancelled()
                 if not failing:

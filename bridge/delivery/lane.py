@@ -44,8 +44,8 @@ from bridge.delivery.outcomes import (
     Unmatched,
 )
 from bridge.delivery.queues import QueueControl, QueueSet, declare_lane, until_declared
-from bridge.delivery.retry import delay_ladder
-from bridge.delivery.settle import Ack, Copy, Hold, Instruction, Plan, decide
+from bridge.delivery.retry import levels_for
+from bridge.delivery.settle import Ack, Copy, Hold, Instruction, Plan, Wait, decide, wait_if_early
 from bridge.logs import one_line
 from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
 from bridge.topics import TopicMatcher
@@ -105,7 +105,10 @@ class Lane:
         self._control = control
         self._queue_type = queue_type
         self._refuse = refuse
-        self._plan = Plan(spec.queues, spec.retry_schedule, delay_ladder(spec.retry_schedule))
+        self._plan = Plan(spec.queues, spec.retry_schedule, levels_for(spec.retry_schedule))
+        self._old_retries = {name: -1 for name in spec.queues.legacy_retries(spec.retry_schedule)}
+        """Retry queues of an earlier version still to delete once empty, and what each held
+        at the last look (-1: not looked at yet)."""
         self._wants = TopicMatcher(spec.patterns)
         self._sink_times_out = bool(getattr(sink, "enforces_timeout", False))
         self.queue: AbstractQueue | None = None
@@ -163,6 +166,7 @@ class Lane:
         )
         self._hear_broker_cancel(channel)
         await self._leave_legacy(channel)
+        await self.tidy_old_retries()
         await self._check_head()
 
     async def start(self) -> None:
@@ -261,6 +265,31 @@ class Lane:
             self.spec.exchange,
             self.spec.queues.main,
         )
+
+    async def tidy_old_retries(self) -> None:
+        """Delete the retry queues of an earlier version's ladder once they are empty: what
+        waits there comes back to the main queue by itself, within that queue's TTL."""
+        for name, held_before in list(self._old_retries.items()):
+            held = await self._control.delete_if_empty(name)
+            if held == 0:
+                del self._old_retries[name]
+                if held_before != -1:
+                    log.info(
+                        "%s: %s, a retry queue of an earlier version, is empty: deleted",
+                        self.label,
+                        name,
+                    )
+            elif held_before == -1:
+                log.info(
+                    "%s: %s, a retry queue of an earlier version, holds %d events; they "
+                    "come back by themselves, and it is deleted once empty",
+                    self.label,
+                    name,
+                    held,
+                )
+                self._old_retries[name] = held
+            else:
+                self._old_retries[name] = held
 
     async def _check_head(self) -> None:
         """The message at the head of the main queue, looked at and handed back: one routed
@@ -391,6 +420,10 @@ class Lane:
             return
         facts = Facts.of(message)
         try:
+            early = wait_if_early(facts, self._plan, _now())
+            if early is not None:
+                await self._wait(message, early)
+                return
             await self._carry_out(
                 message, decide(await self._outcome(message), facts, self._plan, _now())
             )
@@ -443,6 +476,12 @@ class Lane:
         if not isinstance(outcome, Delivered | RetryLater | GiveUp | Disable):
             return RetryLater("sink_error", f"sink returned {type(outcome).__name__}")
         return outcome
+
+    async def _wait(self, message: AbstractIncomingMessage, wait: Wait) -> None:
+        """Park a copy that is not due yet in the next delay level; no attempt, no count."""
+        assert self.queue is not None
+        await publish_confirmed(self.queue.channel, wait.queue, copy_message(message, wait.headers))
+        await _ack(message)
 
     async def _carry_out(self, message: AbstractIncomingMessage, instruction: Instruction) -> None:
         """The instruction, then its metrics. The ack (or the nack of a hold) comes last, so

@@ -31,7 +31,19 @@ ATTEMPTS = "x-bridge-attempts"
 DEAD_AT = "x-bridge-dead-at"
 SETTLE_BUGS = "x-bridge-settle-bugs"
 """How often settling this message raised a bug of ours; bounds the tries (see settle.py)."""
-BRIDGE_HEADERS = (ATTEMPT, LAST_STATUS, LAST_REASON, LAST_ERROR, ATTEMPTS, DEAD_AT, SETTLE_BUGS)
+DUE = "x-bridge-due"
+"""When a parked copy is due, in Unix milliseconds: until then the lane parks it again
+(see ``bridge.delivery.retry``). Absent means now."""
+BRIDGE_HEADERS = (
+    ATTEMPT,
+    LAST_STATUS,
+    LAST_REASON,
+    LAST_ERROR,
+    ATTEMPTS,
+    DEAD_AT,
+    SETTLE_BUGS,
+    DUE,
+)
 
 # Added by the broker on dead-lettering and by quorum queues on redelivery; a copy
 # starts clean so they do not pile up across retries.
@@ -108,6 +120,8 @@ class Facts:
     headers: Mapping[str, Any]
     attempt: int
     settle_bugs: int
+    due_ms: int = 0
+    """When it may be attempted, in Unix milliseconds (0: now)."""
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> Facts:
@@ -117,6 +131,7 @@ class Facts:
             message.headers or {},
             attempt_of(message),
             settle_bugs_of(message),
+            _count_header(message, DUE, 0),
         )
 
 
@@ -148,9 +163,9 @@ def copy_message(message: AbstractIncomingMessage, headers: dict[str, Any]) -> a
 
 
 def retry_headers(
-    message: Carried, outcome: RetryLater | SettleBug, next_attempt: int
+    message: Carried, outcome: RetryLater | SettleBug, next_attempt: int, due_ms: int
 ) -> dict[str, Any]:
-    headers = _failure_headers(message, outcome) | {ATTEMPT: next_attempt}
+    headers = _failure_headers(message, outcome) | {ATTEMPT: next_attempt, DUE: due_ms}
     if isinstance(outcome, SettleBug):
         headers[SETTLE_BUGS] = outcome.tries
     return headers
@@ -162,6 +177,7 @@ def dead_headers(
     """What an operator needs to judge a dead letter (``dlq list`` shows these)."""
     headers = _failure_headers(message, outcome)
     headers.pop(ATTEMPT, None)
+    headers.pop(DUE, None)
     headers[ATTEMPTS] = attempts
     headers[DEAD_AT] = now.astimezone(UTC).isoformat(timespec="seconds")
     return headers

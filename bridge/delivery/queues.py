@@ -3,12 +3,12 @@
 Every name belongs to one deployment, the exchange it reads (``BRIDGE_EXCHANGE``): two
 bridges with different exchanges on one vhost share no queue. Per subscription ``<name>``
 of exchange ``<ex>``: ``<ex>.webhook.<name>`` (main, bound to the exchange with the
-subscription's patterns), one ``.retry.<delay>s`` queue per step of the retry ladder
-(queue-wide TTL, dead-lettered back to the main queue, so a long delay never blocks a
-short one), ``.dead`` (dead letters) and, while the subscription is disabled, an empty
-``.disabled`` marker queue. The checks role's lane is ``<ex>.checks`` with the same
-suffixes. Everything lives on the broker, so it survives restarts and is shared by
-competing consumers of the same deployment.
+subscription's patterns), one ``.retry.<delay>s`` queue per delay level (queue-wide TTL,
+dead-lettered back to the main queue, so a long delay never blocks a short one; see
+``bridge.delivery.retry``), ``.dead`` (dead letters) and, while the subscription
+is disabled, an empty ``.disabled`` marker queue. The checks role's lane is
+``<ex>.checks`` with the same suffixes. Everything lives on the broker, so it survives
+restarts and is shared by competing consumers of the same deployment.
 
 Versions before 0.2 named them ``bridge.webhook.<name>`` and ``bridge.checks`` for every
 deployment alike (``LEGACY_*``); ``patchwork-bridge migrate`` moves what waits there.
@@ -39,7 +39,7 @@ from bridge.broker.calls import (
 )
 from bridge.broker.errors import BROKER_TROUBLE, QueueUnavailable, TopologyError
 from bridge.broker.topology import QueueType, declare_queue, declare_replay_route, queue_arguments
-from bridge.delivery.retry import delay_ladder
+from bridge.delivery.retry import legacy_delays, levels_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,8 +72,16 @@ class QueueSet:
         return f"{self.main}.retry.{text}s"
 
     def retries(self, retry_schedule: Sequence[float]) -> dict[float, str]:
-        """Each delay of the schedule's ladder and the queue that waits that long."""
-        return {d: self.retry(d) for d in delay_ladder(retry_schedule)}
+        """Each delay level of a lane with this schedule and the queue that waits that long."""
+        return {d: self.retry(d) for d in levels_for(retry_schedule)}
+
+    def legacy_retries(self, retry_schedule: Sequence[float]) -> list[str]:
+        """Retry queues versions before 0.3 declared for this schedule, no longer used."""
+        return [self.retry(d) for d in legacy_delays(retry_schedule)]
+
+    def every_retry(self, retry_schedule: Sequence[float]) -> list[str]:
+        """Its retry queues of this version and of earlier ones: what removing it deletes."""
+        return [*self.retries(retry_schedule).values(), *self.legacy_retries(retry_schedule)]
 
     def watched(self, retry_schedule: Sequence[float]) -> list[str]:
         """Main, retry and dead queues: the ones whose depth an operator watches."""
@@ -232,6 +240,22 @@ class QueueControl:
                 )
             else:
                 await channel.queue_delete(queues.marker)
+
+    async def delete_if_empty(self, queue: str) -> int:
+        """Delete ``queue`` if it holds nothing; returns what it still holds (0: gone)."""
+        async with self._lock, asyncio.timeout(BROKER_TIMEOUT_S):
+            channel = await self._underlay()
+            try:
+                found = await channel.queue_declare(queue, passive=True)
+            except ChannelNotFoundEntity:
+                return 0
+            if found.message_count:
+                return found.message_count
+            try:
+                await channel.queue_delete(queue, if_empty=True)
+            except ChannelPreconditionFailed:
+                return 1  # a message arrived in between; the next look deletes it
+            return 0
 
     async def close(self) -> None:
         if self._channel is not None:

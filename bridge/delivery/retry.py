@@ -1,20 +1,35 @@
-"""Retry arithmetic as plain functions: the schedule and the broker's delay ladder.
+"""Retry arithmetic as plain functions: the schedule, and delays composed from a few queues.
 
-The consumer realises a delay by parking the message in one of a fixed set of
-broker queues, each with its own queue-wide TTL (``x-message-ttl``) that
-dead-letters back to the main queue. Per-message TTLs would not work: RabbitMQ
-only expires the message at a queue's head, so a long delay would block a short
-one behind it. The price of fixed queues is that every delay is rounded up to a
-ladder step and no per-message jitter is possible; messages retried together
-stay together (the receiver's own concurrency limit spreads them out again).
+A delay is realised in the broker, so it survives restarts: the message is parked in a
+queue whose queue-wide TTL (``x-message-ttl``) dead-letters it back to the main queue.
+Per-message TTLs would not work: RabbitMQ only expires the message at a queue's head, so
+a long delay would block a short one behind it. A queue per delay would not either: a
+receiver's ``Retry-After: 7`` and every schedule would each need their own.
+
+So each lane has the same few *levels*, powers of four from 0.25 s, and a copy carries
+the time it is due (``x-bridge-due``). When it comes back to the main queue early, the
+lane parks it again in the largest level that does not overshoot what remains. A delay
+of 45 s is 16 + 16 + 4 + 4 + 4 + 1 s; a delay ends at most one smallest level (0.25 s)
+late, plus a few milliseconds per hop. Levels above the longest delay a lane can ask for
+are not declared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-RETRY_AFTER_STEPS_S = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
-"""Ladder steps always present, so a Retry-After is rounded up to at most a few times itself."""
+from bridge.sinks.retry_after import RETRY_AFTER_MAX_S
+
+SMALLEST_LEVEL_S = 0.25
+LEVEL_FACTOR = 4
+MAX_DELAY_S = 4_294_967.0
+"""RabbitMQ's largest queue TTL (2^32-1 ms)."""
+ON_TIME_S = 0.02
+"""A copy back this close to its due time is delivered, not parked again."""
+
+LEGACY_LADDER_S = (1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+"""Retry queues versions before 0.3 declared for every lane, besides one per delay of its
+schedule: what a lane still finds on the broker after an upgrade."""
 
 
 def delay_for_attempt(schedule: Sequence[float], attempt: int) -> float | None:
@@ -30,19 +45,32 @@ def delay_for_attempt(schedule: Sequence[float], attempt: int) -> float | None:
     return float(schedule[attempt - 1])
 
 
-def delay_ladder(schedule: Sequence[float]) -> list[float]:
-    """The delays the broker has queues for: the schedule's distinct delays and the fixed steps."""
-    return sorted({float(d) for d in schedule} | set(RETRY_AFTER_STEPS_S))
+def levels_for(schedule: Sequence[float]) -> list[float]:
+    """The delay levels a lane with ``schedule`` declares, ascending: enough to compose its
+    longest delay or the longest Retry-After, whichever is longer, without many hops."""
+    longest = max([RETRY_AFTER_MAX_S, *schedule])
+    levels = [SMALLEST_LEVEL_S]
+    while levels[-1] * LEVEL_FACTOR <= min(longest, MAX_DELAY_S):
+        levels.append(levels[-1] * LEVEL_FACTOR)
+    return levels
 
 
-def round_up_to_ladder(delay_s: float, ladder: Sequence[float]) -> float:
-    """The smallest ladder step that waits at least ``delay_s``, else the largest step.
+def next_hop(remaining_s: float, levels: Sequence[float]) -> float | None:
+    """The level to park a copy in with ``remaining_s`` to wait, or None: deliver it now.
 
-    ``ladder`` must be sorted ascending and non-empty (``delay_ladder`` is).
+    The largest level that does not overshoot; the smallest when even that does, which is
+    the only overshoot (under one smallest level). ``levels`` is ascending and non-empty.
     """
-    if not ladder:
-        raise ValueError("the delay ladder is empty")
-    for step in ladder:
-        if step >= delay_s:
-            return step
-    return ladder[-1]
+    if not levels:
+        raise ValueError("a lane has at least one delay level")
+    if remaining_s <= ON_TIME_S:
+        return None
+    fitting = [level for level in levels if level <= remaining_s]
+    return fitting[-1] if fitting else levels[0]
+
+
+def legacy_delays(schedule: Sequence[float]) -> list[float]:
+    """Delays whose queues versions before 0.3 declared for ``schedule`` and this version
+    does not: they drain back to the main queue by their TTL, then are deleted."""
+    current = set(levels_for(schedule))
+    return sorted({float(d) for d in (*LEGACY_LADDER_S, *schedule)} - current)

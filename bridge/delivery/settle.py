@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bridge.delivery.messages import Facts, dead_headers, retry_headers
+from bridge.delivery.messages import Facts, carried_headers, dead_headers, retry_headers
 from bridge.delivery.outcomes import (
     Delivered,
     Disable,
@@ -25,7 +25,8 @@ from bridge.delivery.outcomes import (
     Unmatched,
 )
 from bridge.delivery.queues import QueueSet
-from bridge.delivery.retry import delay_for_attempt, round_up_to_ladder
+from bridge.delivery.retry import delay_for_attempt, next_hop
+from bridge.sinks.retry_after import RETRY_AFTER_MAX_S
 
 SETTLE_BUG_TRIES = 3
 """Attempts to settle a message whose settling raised a bug, before it goes to ``.dead``."""
@@ -40,8 +41,8 @@ class Plan:
     queues: QueueSet
     schedule: Sequence[float]
     """Delays between attempts; attempts = 1 + its length."""
-    ladder: Sequence[float]
-    """The delays the broker has retry queues for, ascending."""
+    levels: Sequence[float]
+    """The delay levels the lane has retry queues for, ascending (``retry.levels_for``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +84,35 @@ class Hold:
         return self.outcome.reason
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A parked copy back before it is due: park it again, attempt nothing, count nothing."""
+
+    queue: str
+    headers: dict[str, Any] = field(repr=False)
+    remaining_s: float
+
+
 Instruction = Ack | Copy | Hold
+
+
+def wait_if_early(facts: Facts, plan: Plan, now: datetime) -> Wait | None:
+    """Where a copy that came back before its due time waits next; None when it is due."""
+    if not facts.due_ms:
+        return None
+    remaining_s = (facts.due_ms - _ms(now)) / 1000
+    hop = next_hop(remaining_s, plan.levels)
+    if hop is None:
+        return None
+    return Wait(plan.queues.retry(hop), carried_headers(facts), remaining_s)
 
 
 def decide(outcome: Settled, facts: Facts, plan: Plan, now: datetime) -> Instruction:
     """``facts.attempt`` is the attempt that produced ``outcome`` (1-based).
 
-    A receiver's Retry-After (already capped by the sink) wins over the schedule, rounded
-    up to a step of the ladder; the lane's attempts are never exceeded for it.
+    A receiver's Retry-After (already capped by the sink) wins over the schedule; either
+    is kept to within a smallest delay level (``bridge.delivery.retry``). The lane's
+    attempts are never exceeded for it.
     """
     attempt = facts.attempt
     match outcome:
@@ -106,28 +128,31 @@ def decide(outcome: Settled, facts: Facts, plan: Plan, now: datetime) -> Instruc
         case SettleBug(tries=tries):
             if tries < SETTLE_BUG_TRIES:
                 # The same attempt again: the sink's attempt was not what failed.
-                delay_s = round_up_to_ladder(SETTLE_BUG_PAUSE_S, plan.ladder)
-                return _retry(outcome, facts, plan, delay_s, attempt)
+                return _retry(outcome, facts, plan, SETTLE_BUG_PAUSE_S, attempt, now)
             return _dead(outcome, facts, plan, attempt, "dead_lettered", now)
         case RetryLater(delay_s=asked_s):
             scheduled_s = delay_for_attempt(plan.schedule, attempt)
             if scheduled_s is None:
                 return _dead(outcome, facts, plan, attempt, "dead_lettered", now)
-            wanted_s = scheduled_s if asked_s is None else asked_s
-            return _retry(
-                outcome, facts, plan, round_up_to_ladder(wanted_s, plan.ladder), attempt + 1
-            )
+            wanted_s = scheduled_s if asked_s is None else min(asked_s, RETRY_AFTER_MAX_S)
+            return _retry(outcome, facts, plan, wanted_s, attempt + 1, now)
         case GiveUp():
             return _dead(outcome, facts, plan, attempt, "dead_lettered", now)
     raise TypeError(f"not an outcome: {outcome!r}")
 
 
 def _retry(
-    outcome: RetryLater | SettleBug, facts: Facts, plan: Plan, delay_s: float, next_attempt: int
+    outcome: RetryLater | SettleBug,
+    facts: Facts,
+    plan: Plan,
+    delay_s: float,
+    next_attempt: int,
+    now: datetime,
 ) -> Copy:
+    hop = next_hop(delay_s, plan.levels)
     return Copy(
-        plan.queues.retry(delay_s),
-        retry_headers(facts, outcome, next_attempt),
+        plan.queues.main if hop is None else plan.queues.retry(hop),
+        retry_headers(facts, outcome, next_attempt, _ms(now) + round(delay_s * 1000)),
         "retried",
         outcome.reason,
         f"event {facts.message_id} attempt {facts.attempt} failed "
@@ -148,3 +173,7 @@ def _dead(
         f"({outcome.reason}: {outcome.detail})",
         warn=True,
     )
+
+
+def _ms(when: datetime) -> int:
+    return round(when.timestamp() * 1000)
