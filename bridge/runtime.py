@@ -99,13 +99,19 @@ def consumers_for(command: str, settings: Settings) -> StreamConsumers | None:
 def subscriptions_for(command: str, settings: Settings) -> list[Subscription]:
     """The subscriptions a command delivers to, read once; SettingsError where the webhook
     role would have nothing to do."""
-    from bridge.webhook.subscriptions import load_subscriptions
+    from pydantic import SecretStr
+
+    from bridge.sinks.signing import read_key_file
+    from bridge.webhook.subscriptions import load_subscriptions, with_deployment_key
 
     if settings.subscriptions is None or command == "stream":
         if command == "webhook":
             raise SettingsError("BRIDGE_SUBSCRIPTIONS: required for the webhook role")
         return []
-    subscriptions = load_subscriptions(settings.subscriptions)
+    subscriptions = with_deployment_key(
+        load_subscriptions(settings.subscriptions),
+        SecretStr(read_key_file(settings.signing_key_file)) if settings.signing_key_file else None,
+    )
     if not subscriptions and command == "webhook":
         raise SettingsError(
             f"BRIDGE_SUBSCRIPTIONS: {settings.subscriptions} has no [[webhook]] tables; "

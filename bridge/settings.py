@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     is first declared; unset: RabbitMQ's default (every node, up to three, on 4.3)."""
 
     subscriptions: Path | None = None
+    signing_key_file: Path | None = None
+    """The deployment's ``whsk_`` ed25519 key(s): every subscription without its own
+    ``signing_key`` signs ``v1a`` with them; the stream port serves the public keys."""
 
     checks: bool = False
     """``run`` also runs the checks role (CI results posted to Patchwork)."""
@@ -85,6 +88,15 @@ class Settings(BaseSettings):
     @classmethod
     def _level_any_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("signing_key_file")
+    @classmethod
+    def _usable_keys(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from bridge.sinks.signing import read_key_file
+
+            read_key_file(value)
+        return value
 
     @field_validator("patchwork_url")
     @classmethod

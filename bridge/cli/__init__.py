@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bridge.cli import bind, check_config, demo, dlq, migrate, replay, roles, subscriptions
+from bridge.cli import (
+    bind,
+    check_config,
+    demo,
+    dlq,
+    keys,
+    migrate,
+    replay,
+    roles,
+    subscriptions,
+)
 
 COMMANDS: tuple[ModuleType, ...] = (
     roles,
@@ -14,6 +24,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     bind,
     replay,
     migrate,
+    keys,
     check_config,
 )
 """In the order ``--help`` lists them."""

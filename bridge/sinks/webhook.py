@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 
 import aiohttp
+from pydantic import SecretStr
 from yarl import URL
 
 from bridge.events import USER_AGENT
@@ -19,7 +20,7 @@ from bridge.logs import one_line
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, SinkSpec
 from bridge.sinks.netguard import ForbiddenAddress, GuardedResolver, check_literal_host
 from bridge.sinks.retry_after import parse_retry_after
-from bridge.sinks.signing import decode_secret, sign_with_key
+from bridge.sinks.signing import Signer, decode_secrets, decode_signing_keys
 
 BODY_READ_CAP_BYTES = 64 * 1024
 """How much of a response we read, only to quote it in the log; the rest is never downloaded."""
@@ -38,10 +39,10 @@ class WebhookSink:
             raise ValueError("a webhook needs a url")
         self._subscription = subscription
         self._url = URL(subscription.url)
-        self._key = (
-            decode_secret(subscription.secret.get_secret_value())
-            if subscription.secret is not None
-            else None
+        signing_key: SecretStr | None = getattr(subscription, "signing_key", None)
+        self._signer = Signer(
+            decode_secrets(subscription.secret.get_secret_value()) if subscription.secret else [],
+            decode_signing_keys(signing_key.get_secret_value()) if signing_key else [],
         )
         self._auth = (
             f"Bearer {subscription.bearer_token.get_secret_value()}"
@@ -60,6 +61,10 @@ class WebhookSink:
             )
             if s
         ]
+        # Each secret or key alone, too: a receiver may echo one of them.
+        for held in (subscription.secret, signing_key):
+            if held is not None:
+                self._redact += held.get_secret_value().split()
         # The headers that are the same on every POST, built and checked once.
         self._fixed_headers = {
             "Content-Type": "application/json",
@@ -138,10 +143,8 @@ class WebhookSink:
         headers = self._fixed_headers.copy()
         headers["webhook-id"] = message_id
         headers["webhook-timestamp"] = str(timestamp_s)
-        if self._key is not None:
-            headers["webhook-signature"] = sign_with_key(
-                self._key, message_id, timestamp_s, delivery.body
-            )
+        if self._signer:
+            headers["webhook-signature"] = self._signer.sign(message_id, timestamp_s, delivery.body)
         for name in CE_HEADERS:
             value = delivery.headers.get(name)
             if value is None:

@@ -29,6 +29,7 @@ from bridge.eventlog import LogMissing
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.base import GiveUp
+from bridge.sinks.signing import decode_signing_keys, public_key_text, read_key_file
 from bridge.stream.consumers import StreamConsumers
 from bridge.stream.feed import Feed, Gap, LogStalled
 from bridge.stream.hub import Hub
@@ -118,13 +119,27 @@ class StreamServer:
         """Each connected client's feed, with its consumer's name."""
         for name in consumers.names:
             metrics.stream_clients.labels(name).set(0)
+        self._public_keys = (
+            [
+                public_key_text(k)
+                for k in decode_signing_keys(read_key_file(settings.signing_key_file))
+            ]
+            if settings.signing_key_file
+            else []
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/events", self.events)
         app.router.add_post("/v1/checks", self.post_check)
         app.router.add_get("/", self.page)
+        app.router.add_get("/v1/signing-keys", self.signing_keys)
         return app
+
+    async def signing_keys(self, _: web.Request) -> web.Response:
+        """The public keys that verify the deployment's ``v1a`` webhook signatures: public,
+        so no token is asked for."""
+        return web.json_response({"keys": self._public_keys})
 
     async def page(self, _: web.Request) -> web.Response:
         html = resources.files("bridge.stream").joinpath("page.html").read_text("utf-8")

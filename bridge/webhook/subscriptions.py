@@ -17,8 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from bridge.sinks.netguard import ForbiddenAddress, check_literal_host
 from bridge.sinks.registry import sink_names
-from bridge.sinks.signing import MAX_SECRET_BYTES, MIN_SECRET_BYTES, decode_secret
-from bridge.tablefile import NOT_ONE_WORD, Entry, Problems, is_one_word, load_entries
+from bridge.sinks.signing import (
+    MAX_SECRET_BYTES,
+    MIN_SECRET_BYTES,
+    decode_secrets,
+    decode_signing_keys,
+)
+from bridge.tablefile import (
+    NOT_ONE_WORD,
+    Entry,
+    Problems,
+    is_one_word,
+    load_entries,
+)
 from bridge.topics import check_pattern
 
 DEFAULT_RETRY_SCHEDULE_S = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
@@ -44,7 +55,12 @@ class Subscription(BaseModel):
     events: list[str] = ["#"]
     """Topic patterns over ``<project>.<category>``."""
     secret: SecretStr | None = None
+    """One or more ``whsec_`` secrets, white-space separated: each signs (``v1``)."""
     secret_file: Path | None = None
+    signing_key: SecretStr | None = None
+    """One or more ``whsk_`` ed25519 keys: each signs (``v1a``); BRIDGE_SIGNING_KEY_FILE
+    gives the deployment's to every subscription without its own."""
+    signing_key_file: Path | None = None
     bearer_token: SecretStr | None = None
     bearer_token_file: Path | None = None
     timeout: float = Field(15.0, gt=0)
@@ -98,7 +114,11 @@ def check_url(url: str) -> None:
 
 # Loading ---------------------------------------------------------------------
 
-_FILE_KEYS = {"secret_file": "secret", "bearer_token_file": "bearer_token"}
+_FILE_KEYS = {
+    "secret_file": "secret",
+    "bearer_token_file": "bearer_token",
+    "signing_key_file": "signing_key",
+}
 
 
 def load_subscriptions(path: Path) -> list[Subscription]:
@@ -117,6 +137,15 @@ def load_subscriptions(path: Path) -> list[Subscription]:
             )
         if isinstance(values.get("secret"), str):
             _check_secret(values["secret"], label, entry.given_by("secret"), problems)
+        if isinstance(values.get("signing_key"), str):
+            try:
+                decode_signing_keys(values["signing_key"])
+            except ValueError as exc:
+                problems.add(
+                    label,
+                    entry.given_by("signing_key"),
+                    f"{exc} (make one with `patchwork-bridge keys new`)",
+                )
         token = values.get("bearer_token")
         if isinstance(token, str) and not is_one_word(token):
             problems.add(label, entry.given_by("bearer_token"), NOT_ONE_WORD)
@@ -170,12 +199,25 @@ def _check_reachable(url: str, label: str, problems: Problems) -> None:
 
 
 def _check_secret(secret: str, label: str, key: str, problems: Problems) -> None:
+    """One secret, or several separated by white space while one is rotated."""
     try:
-        size = len(decode_secret(secret))
+        sizes = [len(k) for k in decode_secrets(secret)]
     except ValueError as exc:
         problems.add(label, key, f"{exc} (a Standard Webhooks secret: whsec_<base64>)")
         return
-    if not MIN_SECRET_BYTES <= size <= MAX_SECRET_BYTES:
+    if not all(MIN_SECRET_BYTES <= size <= MAX_SECRET_BYTES for size in sizes):
         problems.add(
             label, key, f"the key must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes long"
         )
+
+
+def with_deployment_key(
+    subscriptions: list[Subscription], key: SecretStr | None
+) -> list[Subscription]:
+    """Every subscription without a signing key of its own signs with the deployment's."""
+    if key is None:
+        return subscriptions
+    return [
+        s if s.signing_key is not None else s.model_copy(update={"signing_key": key})
+        for s in subscriptions
+    ]

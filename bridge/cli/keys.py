@@ -1,0 +1,51 @@
+"""``patchwork-bridge keys new|public``: ed25519 keys for ``v1a`` webhook signatures.
+
+``new`` prints a fresh ``whsk_`` signing key (keep it like a password: put it in a file
+named by BRIDGE_SIGNING_KEY_FILE or a subscription's ``signing_key_file``). ``public``
+prints the ``whpk_`` public key of each key in a file, or of the deployment's, for the
+CIs: they verify with it, and hold nothing secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bridge.cli.common import CliError, Commands, command
+from bridge.settings import load_settings
+from bridge.sinks.signing import decode_signing_keys, new_signing_key, public_key_text
+
+
+def register(commands: Commands) -> None:
+    keys = commands.add_parser("keys", help="make an ed25519 signing key, or print public keys")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    actions.add_parser("new", help="print a new whsk_ signing key")
+    public = actions.add_parser(
+        "public", help="print the whpk_ public key of each key in FILE (or the deployment's)"
+    )
+    public.add_argument("file", nargs="?", type=Path, help="default: BRIDGE_SIGNING_KEY_FILE")
+    keys.set_defaults(run=run)
+
+
+@command
+def run(args: argparse.Namespace) -> None:
+    if args.keys_command == "new":
+        print(new_signing_key())
+        return
+    path = args.file or load_settings().signing_key_file
+    if path is None:
+        raise CliError("keys public: give a FILE, or set BRIDGE_SIGNING_KEY_FILE", 2)
+    for key in public_keys(path):
+        print(key)
+
+
+def public_keys(path: Path) -> list[str]:
+    """The ``whpk_`` keys of the ``whsk_`` keys in ``path``; CliError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"keys: cannot read {path} ({getattr(exc, 'strerror', exc)})", 2) from None
+    try:
+        return [public_key_text(key) for key in decode_signing_keys(text)]
+    except ValueError as exc:
+        raise CliError(f"keys: {path}: {exc}", 2) from None
