@@ -36,6 +36,7 @@ import aiohttp
 from aiohttp import web
 
 from bridge.broker.topology import declare_exchange, replay_exchange
+from bridge.delivery.history import history_queue
 from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
 from bridge.eventlog import log_queue
@@ -306,6 +307,7 @@ class Hook:
     concurrency: int = 16
     timeout: float = 15.0
     secret: str | None = SECRET
+    rate: float | None = None
 
     def toml(self) -> str:
         lines = [
@@ -318,6 +320,8 @@ class Hook:
         ]
         if self.secret is not None:
             lines.append(f'secret = "{self.secret}"')
+        if self.rate is not None:
+            lines.append(f"rate = {self.rate}")
         return "\n".join(lines) + "\n"
 
 
@@ -387,6 +391,7 @@ async def forget_log(exchange: str) -> None:
     try:
         channel = await connection.channel()
         await channel.queue_delete(log_queue(exchange))
+        await channel.queue_delete(history_queue(exchange))  # the webhook role's attempt history
     finally:
         await connection.close()
 
@@ -415,11 +420,16 @@ async def delete_topology(
             # The benchmarks keep the default retry schedule, so these are all its queues.
             subscription = Subscription(name=name)
             queues = subscription_queues(exchange, name)
-            for queue in [*queues.watched(subscription.retry_schedule), queues.marker]:
+            for queue in [
+                *queues.watched(subscription.retry_schedule),
+                queues.marker,
+                queues.breaker,
+            ]:
                 await channel.queue_delete(queue)
             await channel.exchange_delete(replay_exchange(exchange, queues.main))
         await channel.exchange_delete(exchange)
         await channel.queue_delete(log_queue(exchange))
+        await channel.queue_delete(history_queue(exchange))  # the webhook role's attempt history
     finally:
         await connection.close()
 

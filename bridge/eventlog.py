@@ -104,15 +104,39 @@ async def read_log(
 
     Raises LogMissing if there is no log. Its own channel, closed when the read ends.
     """
+    read = read_stream(
+        connection,
+        log_queue(exchange),
+        start,
+        idle_end_s=idle_end_s,
+        first_wait_s=first_wait_s,
+        prefetch=prefetch,
+    )
+    try:
+        async for message in read:
+            yield message
+    except LogMissing:
+        raise LogMissing(f"no event log {log_queue(exchange)!r} yet") from None
+
+
+async def read_stream(
+    connection: AbstractConnection,
+    queue_name: str,
+    start: Offset,
+    *,
+    idle_end_s: float = IDLE_END_S,
+    first_wait_s: float = FIRST_WAIT_S,
+    prefetch: int = READ_PREFETCH,
+) -> AsyncGenerator[AbstractIncomingMessage]:
+    """Any stream queue's messages from ``start`` to its end, as ``read_log`` reads the log;
+    LogMissing if the queue does not exist."""
     channel = await open_channel(connection)
     try:
         await channel.set_qos(prefetch_count=prefetch, timeout=BROKER_TIMEOUT_S)
         try:
-            queue = await channel.declare_queue(
-                log_queue(exchange), passive=True, timeout=BROKER_TIMEOUT_S
-            )
+            queue = await channel.declare_queue(queue_name, passive=True, timeout=BROKER_TIMEOUT_S)
         except ChannelNotFoundEntity:
-            raise LogMissing(f"no event log {log_queue(exchange)!r} yet") from None
+            raise LogMissing(f"no stream {queue_name!r} yet") from None
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
         async def arrived(message: AbstractIncomingMessage) -> None:

@@ -33,11 +33,15 @@ def build_app(
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        failing = [reason for ok, reason in (check() for check in checks) if not ok]
+        answers = [check() for check in checks]
+        failing = [reason for ok, reason in answers if not ok]
+        # What a ready role still says: a subscription's receiver is down, say.
+        notes = "".join(f"{reason}\n" for ok, reason in answers if ok and reason)
         nodes = "".join(f"{name}: on RabbitMQ node {node()}\n" for name, node in where if node())
         if failing:
-            return web.Response(status=503, text="not ready: " + "; ".join(failing) + "\n" + nodes)
-        return web.Response(text="ready\n" + nodes)
+            text = "not ready: " + "; ".join(failing) + "\n" + notes + nodes
+            return web.Response(status=503, text=text)
+        return web.Response(text="ready\n" + notes + nodes)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler)

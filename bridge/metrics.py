@@ -173,6 +173,37 @@ class Metrics:
             registry=r,
         )
 
+        self.breaker_open = Gauge(
+            f"{p}_webhook_breaker_open",
+            "1 while a subscription's circuit breaker is open: its receiver kept failing, its "
+            "events wait in its queue and only probes are sent.",
+            ["subscription"],
+            registry=r,
+        )
+        self.breaker_probes = Counter(
+            f"{p}_webhook_breaker_probes",
+            "Probes of an open circuit breaker, by result (ok, failed, empty: nothing to probe).",
+            ["subscription", "result"],
+            registry=r,
+        )
+
+        self.history_records = Counter(
+            f"{p}_attempt_history_records",
+            "Delivery attempts written to the attempt history (<exchange>.deliveries).",
+            registry=r,
+        )
+        self.history_bytes = Counter(
+            f"{p}_attempt_history_bytes",
+            "Bytes written to the attempt history; its size on the broker is what was written "
+            "within BRIDGE_LOG_MAX_AGE.",
+            registry=r,
+        )
+        self.history_dropped = Counter(
+            f"{p}_attempt_history_dropped",
+            "Attempt records not written: the broker refused them, or the buffer was full.",
+            registry=r,
+        )
+
         # Queues
         self.queue_messages = Gauge(
             f"{p}_queue_messages_ready",

@@ -223,7 +223,7 @@ async def delete_subscription_queues(
     try:
         for sub in subscriptions:
             queues = lane(exchange, sub.name)
-            for queue in [*queues.watched(sub.retry_schedule), queues.marker]:
+            for queue in [*queues.watched(sub.retry_schedule), queues.marker, queues.breaker]:
                 with suppress(Exception):
                     await channel.queue_delete(queue)
             with suppress(Exception):

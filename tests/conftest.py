@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 
 from bridge.broker.topology import replay_exchange
+from bridge.delivery.history import history_queue
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.producer.lock import quorum_lock_queue
@@ -53,6 +54,7 @@ async def exchange_name(amqp: aio_pika.abc.AbstractConnection, unique: str) -> A
     channel = await amqp.channel()
     await channel.exchange_delete(name)
     await channel.queue_delete(log_queue(name))  # the event log a producer declared
+    await channel.queue_delete(history_queue(name))  # the webhook role's attempt history
     await channel.queue_delete(quorum_lock_queue(name))  # a producer's lock on a cluster
     await channel.close()
 

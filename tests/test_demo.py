@@ -10,6 +10,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from bridge.delivery.history import history_queue
 from bridge.eventlog import log_queue
 from tests.broker import AMQP_URL
 
@@ -86,4 +87,5 @@ async def test_example_ci_consumer_prints_the_series_of_the_demo(unique):
             await channel.queue_delete(name)
         await channel.exchange_delete(exchange)
         await channel.queue_delete(log_queue(exchange))
+        await channel.queue_delete(history_queue(exchange))  # the webhook role's attempt history
         await connection.close()

@@ -21,6 +21,7 @@ from aiohttp import web
 from bridge.__main__ import main
 from bridge.broker.topology import replay_exchange
 from bridge.checks.result import results_exchange
+from bridge.delivery.history import history_queue
 from bridge.delivery.queues import checks_queues, subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
@@ -133,6 +134,7 @@ async def two_sites(unique: str, tmp_path: Path, amqp) -> AsyncIterator[tuple[Si
                     [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0]
                 ),
                 log_queue(site.exchange),
+                history_queue(site.exchange),
             ]:
                 await channel.queue_delete(queue)
             for exchange in (

@@ -19,6 +19,7 @@ import pytest
 from bridge.__main__ import main
 from bridge.broker.topology import declare_exchange, replay_exchange
 from bridge.cli.bind import bind, unbind
+from bridge.delivery.history import history_queue
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import declare_log, log_queue
 from bridge.events import Event, parse_event
@@ -236,6 +237,9 @@ async def test_replay_gives_each_bound_queue_only_its_own_events_and_the_example
     finally:
         await unbind(settings, netdev_queue, yes=True)
         await channel.queue_delete(log_queue(exchange_name))
+        await channel.queue_delete(
+            history_queue(exchange_name)
+        )  # the webhook role's attempt history
         await channel.close()
 
 

@@ -298,6 +298,7 @@ async def test_events_in_retry_queues_are_delivered_after_the_consumer_is_killed
         # kill between a retry copy's confirm and the original's ack would (rightly) leave
         # a duplicate and spoil the exact count below.
         retry_schedule=[4, 1, 1],
+        breaker_failures=0,  # all 30 fail at first: the breaker would hold them back
         timeout=5.0,
     )
     (subscription,) = load_subscriptions(path)

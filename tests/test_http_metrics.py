@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.delivery.history import history_queue
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.http import start_server
@@ -70,7 +71,7 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
     subscriptions.write_text(
         f'[[webhook]]\nname = "{good}"\nurl = "{receiver}/ok"\nallow_private_network = true\n'
         f'[[webhook]]\nname = "{bad}"\nurl = "{receiver}/broken"\nevents = ["dpdk.*"]\n'
-        "retry_schedule = [0.1, 0.1]\nallow_private_network = true\n"
+        "retry_schedule = [0.1, 0.1]\nallow_private_network = true\nbreaker_failures = 0\n"
     )
     patchwork = FakePatchwork(tz="Australia/Canberra")
     events = [patchwork.add_event("patch-created", p) for p in ["dpdk", "netdevbpf"] * 10]
@@ -252,4 +253,7 @@ async def test_readiness_flips_when_the_broker_goes_away_and_comes_back(unique, 
         channel = await connection.channel()
         await channel.exchange_delete(settings.exchange)
         await channel.queue_delete(log_queue(settings.exchange))
+        await channel.queue_delete(
+            history_queue(settings.exchange)
+        )  # the webhook role's attempt history
         await connection.close()

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from bridge.delivery.history import history_queue
 from bridge.eventlog import log_queue
 from bridge.settings import load_settings
 from tests.broker import AMQP_URL
@@ -124,6 +125,9 @@ async def test_a_producer_of_another_exchange_on_a_busy_state_directory_refuses_
         for exchange in (first_exchange, second_exchange):
             await channel.exchange_delete(exchange)
             await channel.queue_delete(log_queue(exchange))
+            await channel.queue_delete(
+                history_queue(exchange)
+            )  # the webhook role's attempt history
         await channel.close()
 
 

@@ -19,6 +19,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 from standardwebhooks import Webhook
 
+from bridge.delivery.history import history_queue
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.sinks.netguard import refusal_reason
@@ -99,6 +100,7 @@ name = "{names["always-500"]}"
 url = "{urls["always-500"]}"
 events = ["dpdk.*"]
 retry_schedule = [0.2, 0.2]
+breaker_failures = 0  # a receiver that always fails: this test wants its dead letters
 allow_private_network = true
 
 [[webhook]]
@@ -205,4 +207,5 @@ async def delete_topology(connection, subscriptions: Path, exchange: str) -> Non
     channel = await connection.channel()
     await channel.exchange_delete(exchange)
     await channel.queue_delete(log_queue(exchange))
+    await channel.queue_delete(history_queue(exchange))  # the webhook role's attempt history
     await channel.close()

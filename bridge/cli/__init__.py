@@ -7,6 +7,7 @@ from types import ModuleType
 from bridge.cli import (
     bind,
     check_config,
+    deliveries,
     demo,
     dlq,
     keys,
@@ -20,6 +21,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     roles,
     demo,
     dlq,
+    deliveries,
     subscriptions,
     bind,
     replay,

@@ -44,6 +44,8 @@ async def run_subscriptions(
                 for s in chosen:
                     queues = subscription_queues(settings.exchange, s.name)
                     state = "disabled" if await control.is_disabled(queues) else "enabled"
+                    if await control.is_breaker_open(queues):
+                        state += ",breaker-open"
                     print(f"{s.name}\t{state}\t{s.sink}\t{' '.join(s.events)}", file=out)
                 return
             disable = action == "disable"
@@ -108,7 +110,7 @@ async def remove_subscription(
     known = {s.name: s for s in subscriptions}
     schedule = known[name].retry_schedule if name in known else DEFAULT_RETRY_SCHEDULE_S
     lane = subscription_queues(settings.exchange, name)
-    queues = [lane.main, *lane.every_retry(schedule), lane.dead, lane.marker]
+    queues = [lane.main, *lane.every_retry(schedule), lane.dead, lane.marker, lane.breaker]
     if name in known:
         print(
             f"{name} is still in BRIDGE_SUBSCRIPTIONS: a webhook process that starts "

@@ -21,6 +21,7 @@ from bridge.broker.errors import BROKER_ERRORS, BROKER_TROUBLE, TopologyError
 from bridge.broker.nodes import node_of
 from bridge.broker.topology import declare_exchange
 from bridge.delivery.depth import QueueDepthSampler
+from bridge.delivery.history import AttemptHistory, history_queue
 from bridge.delivery.lane import Lane, LaneSpec
 from bridge.delivery.outcomes import Sink
 from bridge.delivery.queues import QueueControl
@@ -61,6 +62,7 @@ class DeliveryRole:
         self._connection: AbstractRobustConnection | None = None
         self._control_connection: AbstractRobustConnection | None = None
         self._control: QueueControl | None = None
+        self._history: AttemptHistory | None = None
         self.lanes: list[Lane] = []
         self._started = False
         self._stopping = asyncio.Event()
@@ -91,6 +93,7 @@ class DeliveryRole:
             await self._close_connections()
             return
         self._control = QueueControl(self._control_connection)
+        self._history = await self._open_history()
         self.lanes = [
             Lane(
                 spec,
@@ -100,6 +103,7 @@ class DeliveryRole:
                 control=self._control,
                 queue_type=self.settings.queue_type,
                 refuse=self._refuse,
+                history=self._history.record if self._history else None,
             )
             for spec, sink in self._specs
         ]
@@ -120,6 +124,9 @@ class DeliveryRole:
                 asyncio.create_task(self._watch(), name=f"{self.name}-markers"),
                 asyncio.create_task(sampler.run(self._stopping), name=f"{self.name}-queue-depth"),
             ]
+            if self._history is not None:
+                writer = self._history.run(self._stopping)
+                background.append(asyncio.create_task(writer, name=f"{self.name}-history"))
             stopped = asyncio.create_task(stop.wait())
             refused = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait(
@@ -133,6 +140,25 @@ class DeliveryRole:
                 raise self._refused
         finally:
             await self._shutdown(background)
+
+    async def _open_history(self) -> AttemptHistory | None:
+        """The attempt history's stream; without it deliveries go on, unrecorded."""
+        assert self._connection is not None
+        history = AttemptHistory(self.settings, self.metrics)
+        try:
+            await history.open(self._connection)
+        except BROKER_TROUBLE as exc:
+            raise_if_cancelled()
+            log.error(
+                "%s: cannot declare the attempt history %s (%s: %s); delivering without it",
+                self.name,
+                history_queue(self.settings.exchange),
+                type(exc).__name__,
+                exc,
+            )
+            await history.close()
+            return None
+        return history
 
     def connected(self) -> bool:
         return is_connected(self._connection)
@@ -148,6 +174,14 @@ class DeliveryRole:
         cancelled = [lane.name for lane in self.lanes if lane.cancelled]
         if cancelled:
             return False, f"{self.name}: not consuming the main queue of {', '.join(cancelled)}"
+        # Ready: a receiver that is down is not this process's trouble, but /readyz says it.
+        broken = [
+            f"{lane.name} (next probe within {lane.breaker.interval_s:g}s)"
+            for lane in self.lanes
+            if lane.breaker.open
+        ]
+        if broken:
+            return True, f"{self.name}: circuit breaker open for {', '.join(broken)}"
         return True, ""
 
     async def _start(self) -> None:
@@ -180,6 +214,7 @@ class DeliveryRole:
                 for lane in self.lanes:
                     await lane.follow_cancel(self._connection)
                     await lane.follow_marker()
+                    await lane.follow_breaker()
                     await lane.tidy_old_retries()
             except BROKER_TROUBLE as exc:
                 raise_if_cancelled()
@@ -228,6 +263,13 @@ class DeliveryRole:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         await self._close_sinks()
+        if self._history is not None:
+            try:
+                async with asyncio.timeout(BROKER_TIMEOUT_S):
+                    await self._history.flush()
+            except TimeoutError:
+                log.warning("%s: the last attempt records were not written", self.name)
+            await self._history.close()
         if self._control is not None:
             await self._control.close()
         await self._close_connections()

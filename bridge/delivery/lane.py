@@ -24,9 +24,12 @@ from aio_pika.abc import (
 from bridge.broker.calls import BROKER_TIMEOUT_S, raise_if_cancelled
 from bridge.broker.errors import BROKER_ERRORS, BROKER_TROUBLE, TopologyError
 from bridge.broker.topology import QueueType, publish_confirmed
+from bridge.delivery.breaker import NO_BREAKER, Breaker, BreakerSpec, receiver_down
+from bridge.delivery.history import Attempt, attempt_at
 from bridge.delivery.messages import (
     Facts,
     InvalidMessage,
+    carried_headers,
     copy_message,
     delivery_from,
 )
@@ -43,6 +46,7 @@ from bridge.delivery.outcomes import (
     Sink,
     Unmatched,
 )
+from bridge.delivery.pace import Pace
 from bridge.delivery.queues import QueueControl, QueueSet, declare_lane, until_declared
 from bridge.delivery.retry import levels_for
 from bridge.delivery.settle import Ack, Copy, Hold, Instruction, Plan, Wait, decide, wait_if_early
@@ -77,6 +81,19 @@ class LaneSpec:
     """The event exchange whose replay route mirrors the bindings (None: no route)."""
     legacy: QueueSet | None = None
     """Its queues as versions before 0.2 named them, shared by every deployment."""
+    breaker: BreakerSpec = NO_BREAKER
+    rate: float | None = None
+    """Attempts a second at most, over all the processes consuming its queue (None: any)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """A sink's outcome, with when the attempt started and how long it took."""
+
+    outcome: Outcome
+    delivery: Delivery
+    at: datetime
+    took_s: float
 
 
 def failure_label(reason: str) -> str:
@@ -95,6 +112,7 @@ class Lane:
         control: QueueControl,
         queue_type: QueueType,
         refuse: Callable[[TopologyError], None],
+        history: Callable[[Attempt], None] | None = None,
     ) -> None:
         """``role`` names the lane in logs; ``refuse`` stops the role (a queue of ours bound
         to another deployment's exchange). The lane owns ``sink`` from here on."""
@@ -105,6 +123,8 @@ class Lane:
         self._control = control
         self._queue_type = queue_type
         self._refuse = refuse
+        self._history = history
+        """Where each attempt's record goes (None: kept nowhere)."""
         self._plan = Plan(spec.queues, spec.retry_schedule, levels_for(spec.retry_schedule))
         self._old_retries = {name: -1 for name in spec.queues.legacy_retries(spec.retry_schedule)}
         """Retry queues of an earlier version still to delete once empty, and what each held
@@ -130,6 +150,12 @@ class Lane:
         self._duration = metrics.delivery_duration.labels(spec.name)
         self._delivered = metrics.deliveries.labels(spec.name, "delivered")
         self._enabled = metrics.subscription_enabled.labels(spec.name)
+        self.breaker = Breaker(spec.breaker)
+        self._breaker_open = metrics.breaker_open.labels(spec.name)
+        self._breaker_open.set(0)
+        for result in ("ok", "failed", "empty"):
+            metrics.breaker_probes.labels(spec.name, result)
+        self._pace = Pace(spec.rate) if spec.rate else None
 
     @property
     def name(self) -> str:
@@ -170,7 +196,9 @@ class Lane:
         await self._check_head()
 
     async def start(self) -> None:
-        """Consume, unless its marker says it is disabled."""
+        """Consume, unless its marker says it is disabled or its breaker is open."""
+        if self.spec.breaker.failures and await self._control.is_breaker_open(self.spec.queues):
+            self._note_open_elsewhere()
         if await self._control.is_disabled(self.spec.queues):
             self._enabled.set(0)
             log.warning(
@@ -179,7 +207,7 @@ class Lane:
                 self.spec.queues.marker,
                 self.spec.queues.main,
             )
-        else:
+        elif not self.breaker.open:
             await self._consume()
 
     async def stop(self) -> None:
@@ -360,7 +388,7 @@ class Lane:
                 await self._stop_consuming()
                 self._enabled.set(0)
                 log.warning("%s: disabled elsewhere; stopped consuming", self.label)
-            elif not disabled and self._consumer_tag is None:
+            elif not disabled and self._consumer_tag is None and not self.breaker.open:
                 assert self.queue is not None
                 await self._consume()
                 log.info("%s: enabled; consuming %s", self.label, self.queue.name)
@@ -377,6 +405,8 @@ class Lane:
         if self._consumer_tag is None:
             return  # disabled: nobody should consume
         found = await self._control.inspect(self.queue.name)
+        if found is not None and self._pace is not None:
+            self._pace.share = max(1, found.consumer_count or 0)
         if found is not None and (found.consumer_count or 0) > 0:
             self._seen_missing = False
             if self.cancelled:
@@ -393,6 +423,136 @@ class Lane:
             self._seen_missing = False
         else:
             self._seen_missing = found is None
+
+    # -- the circuit breaker ---------------------------------------------------------------
+
+    async def _open_breaker(self, outcome: Settled) -> None:
+        """Stop consuming and say so on the broker; events wait in the main queue."""
+        async with self._lock:
+            if self.breaker.open:
+                return
+            self.breaker.opened(time.monotonic())
+            self._breaker_open.set(1)
+            if self._consumer_tag is not None:
+                await self._stop_consuming()
+            await self._persist_breaker(True)
+        log.warning(
+            "%s: circuit breaker open after %d failures in a row (last: %s: %s); events "
+            "wait in %s, one is sent as a probe in %gs, then at doubling intervals",
+            self.label,
+            self.spec.breaker.failures,
+            getattr(outcome, "reason", "?"),
+            one_line(getattr(outcome, "detail", "")),
+            self.spec.queues.main,
+            self.breaker.interval_s,
+        )
+
+    def _note_open_elsewhere(self) -> None:
+        self.breaker.opened(time.monotonic())
+        self._breaker_open.set(1)
+        log.warning(
+            "%s: circuit breaker open (marker %s); events wait in %s, probing in %gs",
+            self.label,
+            self.spec.queues.breaker,
+            self.spec.queues.main,
+            self.breaker.interval_s,
+        )
+
+    async def follow_breaker(self) -> None:
+        """Follow the breaker's marker (opened or closed by another process), and probe
+        when a probe is due."""
+        if not self.spec.breaker.failures:
+            return
+        marked = await self._control.is_breaker_open(self.spec.queues)
+        async with self._lock:
+            if marked and not self.breaker.open:
+                if self._consumer_tag is not None:
+                    await self._stop_consuming()
+                self._note_open_elsewhere()
+                return
+            if not marked and self.breaker.open:
+                self.breaker.closed()
+                self._breaker_open.set(0)
+                log.info("%s: circuit breaker closed elsewhere", self.label)
+                await self._consume_unless_disabled()
+                return
+        if self.breaker.probe_due(time.monotonic()):
+            await self._probe()
+
+    async def _probe(self) -> None:
+        """One event from the main queue, attempted; no attempt is spent if it fails."""
+        assert self.queue is not None
+        if await self._control.is_disabled(self.spec.queues):
+            return  # an operator's word wins; the probe waits until it is enabled
+        message = await self.queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
+        if message is None:
+            self._metrics.breaker_probes.labels(self.name, "empty").inc()
+            await self._close_breaker("nothing waits to probe with", half_open=True)
+            return
+        # Not one to probe with (not due, or no sink would take it): settled as the
+        # consumer would settle it; the next tick probes again.
+        facts = Facts.of(message)
+        early = wait_if_early(facts, self._plan, _now())
+        if early is not None:
+            await self._wait(message, early)
+            return
+        try:
+            delivery = delivery_from(message)
+        except InvalidMessage as exc:
+            await self._carry_out(message, decide(Invalid(str(exc)), facts, self._plan, _now()))
+            return
+        if not self._wants(delivery.routing_key):
+            unmatched = Unmatched(delivery.routing_key)
+            await self._carry_out(message, decide(unmatched, facts, self._plan, _now()))
+            return
+        tried = await self._attempt(delivery)
+        outcome = tried.outcome
+        if receiver_down(outcome):
+            self._metrics.breaker_probes.labels(self.name, "failed").inc()
+            self.breaker.probe_failed(time.monotonic())
+            await self._wait(message, Wait(self.spec.queues.main, carried_headers(facts), 0))
+            self._remember(tried, "probe_failed")
+            log.info(
+                "%s: probe with event %s failed (%s: %s); next probe in %gs",
+                self.label,
+                delivery.message_id,
+                getattr(outcome, "reason", "?"),
+                one_line(getattr(outcome, "detail", "")),
+                self.breaker.interval_s,
+            )
+            return
+        self._metrics.breaker_probes.labels(self.name, "ok").inc()
+        instruction = decide(outcome, facts, self._plan, _now())
+        await self._carry_out(message, instruction)
+        self._remember(tried, instruction.label)
+        await self._close_breaker(f"probe with event {delivery.message_id} answered")
+
+    async def _close_breaker(self, why: str, *, half_open: bool = False) -> None:
+        async with self._lock:
+            self.breaker.closed(half_open=half_open)
+            self._breaker_open.set(0)
+            await self._persist_breaker(False)
+            await self._consume_unless_disabled()
+        log.info(
+            "%s: circuit breaker closed (%s); consuming %s", self.label, why, self.spec.queues.main
+        )
+
+    async def _consume_unless_disabled(self) -> None:
+        if self._consumer_tag is None and not await self._control.is_disabled(self.spec.queues):
+            await self._consume()
+
+    async def _persist_breaker(self, is_open: bool) -> None:
+        try:
+            await self._control.set_breaker_open(self.spec.queues, is_open, self._queue_type)
+        except BROKER_TROUBLE as exc:
+            raise_if_cancelled()
+            log.error(
+                "%s: could not record the breaker as %s on the broker (%s); other processes "
+                "follow at the next marker check",
+                self.label,
+                "open" if is_open else "closed",
+                type(exc).__name__,
+            )
 
     # -- one message -----------------------------------------------------------------------
 
@@ -424,9 +584,17 @@ class Lane:
             if early is not None:
                 await self._wait(message, early)
                 return
-            await self._carry_out(
-                message, decide(await self._outcome(message), facts, self._plan, _now())
-            )
+            result = await self._outcome(message)
+            if result is None:  # the breaker opened before its turn: not attempted
+                await self._wait(message, Wait(self.spec.queues.main, carried_headers(facts), 0))
+                return
+            outcome = result.outcome if isinstance(result, Tried) else result
+            if self.breaker.saw(outcome):
+                await self._open_breaker(outcome)
+            instruction = decide(outcome, facts, self._plan, _now())
+            await self._carry_out(message, instruction)
+            if isinstance(result, Tried):
+                self._remember(result, instruction.label)
         except BROKER_TROUBLE as exc:
             raise_if_cancelled()
             log.warning(
@@ -441,17 +609,49 @@ class Lane:
             raise_if_cancelled()
             await self._settle_bug(message, facts, exc)
 
-    async def _outcome(self, message: AbstractIncomingMessage) -> Settled:
+    async def _outcome(self, message: AbstractIncomingMessage) -> Settled | Tried | None:
+        """What became of the attempt (Tried when a sink was asked); None when the breaker
+        is open by its turn."""
         try:
             delivery = delivery_from(message)
         except InvalidMessage as exc:
             return Invalid(str(exc))
         if not self._wants(delivery.routing_key):
             return Unmatched(delivery.routing_key)
+        if self._pace is not None:
+            await self._pace.turn()
+        if self.breaker.open:
+            return None
+        return await self._attempt(delivery)
+
+    async def _attempt(self, delivery: Delivery) -> Tried:
+        at = _now()
         started = time.monotonic()
         outcome = await self._deliver(delivery)
-        self._duration.observe(time.monotonic() - started)
-        return outcome
+        took_s = time.monotonic() - started
+        self._duration.observe(took_s)
+        return Tried(outcome, delivery, at, took_s)
+
+    def _remember(self, tried: Tried, what_became: str) -> None:
+        """The attempt's record in the attempt history (``bridge.delivery.history``)."""
+        if self._history is None:
+            return
+        outcome, delivery = tried.outcome, tried.delivery
+        failed = not isinstance(outcome, Delivered)
+        self._history(
+            Attempt(
+                subscription=self.name,
+                event=delivery.message_id,
+                routing_key=delivery.routing_key,
+                attempt=delivery.attempt,
+                at=attempt_at(tried.at),
+                duration_ms=round(tried.took_s * 1000, 1),
+                outcome=what_became,
+                status=outcome.status,
+                reason=outcome.reason if failed else None,  # type: ignore[union-attr]
+                detail=one_line(outcome.detail) if failed else "",  # type: ignore[union-attr]
+            )
+        )
 
     async def _deliver(self, delivery: Delivery) -> Outcome:
         """The sink's outcome; a sink that raises, hangs or answers nonsense is retried."""

@@ -63,6 +63,11 @@ class QueueSet:
         """Exists exactly while the lane is disabled."""
         return f"{self.main}.disabled"
 
+    @property
+    def breaker(self) -> str:
+        """Exists exactly while the lane's circuit breaker is open (``bridge.delivery.breaker``)."""
+        return f"{self.main}.breaker"
+
     def retry(self, delay_s: float) -> str:
         """Named by the delay in seconds, to the millisecond (``retry.0.2s``, ``retry.300s``).
 
@@ -229,17 +234,28 @@ class QueueControl:
 
     async def set_disabled(self, queues: QueueSet, disabled: bool, queue_type: QueueType) -> None:
         """Persist the disabled state: the marker queue exists exactly while disabled."""
+        await self._set_marker(queues.marker, disabled, queue_type)
+
+    async def is_breaker_open(self, queues: QueueSet) -> bool:
+        return await self.inspect(queues.breaker) is not None
+
+    async def set_breaker_open(
+        self, queues: QueueSet, is_open: bool, queue_type: QueueType
+    ) -> None:
+        await self._set_marker(queues.breaker, is_open, queue_type)
+
+    async def _set_marker(self, name: str, present: bool, queue_type: QueueType) -> None:
         async with self._lock, asyncio.timeout(BROKER_TIMEOUT_S):
             channel = await self._underlay()
-            if disabled:
+            if present:
                 await channel.queue_declare(
-                    queues.marker,
+                    name,
                     durable=True,
                     # Empty; its existence is the state. Holds nothing to dead-letter.
                     arguments=queue_arguments(queue_type, dead_letters=True),
                 )
             else:
-                await channel.queue_delete(queues.marker)
+                await channel.queue_delete(name)
 
     async def delete_if_empty(self, queue: str) -> int:
         """Delete ``queue`` if it holds nothing; returns what it still holds (0: gone)."""

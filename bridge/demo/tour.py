@@ -24,6 +24,7 @@ from bridge.broker.connect import connect, connect_plain
 from bridge.broker.errors import BrokerRefused
 from bridge.broker.nodes import UNREACHABLE
 from bridge.broker.topology import replay_exchange
+from bridge.delivery.history import history_queue
 from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork, seed
 from bridge.demo.receiver import Received, start_receiver
@@ -155,12 +156,19 @@ async def _clean_up(settings: Settings, *, delete_exchange: bool) -> None:
         channel = await connection.channel()
         for subscription in load_subscriptions(settings.subscriptions):
             queues = subscription_queues(settings.exchange, subscription.name)
-            for name in [*queues.watched(subscription.retry_schedule), queues.marker]:
+            for name in [
+                *queues.watched(subscription.retry_schedule),
+                queues.marker,
+                queues.breaker,
+            ]:
                 await channel.queue_delete(name)
             await channel.exchange_delete(replay_exchange(settings.exchange, queues.main))
         if delete_exchange:
             await channel.exchange_delete(settings.exchange)
             await channel.queue_delete(log_queue(settings.exchange))
+            await channel.queue_delete(
+                history_queue(settings.exchange)
+            )  # the webhook role's attempt history
     except aio_pika.exceptions.AMQPError as exc:
         print(f"could not clean up everything: {exc}", file=sys.stderr)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from bridge.broker.topology import QueueType
+from bridge.delivery.breaker import BreakerSpec
 from bridge.delivery.engine import DeliveryRole
 from bridge.delivery.lane import LaneSpec
 from bridge.delivery.queues import declare_lane, legacy_subscription_queues, subscription_queues
@@ -29,6 +30,12 @@ def lane_of(exchange: str, subscription: Subscription) -> LaneSpec:
         timeout_s=subscription.timeout,
         replay_from=exchange,
         legacy=legacy_subscription_queues(subscription.name),
+        breaker=BreakerSpec(
+            subscription.breaker_failures,
+            subscription.breaker_probe,
+            subscription.breaker_probe_max,
+        ),
+        rate=subscription.rate,
     )
 
 

@@ -70,6 +70,15 @@ class Subscription(BaseModel):
     retry_schedule: list[float] = DEFAULT_RETRY_SCHEDULE_S
     """Delays in seconds between attempts; attempts = 1 + len(retry_schedule)."""
     allow_private_network: bool = False
+    rate: float | None = Field(None, gt=0)
+    """Requests a second at most, over every webhook process (None: as fast as it answers)."""
+    breaker_failures: int = Field(20, ge=0)
+    """Receiver-down failures in a row (refused, timeout, 5xx) that open the circuit
+    breaker; 0: never open it."""
+    breaker_probe: float = Field(30.0, gt=0)
+    """Seconds from opening to the first probe; each failed probe doubles it..."""
+    breaker_probe_max: float = Field(1800.0, gt=0)
+    """...up to this."""
 
     @field_validator("url")
     @classmethod
