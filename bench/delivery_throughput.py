@@ -54,7 +54,7 @@ from common import (
 from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import USER_AGENT, Event
-from bridge.sinks.signing import decode_secret, sign_with_key
+from bridge.signing import decode_secret, sign_with_key
 
 SEGMENT = "fast"
 DRAIN_TIMEOUT_S = 300.0

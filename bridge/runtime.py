@@ -101,7 +101,7 @@ def subscriptions_for(command: str, settings: Settings) -> list[Subscription]:
     role would have nothing to do."""
     from pydantic import SecretStr
 
-    from bridge.sinks.signing import read_key_file
+    from bridge.signing import read_key_file
     from bridge.webhook.subscriptions import load_subscriptions, with_deployment_key
 
     if settings.subscriptions is None or command == "stream":

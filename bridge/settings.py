@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bridge.signing import read_key_file
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "BRIDGE_"
@@ -93,8 +95,6 @@ class Settings(BaseSettings):
     @classmethod
     def _usable_keys(cls, value: Path | None) -> Path | None:
         if value is not None:
-            from bridge.sinks.signing import read_key_file
-
             read_key_file(value)
         return value
 

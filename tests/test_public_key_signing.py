@@ -20,8 +20,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.settings import SettingsError, load_settings
+from bridge.signing import PUBLIC_KEY_PREFIX, read_key_file
 from bridge.sinks.base import Delivered, Delivery
-from bridge.sinks.signing import PUBLIC_KEY_PREFIX, read_key_file
 from bridge.sinks.webhook import WebhookSink
 from bridge.webhook.subscriptions import Subscription, load_subscriptions, with_deployment_key
 from tests.receiver import Hit, Receiver

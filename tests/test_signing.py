@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from bridge.sinks.signing import decode_secret, sign
+from bridge.signing import decode_secret, sign
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 BODY = b'{"id": 7, "category": "patch-created", "project": {"link_name": "netdevbpf"}}'

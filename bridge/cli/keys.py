@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bridge.cli.common import CliError, Commands, command
 from bridge.settings import load_settings
-from bridge.sinks.signing import decode_signing_keys, new_signing_key, public_key_text
+from bridge.signing import decode_signing_keys, new_signing_key, public_key_text
 
 
 def register(commands: Commands) -> None:

@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from bridge.broker.calls import BROKER_TIMEOUT_S, close_channel, raise_if_cancelled
 from bridge.broker.errors import BROKER_TROUBLE
+from bridge.eventlog import log_arguments
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 
@@ -39,14 +40,8 @@ def history_queue(exchange: str) -> str:
 
 
 def history_arguments(settings: Settings) -> dict[str, Any]:
-    arguments: dict[str, Any] = {
-        "x-queue-type": "stream",
-        "x-max-age": settings.log_max_age,
-        "x-max-length-bytes": MAX_BYTES,
-    }
-    if settings.log_replicas is not None:
-        arguments["x-initial-cluster-size"] = settings.log_replicas
-    return arguments
+    """The event log's arguments (retention, replicas), with a size cap of its own."""
+    return {**log_arguments(settings), "x-max-length-bytes": MAX_BYTES}
 
 
 @dataclass(frozen=True, slots=True)

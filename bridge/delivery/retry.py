@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bridge.sinks.retry_after import RETRY_AFTER_MAX_S
-
+RETRY_AFTER_MAX_S = 3600.0
+"""A receiver cannot park an event for longer than an hour with one answer (a sink's
+delay is capped to it too)."""
 SMALLEST_LEVEL_S = 0.25
 LEVEL_FACTOR = 4
 MAX_DELAY_S = 4_294_967.0

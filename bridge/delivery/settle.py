@@ -25,8 +25,7 @@ from bridge.delivery.outcomes import (
     Unmatched,
 )
 from bridge.delivery.queues import QueueSet
-from bridge.delivery.retry import delay_for_attempt, next_hop
-from bridge.sinks.retry_after import RETRY_AFTER_MAX_S
+from bridge.delivery.retry import RETRY_AFTER_MAX_S, delay_for_attempt, next_hop
 
 SETTLE_BUG_TRIES = 3
 """Attempts to settle a message whose settling raised a bug, before it goes to ``.dead``."""

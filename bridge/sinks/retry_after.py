@@ -6,10 +6,10 @@ import math
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+from bridge.delivery.retry import RETRY_AFTER_MAX_S
+
 RETRY_AFTER_MIN_S = 1.0
 """A receiver asking for 0 s still gets a breath, so a 429 loop cannot spin."""
-RETRY_AFTER_MAX_S = 3600.0
-"""A receiver cannot park an event for longer than an hour with one answer."""
 
 
 def parse_retry_after(value: str | None, now: datetime) -> float | None:

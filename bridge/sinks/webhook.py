@@ -17,10 +17,10 @@ from yarl import URL
 
 from bridge.events import USER_AGENT
 from bridge.logs import one_line
+from bridge.signing import Signer, decode_secrets, decode_signing_keys
 from bridge.sinks.base import Delivered, Delivery, Disable, GiveUp, Outcome, RetryLater, SinkSpec
 from bridge.sinks.netguard import ForbiddenAddress, GuardedResolver, check_literal_host
 from bridge.sinks.retry_after import parse_retry_after
-from bridge.sinks.signing import Signer, decode_secrets, decode_signing_keys
 
 BODY_READ_CAP_BYTES = 64 * 1024
 """How much of a response we read, only to quote it in the log; the rest is never downloaded."""

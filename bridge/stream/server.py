@@ -28,8 +28,8 @@ from bridge.checks.result import CheckResult, InvalidResult, parse_result, resul
 from bridge.eventlog import LogMissing
 from bridge.metrics import Metrics
 from bridge.settings import Settings
+from bridge.signing import decode_signing_keys, public_key_text, read_key_file
 from bridge.sinks.base import GiveUp
-from bridge.sinks.signing import decode_signing_keys, public_key_text, read_key_file
 from bridge.stream.consumers import StreamConsumers
 from bridge.stream.feed import Feed, Gap, LogStalled
 from bridge.stream.hub import Hub

@@ -15,14 +15,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from bridge.sinks.netguard import ForbiddenAddress, check_literal_host
-from bridge.sinks.registry import sink_names
-from bridge.sinks.signing import (
+from bridge.signing import (
     MAX_SECRET_BYTES,
     MIN_SECRET_BYTES,
     decode_secrets,
     decode_signing_keys,
 )
+from bridge.sinks.netguard import ForbiddenAddress, check_literal_host
+from bridge.sinks.registry import sink_names
 from bridge.tablefile import (
     NOT_ONE_WORD,
     Entry,
