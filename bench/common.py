@@ -94,6 +94,9 @@ def _receiver_app() -> web.Application:
             released = state.released
             await released.wait()
             return web.Response(status=503)
+        if segment == "down":  # a receiver that is not there: every answer a 503
+            await request.read()
+            return web.Response(status=503, text="down")
         await request.read()
         now = time.monotonic()
         if lane.first_s is None:
@@ -308,6 +311,8 @@ class Hook:
     timeout: float = 15.0
     secret: str | None = SECRET
     rate: float | None = None
+    extra: tuple[str, ...] = ()
+    """More ``key = value`` lines, as written."""
 
     def toml(self) -> str:
         lines = [
@@ -322,6 +327,7 @@ class Hook:
             lines.append(f'secret = "{self.secret}"')
         if self.rate is not None:
             lines.append(f"rate = {self.rate}")
+        lines.extend(self.extra)
         return "\n".join(lines) + "\n"
 
 

@@ -164,3 +164,28 @@ async def test_the_demo_without_rabbitmq_says_how_to_start_one(tmp_path):
     assert "no RabbitMQ at amqp://guest:***@127.0.0.1:1/" in text
     assert "rabbitmq-server -detached" in text
     assert "Traceback" not in text and "ERROR" not in text
+
+
+@pytest.mark.broker
+async def test_a_listing_read_only_in_part_ends_quietly(tmp_path, exchange_name):
+    """`subscriptions list | head -1`: the reader goes before the lines come (finding 8 of
+    issue 29 said "RabbitMQ refused the list (BrokenPipeError)")."""
+    subscriptions = tmp_path / "subscriptions.toml"
+    subscriptions.write_text(
+        "".join(
+            f'[[webhook]]\nname = "ci-{i}"\nurl = "https://ci.example.org/{i}"\n' for i in range(3)
+        )
+    )
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "subscriptions", "list",
+            env=env(EXCHANGE=exchange_name, SUBSCRIPTIONS=str(subscriptions)),
+            stdout=write, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 141  # as a shell reports a command ended by SIGPIPE
+    assert stderr == b""  # no traceback, and no word of RabbitMQ

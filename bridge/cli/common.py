@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import functools
 import inspect
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -69,6 +70,11 @@ def command(body: Callable[[argparse.Namespace], Awaitable[Any] | Any]) -> Run:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            # The reader stopped early (`| head -1`): nothing is wrong. Python would print a
+            # traceback when it flushes stdout at exit; point stdout at /dev/null first.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         return result if isinstance(result, int) else 0
 
     return run

@@ -37,6 +37,7 @@ async def run_subscriptions(
     """The command itself, with settings and subscriptions already loaded (tests call this)."""
     out = out or sys.stdout
     chosen = subscriptions if action == "list" else [pick(subscriptions, name or "")]
+    listed: list[str] = []
     async with connected(settings, f"subscriptions {action}") as connection:
         control = QueueControl(connection)
         try:
@@ -46,15 +47,21 @@ async def run_subscriptions(
                     state = "disabled" if await control.is_disabled(queues) else "enabled"
                     if await control.is_breaker_open(queues):
                         state += ",breaker-open"
-                    print(f"{s.name}\t{state}\t{s.sink}\t{' '.join(s.events)}", file=out)
-                return
-            disable = action == "disable"
-            queues = subscription_queues(settings.exchange, chosen[0].name)
-            await control.set_disabled(queues, disable, settings.queue_type)
+                    listed.append(f"{s.name}\t{state}\t{s.sink}\t{' '.join(s.events)}")
+            else:
+                disable = action == "disable"
+                queues = subscription_queues(settings.exchange, chosen[0].name)
+                await control.set_disabled(queues, disable, settings.queue_type)
         except BROKER_ERRORS as exc:
             raise CliError(f"RabbitMQ refused the {action} ({type(exc).__name__}: {exc})") from None
         finally:
             await control.close()
+    if action == "list":
+        # Printed once the broker is done: a reader that stops early (`| head -1`) is not
+        # RabbitMQ's trouble (see bridge.cli.common.command).
+        for line in listed:
+            print(line, file=out)
+        return
     if disable:
         print(
             f"{name}: disabled; running consumers stop within {MARKER_CHECK_INTERVAL_S:g}s and "
