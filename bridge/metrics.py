@@ -204,6 +204,23 @@ class Metrics:
             registry=r,
         )
 
+        self.wakeup_listening = Gauge(
+            f"{p}_wakeup_listening",
+            "1 while the producer listens to Patchwork's PostgreSQL with the trigger in place.",
+            registry=r,
+        )
+        self.wakeup_notifications = Counter(
+            f"{p}_wakeup_notifications",
+            "Notifications of committed events from Patchwork's PostgreSQL.",
+            registry=r,
+        )
+        self.wakeup_failures = Counter(
+            f"{p}_wakeup_failures",
+            "Times listening stopped working, by reason (connection, trigger missing: wakeup).",
+            ["reason"],
+            registry=r,
+        )
+
         # Queues
         self.queue_messages = Gauge(
             f"{p}_queue_messages_ready",

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     poll_late_wait: float = Field(300.0, ge=0)
     """Seconds a late event (an id gap) is waited for, and how far back the sweep reads."""
     poll_sweep_interval: float = Field(60.0, ge=0)
+    patchwork_db: SecretStr | None = None
+    """Patchwork's PostgreSQL (a DSN; CONNECT is enough) to LISTEN to: the producer polls
+    when an event commits, and otherwise every ``poll_safety_interval``."""
+    poll_safety_interval: float = Field(60.0, gt=0)
     start: str = "now"
     state_dir: Path = Path("bridge-state")
     publish_in_flight: int = Field(2000, ge=1)

@@ -29,10 +29,22 @@ class Ticker:
             await step()
     """
 
-    def __init__(self, stop: asyncio.Event, interval_s: float, *, at_once: bool = True) -> None:
+    def __init__(
+        self,
+        stop: asyncio.Event,
+        interval_s: float,
+        *,
+        at_once: bool = True,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        """``wake``, when set, ticks at once (and is cleared): a step because something
+        happened, besides the periodic ones."""
         self._stop = stop
-        self._interval_s = interval_s
+        self.interval_s = interval_s
+        """May change between ticks; the next tick is then ``interval_s`` after the last."""
+        self._wake = wake
         self._next_at = time.monotonic() + (0.0 if at_once else interval_s)
+        self._last_at = time.monotonic()
         self._paused = False
 
     def pause(self, seconds: float) -> None:
@@ -41,8 +53,25 @@ class Ticker:
         self._paused = True
 
     async def __aiter__(self) -> AsyncIterator[None]:
-        while not await sleep_unless(self._stop, self._next_at - time.monotonic()):
+        while not await self._sleep():
+            if self._wake is not None:
+                self._wake.clear()
             self._paused = False
+            self._last_at = time.monotonic()
             yield
             if not self._paused:
-                self._next_at = max(self._next_at + self._interval_s, time.monotonic())
+                self._next_at = max(self._last_at + self.interval_s, time.monotonic())
+
+    async def _sleep(self) -> bool:
+        """Until the next tick, a wake or stop; True on stop."""
+        if self._wake is None or self._paused:
+            return await sleep_unless(self._stop, self._next_at - time.monotonic())
+        seconds = self._next_at - time.monotonic()
+        if seconds > 0 and not self._stop.is_set() and not self._wake.is_set():
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._stop, self._wake)]
+            try:
+                await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+        return self._stop.is_set()

@@ -15,6 +15,7 @@ from bridge.cli import (
     replay,
     roles,
     subscriptions,
+    wakeup,
 )
 
 COMMANDS: tuple[ModuleType, ...] = (
@@ -27,6 +28,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     replay,
     migrate,
     keys,
+    wakeup,
     check_config,
 )
 """In the order ``--help`` lists them."""

@@ -31,7 +31,8 @@ from bridge.producer.start import NEWEST_PROBE, initial_cursor
 from bridge.producer.triage import PageSorter
 from bridge.producer.window import GapCheck, Window, parse_date
 from bridge.settings import Settings
-from bridge.waiting import Ticker
+from bridge.waiting import Ticker, sleep_unless
+from bridge.wakeup.listener import Listener
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,25 @@ class Stopped(Exception):
     """Raised inside a poll when stop was requested while waiting on Patchwork."""
 
 
+WAKE_BATCH_S = 0.005
+"""After a wake-up, before reading: the notifications of a burst of commits come within it."""
+
+
 class Poller:
     def __init__(
-        self, settings: Settings, metrics: Metrics, sorter: PageSorter, store: CursorStore
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        sorter: PageSorter,
+        store: CursorStore,
+        *,
+        listener: Listener | None = None,
     ) -> None:
+        """``listener``: Patchwork's database saying when an event commits (see
+        ``bridge.wakeup.listener``); while it works, polls come at its word and at the
+        slow safety interval."""
         self._settings = settings
+        self._listener = listener
         self._metrics = metrics
         self._sorter = sorter
         self._writer = CursorWriter(
@@ -78,9 +93,15 @@ class Poller:
         """Poll every BRIDGE_POLL_INTERVAL until ``stop``, from ``resume_from`` (None:
         BRIDGE_START decides), backing off after a failure; the window is forgotten after."""
         backoff_s = 0.0
-        ticker = Ticker(stop, self._settings.poll_interval)
+        listener = self._listener
+        ticker = Ticker(
+            stop, self._settings.poll_interval, wake=listener.woken if listener else None
+        )
         try:
             async for _ in ticker:
+                if listener is not None and listener.healthy:
+                    # What commits together is read together.
+                    await sleep_unless(stop, WAKE_BATCH_S)
                 started = time.monotonic()
                 try:
                     if self._window is None:
@@ -101,6 +122,11 @@ class Poller:
                 finally:
                     await self._writer.flush()
                 backoff_s = 0.0
+                ticker.interval_s = (
+                    self._settings.poll_safety_interval
+                    if listener is not None and listener.healthy
+                    else self._settings.poll_interval
+                )
                 self.last_success = time.monotonic()
                 self._metrics.polls.inc()
                 self._metrics.last_poll_success.set_to_current_time()

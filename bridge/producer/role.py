@@ -31,6 +31,7 @@ from bridge.producer.poller import Poller, Stopped, until_stopped
 from bridge.producer.publisher import Publisher
 from bridge.producer.triage import EventCheck, PageSorter
 from bridge.settings import Settings
+from bridge.wakeup.listener import Listener
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,17 @@ class Producer:
         self._source = settings.api_base  # raises SettingsError early if the URL is missing
         self._prepare = prepare
         self._store = CursorStore(settings.state_dir)
+        self._listener = (
+            Listener(settings.patchwork_db.get_secret_value(), metrics)
+            if settings.patchwork_db is not None
+            else None
+        )
         self._poller = Poller(
-            settings, metrics, PageSorter(settings, metrics, check_event), self._store
+            settings,
+            metrics,
+            PageSorter(settings, metrics, check_event),
+            self._store,
+            listener=self._listener,
         )
         self._connection: AbstractRobustConnection | None = None
         self._lock = poller_lock(settings)
@@ -160,6 +170,11 @@ class Producer:
         whoever polls next starts from the event log."""
         polling = asyncio.Event()
         watcher = asyncio.create_task(self._stand_down_when_lost(polling, stop))
+        listening = (
+            asyncio.create_task(self._listener.run(polling), name="producer-wakeup")
+            if self._listener is not None
+            else None
+        )
         try:
             await self._store.lock()
             self._metrics.producer_active.set(1)
@@ -169,6 +184,9 @@ class Producer:
                 return
             await self._poller.run(client, publisher, resume_from, polling)
         finally:
+            if listening is not None:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
             self._metrics.producer_active.set(0)
             self._store.unlock()
             if not self._lock.lost.is_set():

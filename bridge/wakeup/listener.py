@@ -1,0 +1,125 @@
+"""Listening to Patchwork's PostgreSQL: a wake-up for the producer's poller.
+
+While the listen connection is healthy and the trigger is installed, the poller polls
+only at the slow safety interval and whenever a notification says an event was committed
+(a few milliseconds later, so that what commits together is read together). When the
+connection breaks or the trigger is missing, it says so once, counts it, and the poller
+polls at ``BRIDGE_POLL_INTERVAL`` until listening works again: the API is read either
+way, so nothing is lost across a break, only sooner found.
+
+psycopg 3 (the ``wakeup`` extra) does the LISTEN; it is imported only when
+BRIDGE_PATCHWORK_DB is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from bridge.metrics import Metrics
+from bridge.settings import SettingsError
+from bridge.waiting import sleep_unless
+from bridge.wakeup.sql import CHANNEL, TABLE, TRIGGER, TRIGGER_EXISTS
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10
+HEALTH_CHECK_S = 15.0
+"""A quiet connection is asked ``SELECT 1`` this often: a dead one is found within it."""
+RETRY_MAX_S = 30.0
+TRIGGER_RECHECK_S = 60.0
+
+
+class Listener:
+    """Owns its connection; ``run`` until stop. ``woken`` is set at every notification."""
+
+    def __init__(self, dsn: str, metrics: Metrics) -> None:
+        """SettingsError when psycopg is not installed: a mistake no retry mends."""
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise SettingsError(
+                "BRIDGE_PATCHWORK_DB: listening needs psycopg: pip install "
+                "'patchwork-bridge[wakeup]'"
+            ) from None
+        self._dsn = dsn
+        self._metrics = metrics
+        self.woken = asyncio.Event()
+        self.healthy = False
+        """Listening, with the trigger in place: the poller may poll slowly."""
+        self.notifications = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        import psycopg
+
+        retry_s = 1.0
+        said_down = False
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._dsn,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                ) as connection:
+                    if not await self._trigger_installed(connection):
+                        self._down(
+                            "wakeup",
+                            f"no trigger {TRIGGER} on {TABLE}: run "
+                            "`patchwork-bridge wakeup install` (or its SQL)",
+                            not said_down,
+                        )
+                        said_down = True
+                        if await sleep_unless(stop, TRIGGER_RECHECK_S):
+                            return
+                        continue
+                    await connection.execute(f"LISTEN {CHANNEL}")
+                    self.healthy = True
+                    self._metrics.wakeup_listening.set(1)
+                    log.info("wakeup: listening on %s; polling at the safety interval", CHANNEL)
+                    said_down, retry_s = False, 1.0
+                    self.woken.set()  # read what committed while we were not listening
+                    await self._listen(connection, stop)
+            except (OSError, psycopg.Error) as exc:
+                self._down("connection", f"{type(exc).__name__}: {_first_line(exc)}", not said_down)
+                said_down = True
+            if await sleep_unless(stop, retry_s):
+                return
+            retry_s = min(retry_s * 2, RETRY_MAX_S)
+
+    async def _listen(self, connection: psycopg.AsyncConnection, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            async for _ in connection.notifies(timeout=HEALTH_CHECK_S):
+                self.notifications += 1
+                self._metrics.wakeup_notifications.inc()
+                self.woken.set()
+                if stop.is_set():
+                    return
+            await connection.execute("SELECT 1")  # quiet: is it still there?
+
+    async def _trigger_installed(self, connection: psycopg.AsyncConnection) -> bool:
+        cursor = await connection.execute(TRIGGER_EXISTS, (TRIGGER, TABLE))
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+    def _down(self, reason: str, why: str, say: bool) -> None:
+        was = self.healthy
+        self.healthy = False
+        self._metrics.wakeup_listening.set(0)
+        if was or say:
+            self._metrics.wakeup_failures.labels(reason).inc()
+            log.warning(
+                "wakeup: not listening (%s); polling every BRIDGE_POLL_INTERVAL until it is back",
+                why,
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]

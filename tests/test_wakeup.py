@@ -1,0 +1,188 @@
+"""The wake-up from Patchwork's PostgreSQL: the trigger's commands, the listener through
+commits, rollbacks, a cut connection and a missing trigger, and a producer woken by a
+commit long before its next poll."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+from pydantic import SecretStr
+
+from bridge.cli.common import CliError
+from bridge.cli.wakeup import act
+from bridge.metrics import Metrics
+from bridge.producer.role import Producer
+from bridge.runtime import InProcess
+from bridge.settings import Settings
+from bridge.wakeup.listener import Listener
+from bridge.wakeup.sql import INSTALL
+from tests.amqp_helpers import drain, wait_for
+from tests.postgres import patchwork_database
+
+TZ = "UTC"
+
+
+@pytest.fixture
+async def db(unique: str) -> AsyncIterator[str]:
+    async with patchwork_database(f"pwb_{unique}") as dsn:
+        yield dsn
+
+
+async def insert_event(dsn: str, *, commit: bool = True, event_id: int | None = None) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn) as connection:
+        columns = "id, category, project_id, date" if event_id else "category, project_id, date"
+        values = "%s, %s, %s, %s" if event_id else "%s, %s, %s"
+        params = ("patch-created", 1, datetime.now(UTC).replace(tzinfo=None))
+        row = await (
+            await connection.execute(
+                f"INSERT INTO patchwork_event ({columns}) VALUES ({values}) RETURNING id",
+                ((event_id, *params) if event_id else params),
+            )
+        ).fetchone()
+        assert row is not None
+        if commit:
+            await connection.commit()
+        else:
+            await connection.rollback()
+        return int(row[0])
+
+
+async def test_the_trigger_commands_are_idempotent_and_check_says_what_is_so(db: str) -> None:
+    with pytest.raises(CliError, match="no trigger patchwork_bridge_notify on patchwork_event"):
+        await act("check", db)
+    assert (await act("install", db)).startswith("installed")
+    assert (await act("install", db)).startswith("installed")  # again: replaced, no error
+    assert await act("check", db) == (
+        "ok: trigger patchwork_bridge_notify on patchwork_event; notifications on "
+        "patchwork_bridge_events arrive"
+    )
+    assert (await act("uninstall", db)).startswith("uninstalled")
+    assert (await act("uninstall", db)).startswith("uninstalled")
+    with pytest.raises(CliError, match="no trigger"):
+        await act("check", db)
+    assert "CREATE TRIGGER patchwork_bridge_notify AFTER INSERT ON patchwork_event" in INSTALL
+
+
+async def test_a_database_that_does_not_answer_is_one_line(unique: str) -> None:
+    with pytest.raises(CliError, match=r"^wakeup check: .*(refused|failed)") as caught:
+        await act("check", "host=127.0.0.1 port=1 user=postgres password=s3cret connect_timeout=2")
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.fixture
+async def listening(db: str) -> AsyncIterator[tuple[Listener, Metrics]]:
+    await act("install", db)
+    metrics = Metrics()
+    listener = Listener(db, metrics)
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(stop))
+    try:
+        await wait_for(lambda: listener.healthy, 10, "listening")
+        yield listener, metrics
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_commit_wakes_it_and_a_rollback_does_not(
+    db: str, listening: tuple[Listener, Metrics]
+) -> None:
+    listener, _ = listening
+    listener.woken.clear()
+    await insert_event(db, commit=False)
+    await asyncio.sleep(0.5)
+    assert not listener.woken.is_set() and listener.notifications == 0
+    await insert_event(db)
+    await wait_for(listener.woken.is_set, 5, "the wake-up of a commit")
+    assert listener.notifications == 1
+
+
+async def test_a_cut_connection_is_said_once_and_listening_resumes(
+    db: str, listening: tuple[Listener, Metrics], caplog: pytest.LogCaptureFixture
+) -> None:
+    listener, metrics = listening
+    caplog.set_level(logging.INFO, logger="bridge.wakeup.listener")
+    async with await psycopg.AsyncConnection.connect(db, autocommit=True) as admin:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    await wait_for(lambda: not listener.healthy, 20, "the cut to be seen")
+    await wait_for(lambda: listener.healthy, 20, "listening again")
+    lost = [r for r in caplog.records if "not listening" in r.getMessage()]
+    assert len(lost) == 1 and lost[0].levelno == logging.WARNING
+    failures = metrics.registry.get_sample_value(
+        "patchwork_bridge_wakeup_failures_total", {"reason": "connection"}
+    )
+    assert failures == 1
+    listener.woken.clear()
+    await insert_event(db)
+    await wait_for(listener.woken.is_set, 5, "a wake-up after the cut")
+
+
+async def test_without_the_trigger_it_says_so_once_and_the_poller_polls(
+    db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge.wakeup.listener")
+    listener = Listener(db, Metrics())
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(stop))
+    await asyncio.sleep(1.5)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert not listener.healthy
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "no trigger patchwork_bridge_notify on patchwork_event" in said
+    assert "wakeup install" in said
+
+
+@pytest.mark.timeout(90)
+async def test_a_commit_reaches_the_bus_long_before_the_next_poll(
+    db: str, patchwork, exchange_name: str, bound_queue: str, tmp_path: Path
+) -> None:
+    """Polls (and safety polls) an hour apart: only the wake-up can bring each event."""
+    await act("install", db)
+    settings = Settings(
+        exchange=exchange_name,
+        patchwork_url=patchwork.url,
+        patchwork_timezone=TZ,
+        state_dir=tmp_path / "state",
+        poll_interval=3600.0,
+        poll_safety_interval=3600.0,
+        poll_late_wait=60.0,
+        start="beginning",
+        patchwork_timeout=5.0,
+        patchwork_db=SecretStr(db),
+    )
+    metrics = Metrics()
+    producer = Producer(settings, metrics)
+    async with InProcess([producer]) as bridge:
+        await bridge.wait_ready(20)
+        await wait_for(
+            lambda: metrics.registry.get_sample_value("patchwork_bridge_wakeup_listening") == 1,
+            20,
+            "listening",
+        )
+        await asyncio.sleep(0.5)  # the poll that listening starts with is done
+
+        def polls() -> float:
+            return metrics.registry.get_sample_value("patchwork_bridge_polls_total") or 0.0
+
+        before = polls()
+        for _ in range(3):
+            # As Patchwork does: the event is in the API once its transaction commits.
+            event = patchwork.add_event("patch-created")
+            await insert_event(db, event_id=int(event["id"]))
+            (message,) = await drain(bound_queue, expected=1, timeout=20)
+            assert message.message_id == str(event["id"])
+        # One poll per commit (its count comes once the cursor is written), and no more.
+        await wait_for(lambda: polls() - before >= 3, 10, "the third poll's count")
+        await asyncio.sleep(0.5)
+        assert polls() - before == 3
