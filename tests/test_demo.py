@@ -89,3 +89,29 @@ async def test_example_ci_consumer_prints_the_series_of_the_demo(unique):
         await channel.queue_delete(log_queue(exchange))
         await channel.queue_delete(history_queue(exchange))  # the webhook role's attempt history
         await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"password": "wrong"}, "refused the login of user"),
+        ({"path": "/no-such-vhost"}, "refused to open the vhost"),
+    ],
+)
+def test_a_broker_that_answers_no_is_named_not_called_missing(change, said):
+    """Issue 29, findings 3 and 4: RabbitMQ runs and refuses; the demo says so at once."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.test_settings import run_bridge
+
+    parts = urlsplit(AMQP_URL)
+    netloc = parts.netloc
+    if "password" in change:
+        user = parts.username or "guest"
+        netloc = f"{user}:{change['password']}@{parts.hostname}:{parts.port or 5672}"
+    url = urlunsplit(parts._replace(netloc=netloc, path=change.get("path", parts.path)))
+    ran = run_bridge("demo", BRIDGE_AMQP_URL=url)
+    assert ran.returncode == 2
+    assert said in ran.stderr and "no RabbitMQ" not in ran.stderr
+    assert "wrong" not in ran.stderr  # never the password
+    assert len(ran.stderr.strip().splitlines()) == 1
