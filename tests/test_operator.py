@@ -189,3 +189,39 @@ async def test_a_listing_read_only_in_part_ends_quietly(tmp_path, exchange_name)
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 141  # as a shell reports a command ended by SIGPIPE
     assert stderr == b""  # no traceback, and no word of RabbitMQ
+
+
+@pytest.mark.broker
+async def test_a_queue_declared_otherwise_stops_the_role_in_one_line(
+    tmp_path, amqp, exchange_name, unique
+):
+    """Issue 29, finding 6: a retry queue left with other arguments (another queue type)."""
+    subscriptions = tmp_path / "subscriptions.toml"
+    name = f"topo-{unique}"
+    subscriptions.write_text(f'[[webhook]]\nname = "{name}"\nurl = "https://ci.example.org/"\n')
+    clash = f"{exchange_name}.webhook.{name}.retry.1s"
+    channel = await amqp.channel()
+    await channel.declare_queue(clash, durable=True, arguments={"x-queue-type": "quorum"})
+    try:
+        process = await start(
+            "webhook",
+            env(EXCHANGE=exchange_name, SUBSCRIPTIONS=str(subscriptions), QUEUE_TYPE="classic"),
+            tmp_path,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        channel = await amqp.channel()
+        for queue in (
+            clash,
+            f"{exchange_name}.webhook.{name}",
+            f"{exchange_name}.webhook.{name}.retry.0.25s",
+        ):
+            await channel.queue_delete(queue)
+        await channel.exchange_delete(f"{exchange_name}.replay.{exchange_name}.webhook.{name}")
+        await channel.close()
+    text = stderr.decode()
+    assert process.returncode not in (0, None)
+    assert "Traceback" not in text and "ExceptionGroup" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"patchwork-bridge: cannot declare queue {clash}")
+    assert "check BRIDGE_QUEUE_TYPE" in last
