@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -115,3 +116,38 @@ def test_a_broker_that_answers_no_is_named_not_called_missing(change, said):
     assert said in ran.stderr and "no RabbitMQ" not in ran.stderr
     assert "wrong" not in ran.stderr  # never the password
     assert len(ran.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_ctrl_c_while_it_lingers_cleans_up_and_says_so(sig):
+    """Issue 29, finding 7: Ctrl-C (or docker stop) during ``--linger``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "demo", "--events", "5", "--linger", "600",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = ""
+    async with asyncio.timeout(90):
+        while "[  5/5]" not in seen:
+            line = await process.stdout.readline()
+            assert line, seen
+            seen += line.decode()
+    exchange = seen.split("exchange '", 1)[1].split("'", 1)[0]
+    process.send_signal(sig)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    text = err.decode()
+    assert process.returncode == 130, text
+    assert "interrupted: stopping the roles, then deleting" in text
+    assert text.strip().splitlines()[-1] == "patchwork-bridge demo: interrupted; cleaned up"
+    assert "Traceback" not in text
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await channel.declare_exchange(exchange, passive=True)  # cleaned up
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await channel.declare_queue(log_queue(exchange), passive=True)
+    finally:
+        await connection.close()

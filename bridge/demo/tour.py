@@ -14,6 +14,7 @@ import base64
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +34,7 @@ from bridge.logs import setup_logging
 from bridge.metrics import Metrics
 from bridge.runtime import InProcess, build_roles
 from bridge.settings import Settings, SettingsError, load_settings
+from bridge.waiting import sleep_unless
 from bridge.webhook.subscriptions import load_subscriptions
 
 TIMEOUT_S = 60.0
@@ -131,15 +133,36 @@ async def run_demo(base: Settings, events: int, linger_s: float, *, keep_exchang
             f"webhook receiver at http://127.0.0.1:{port}/hooks/patchwork (signed)\n",
             flush=True,
         )
+        interrupted = asyncio.Event()
+
+        def interrupt() -> None:
+            if not interrupted.is_set():
+                print(
+                    "\ninterrupted: stopping the roles, then deleting the demo's queues"
+                    + ("" if keep_exchange else " and exchange"),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            interrupted.set()
+            all_in.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt)
         try:
             async with InProcess(build_roles("run", settings, Metrics())) as bridge:
                 await bridge.until(all_in, TIMEOUT_S)
                 # Other consumers of the exchange may still fetch mboxes from the double.
-                await asyncio.sleep(linger_s)
+                await sleep_unless(interrupted, linger_s)
         finally:
             await receiver.cleanup()
             await patchwork.stop()
             await _clean_up(settings, delete_exchange=not keep_exchange)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    if interrupted.is_set():
+        print("patchwork-bridge demo: interrupted; cleaned up", file=sys.stderr)
+        return 130
     valid = sum(r.signature == "valid" for r in received)
     print(
         f"\n{len(received)} of {events} events delivered through RabbitMQ, "
