@@ -181,7 +181,7 @@ async def test_a_listing_read_only_in_part_ends_quietly(tmp_path, exchange_name)
     try:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bridge", "subscriptions", "list",
-            env=env(EXCHANGE=exchange_name, SUBSCRIPTIONS=str(subscriptions)),
+            env=env(AMQP_URL=AMQP_URL, EXCHANGE=exchange_name, SUBSCRIPTIONS=str(subscriptions)),
             stdout=write, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
     finally:
@@ -202,14 +202,23 @@ async def test_a_queue_declared_otherwise_stops_the_role_in_one_line(
     clash = f"{exchange_name}.webhook.{name}.retry.1s"
     channel = await amqp.channel()
     await channel.declare_queue(clash, durable=True, arguments={"x-queue-type": "quorum"})
+    process = None
     try:
         process = await start(
             "webhook",
-            env(EXCHANGE=exchange_name, SUBSCRIPTIONS=str(subscriptions), QUEUE_TYPE="classic"),
+            env(
+                AMQP_URL=AMQP_URL,
+                EXCHANGE=exchange_name,
+                SUBSCRIPTIONS=str(subscriptions),
+                QUEUE_TYPE="classic",
+            ),
             tmp_path,
         )
         _, stderr = await asyncio.wait_for(process.communicate(), 60)
     finally:
+        if process is not None and process.returncode is None:
+            process.kill()  # it should have stopped by itself: never leave it running
+            await process.wait()
         channel = await amqp.channel()
         for queue in (
             clash,
