@@ -192,11 +192,20 @@ async def test_failed_attempts_are_retried_until_the_receiver_accepts(
 
 @pytest.mark.timeout(120)
 async def test_retry_after_is_honoured_to_within_a_second(
-    exchange_name: str, make_sub: MakeSub, queue_type: str
+    exchange_name: str, make_sub: MakeSub
 ) -> None:
     """Real receivers answer the first attempt of each event 429 or 503 with Retry-After 2,
-    7 and 45 s: each retry comes no earlier, and less than a second later."""
-    asked = {"two": ("2", 429), "seven": ("7", 503), "forty-five": ("45", 429)}
+    7 and 45 s: each retry comes no earlier, and less than a second later. Classic and
+    quorum queues side by side, in one run of the 45 s."""
+    asked = {
+        f"{kind}-{label}": answer
+        for kind in ("classic", "quorum")
+        for label, answer in (
+            ("two", ("2", 429)),
+            ("seven", ("7", 503)),
+            ("fortyfive", ("45", 429)),
+        )
+    }
     first: dict[str, float] = {}
     gaps: dict[str, float] = {}
     loop = asyncio.get_running_loop()
@@ -214,15 +223,18 @@ async def test_retry_after_is_honoured_to_within_a_second(
         return answer
 
     receivers = {label: Receiver(handler(label)) for label in asked}
-    pairs = []
+    pairs: dict[str, list] = {"classic": [], "quorum": []}
     for label, receiver in receivers.items():
         url = await receiver.start()
         sub = make_sub(label, url=url, allow_private_network=True, retry_schedule=[600.0])
-        pairs.append((sub, load_sink(sub)))
+        pairs[label.split("-")[0]].append((sub, load_sink(sub)))
     try:
-        async with running(make_consumer(exchange_name, pairs, queue_type=queue_type)):  # type: ignore[arg-type]
+        async with (
+            running(make_consumer(exchange_name, pairs["classic"], queue_type="classic")),
+            running(make_consumer(exchange_name, pairs["quorum"], queue_type="quorum")),
+        ):
             await publish_events(exchange_name, [("patch-created", i) for i in (11, 12)])
-            await wait_for(lambda: len(gaps) == 6, 90, "the retry of every event")
+            await wait_for(lambda: len(gaps) == 12, 90, "the retry of every event")
     finally:
         for receiver in receivers.values():
             await receiver.stop()
