@@ -216,7 +216,7 @@ class Metrics:
         )
         self.wakeup_failures = Counter(
             f"{p}_wakeup_failures",
-            "Times listening stopped working, by reason (connection, trigger missing: wakeup).",
+            "Times listening stopped working, by reason (connection, no_trigger).",
             ["reason"],
             registry=r,
         )

@@ -131,7 +131,8 @@ async def test_without_the_trigger_it_says_so_once_and_the_poller_polls(
     db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bridge.wakeup.listener")
-    listener = Listener(db, Metrics())
+    metrics = Metrics()
+    listener = Listener(db, metrics)
     stop = asyncio.Event()
     task = asyncio.create_task(listener.run(stop))
     await asyncio.sleep(1.5)
@@ -141,6 +142,10 @@ async def test_without_the_trigger_it_says_so_once_and_the_poller_polls(
     (said,) = [r.getMessage() for r in caplog.records]
     assert "no trigger patchwork_bridge_notify on patchwork_event" in said
     assert "wakeup install" in said
+    failures = metrics.registry.get_sample_value(
+        "patchwork_bridge_wakeup_failures_total", {"reason": "no_trigger"}
+    )
+    assert failures == 1
 
 
 @pytest.mark.timeout(90)

@@ -71,7 +71,7 @@ class Listener:
                 ) as connection:
                     if not await self._trigger_installed(connection):
                         self._down(
-                            "wakeup",
+                            "no_trigger",
                             f"no trigger {TRIGGER} on {TABLE}: run "
                             "`patchwork-bridge wakeup install` (or its SQL)",
                             not said_down,
