@@ -7,7 +7,9 @@ import io
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -284,3 +286,31 @@ def test_the_old_name_of_a_setting_is_read_with_one_line_saying_the_new_one(monk
         SettingsError, match="BRIDGE_POLL_OVERLAP: the old name of BRIDGE_POLL_LATE_WAIT"
     ):
         load_settings()
+
+
+def test_check_config_names_a_receiver_whose_name_resolves_to_a_private_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29, finding 5: the file loads (a name, not a literal), and every event would
+    then be dead-lettered as ssrf; check-config asks the resolver, as delivery will."""
+    answers = {"ci.internal.example": "10.1.2.3", "ci.example.org": "93.184.216.34"}
+    real = socket.getaddrinfo
+
+    def resolver(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host in answers:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    subscriptions = tmp_path / "subscriptions.toml"
+    subscriptions.write_text(
+        '[[webhook]]\nname = "inside"\nurl = "https://ci.internal.example/hook"\n'
+        '[[webhook]]\nname = "outside"\nurl = "https://ci.example.org/hook"\n'
+        '[[webhook]]\nname = "allowed"\nurl = "https://ci.internal.example/hook"\n'
+        "allow_private_network = true\n"
+    )
+    ran = run_bridge("check-config", "--role", "webhook", BRIDGE_SUBSCRIPTIONS=str(subscriptions))
+    assert ran.returncode == 2
+    (line,) = ran.stderr.strip().splitlines()
+    assert "webhook 'inside': url: ci.internal.example resolves to 10.1.2.3 (private)" in line
+    assert "allow_private_network = true" in line

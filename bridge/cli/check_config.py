@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import urlsplit
 
 from bridge.cli.common import PROG, Commands
 from bridge.producer.cursor import CursorError, StateDirError
 from bridge.runtime import consumers_for, runs_checks, subscriptions_for
 from bridge.settings import Settings, SettingsError, load_settings
+from bridge.sinks.netguard import refused_by_name
+from bridge.webhook.subscriptions import Subscription
 
 CHECKED_ROLES = ("producer", "webhook", "stream", "checks", "run")
 
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         problems.extend(str(exc).splitlines())
         consumers = None
+    problems.extend(_unreachable_receivers(subscriptions))
     if role in ("producer", "run"):
         try:
             settings.api_base  # noqa: B018 - raises SettingsError without BRIDGE_PATCHWORK_URL
@@ -92,3 +96,22 @@ def _state_dir_problems(settings: Settings) -> list[str]:
     except (StateDirError, CursorError) as exc:
         return [str(exc)]
     return []
+
+
+def _unreachable_receivers(subscriptions: list[Subscription]) -> list[str]:
+    """Webhook URLs whose host name resolves only to addresses the SSRF guard refuses: every
+    event would be dead-lettered as ``ssrf``. (Literals and ``localhost`` are refused when
+    the file is loaded; names can only be asked of the resolver.)"""
+    problems = []
+    for subscription in subscriptions:
+        if subscription.sink != "webhook" or subscription.allow_private_network:
+            continue
+        host = urlsplit(subscription.url or "").hostname or ""
+        refused = refused_by_name(host)
+        if refused is not None:
+            problems.append(
+                f"webhook {subscription.name!r}: url: {host} resolves to {refused.address} "
+                f"({refused.reason}), refused by the SSRF guard: every event would be "
+                "dead-lettered; set allow_private_network = true to deliver there"
+            )
+    return problems

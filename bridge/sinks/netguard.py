@@ -115,6 +115,26 @@ def check_literal_host(host: str) -> None:
         raise ForbiddenAddress(host, host, reason)
 
 
+def refused_by_name(host: str) -> ForbiddenAddress | None:
+    """What the guard will say of ``host`` at delivery time, asked of this host's resolver
+    now (blocking: for ``check-config``, not the event loop). None when an address is
+    allowed, or when the name does not resolve here (a connection error then, retried)."""
+    if _parse(host) is not None:
+        return None  # a literal: check_literal_host's
+    try:
+        results = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return None
+    first: ForbiddenAddress | None = None
+    for *_, sockaddr in results:
+        address = _parse(str(sockaddr[0]))
+        reason = "unparseable" if address is None else refusal_reason(address)
+        if reason is None:
+            return None
+        first = first or ForbiddenAddress(host, str(sockaddr[0]), reason)
+    return first
+
+
 class GuardedResolver(AbstractResolver):
     """aiohttp resolver that drops refused addresses and fails if none are left.
 
