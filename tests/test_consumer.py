@@ -705,3 +705,13 @@ async def test_a_queue_of_ours_bound_to_another_deployments_exchange_stops_the_r
     finally:
         await channel.exchange_delete(other)
         await channel.close()
+
+
+async def test_one_at_a_time_delivers_in_queue_order(exchange_name: str, make_sub: MakeSub) -> None:
+    """Issue 29, finding 12: what docs/webhooks.md says of order (concurrency = 1)."""
+    ordered = make_sub("ordered", concurrency=1)
+    sink = FakeSink()
+    async with running(make_consumer(exchange_name, [(ordered, sink)])):
+        await publish_events(exchange_name, [("patch-created", i) for i in range(1, 201)])
+        await wait_for(lambda: len(sink.deliveries) == 200, 30, "all 200")
+    assert sink.ids == [str(i) for i in range(1, 201)]
