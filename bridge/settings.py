@@ -198,6 +198,9 @@ def redact_url(url: str) -> str:
 
 DEPRECATED = {"BRIDGE_POLL_OVERLAP": "BRIDGE_POLL_LATE_WAIT"}
 """Old names still read, each with one line saying its new name."""
+NOT_OURS = frozenset({"BRIDGE_SUBSCRIPTIONS_FILE"})
+"""Variables of the compose file (which file it mounts), not settings: an operator may
+have exported them in the shell that also runs the CLI."""
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -205,7 +208,11 @@ def load_settings(**overrides: object) -> Settings:
 
     ``overrides`` take precedence over the environment (tests and the demo use them).
     """
-    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields} | set(DEPRECATED)
+    known = (
+        {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+        | set(DEPRECATED)
+        | NOT_OURS
+    )
     unknown = sorted(
         k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
     )
@@ -218,11 +225,16 @@ def load_settings(**overrides: object) -> Settings:
         field = new.removeprefix(ENV_PREFIX).lower()
         overrides = {field: os.environ[old], **overrides}
     if unknown:
-        raise SettingsError(f"{unknown[0]}: unknown setting (see README, Configuration)")
+        names = ", ".join(unknown)
+        raise SettingsError(
+            f"{names}: unknown setting{'s' if len(unknown) > 1 else ''} "
+            "(docs/settings.md lists every BRIDGE_* setting)"
+        )
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         name = f"{ENV_PREFIX}{first['loc'][0]}".upper() if first["loc"] else ENV_PREFIX
         # The message only, never first["input"]: it may be a token.
-        raise SettingsError(f"{name}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{name}: {message}") from None

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -126,6 +127,11 @@ def read_key_file(path: Path) -> str:
 def public_key_text(key: Ed25519PrivateKey) -> str:
     """``whpk_<base64>``: what a receiver verifies ``v1a`` signatures with."""
     return PUBLIC_KEY_PREFIX + base64.b64encode(_public_raw(key)).decode("ascii")
+
+
+def new_secret() -> str:
+    """A fresh ``whsec_`` secret: 32 random bytes, as the Standard Webhooks libraries make."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
 def new_signing_key() -> str:

@@ -84,6 +84,35 @@ def test_misspelled_setting_is_rejected_not_ignored(monkeypatch):
         load_settings()
 
 
+def test_every_unknown_setting_is_named_at_once_and_the_pointer_leads_somewhere(monkeypatch):
+    """Issue 29, finding 9: the names, all of them, and a document that exists."""
+    monkeypatch.setenv("BRIDGE_SUBSCRIPTION", "/etc/subs.toml")
+    monkeypatch.setenv("BRIDGE_POLL_INTERVALL", "5")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith("BRIDGE_POLL_INTERVALL, BRIDGE_SUBSCRIPTION: unknown settings")
+    (doc,) = [w for w in message.replace("(", " ").split() if w.endswith(".md")]
+    assert (Path(__file__).parents[1] / doc).is_file()
+
+
+def test_the_compose_files_variable_in_the_shell_breaks_nothing(monkeypatch):
+    monkeypatch.setenv("BRIDGE_SUBSCRIPTIONS_FILE", "./subscriptions.toml")
+    assert load_settings().subscriptions is None
+
+
+def test_keys_secret_makes_a_secret_the_reference_library_takes():
+    from standardwebhooks import Webhook
+
+    from bridge.signing import decode_secret
+
+    ran = run_bridge("keys", "secret")
+    secret = ran.stdout.strip()
+    assert ran.returncode == 0 and secret.startswith("whsec_")
+    assert len(decode_secret(secret)) == 32
+    Webhook(secret)  # raises on a malformed secret
+
+
 GOOD_URL = "https://patchwork.kernel.org"
 LOOPBACK_HOOK = '[[webhook]]\nname = "ci"\nurl = "http://127.0.0.1:8080/hook"\n'
 
@@ -98,7 +127,7 @@ LOOPBACK_HOOK = '[[webhook]]\nname = "ci"\nurl = "http://127.0.0.1:8080/hook"\n'
             {"BRIDGE_PATCHWORK_URL": f"{GOOD_URL}/api/1.3"},
             None,
             2,
-            "BRIDGE_PATCHWORK_URL: Value error, must be the site root, without /api/",
+            "BRIDGE_PATCHWORK_URL: must be the site root, without /api/",
         ),
         (
             "producer",
@@ -121,7 +150,7 @@ LOOPBACK_HOOK = '[[webhook]]\nname = "ci"\nurl = "http://127.0.0.1:8080/hook"\n'
             {"BRIDGE_SUBSCRIPTIONS": ""},
             None,
             2,
-            "BRIDGE_SUBSCRIPTIONS: Value error, is empty",
+            "BRIDGE_SUBSCRIPTIONS: is empty",
         ),
         ("webhook", {}, LOOPBACK_HOOK, 2, "set allow_private_network = true to deliver there"),
         (

@@ -1,4 +1,7 @@
-"""``patchwork-bridge keys new|public``: ed25519 keys for ``v1a`` webhook signatures.
+"""``patchwork-bridge keys new|public|secret``: keys for webhook signatures.
+
+``secret`` prints a fresh ``whsec_`` secret for a subscription's ``secret`` (``v1``, HMAC:
+the receiver holds the same).
 
 ``new`` prints a fresh ``whsk_`` signing key (keep it like a password: put it in a file
 named by BRIDGE_SIGNING_KEY_FILE or a subscription's ``signing_key_file``). ``public``
@@ -13,13 +16,14 @@ from pathlib import Path
 
 from bridge.cli.common import CliError, Commands, command
 from bridge.settings import load_settings
-from bridge.signing import decode_signing_keys, new_signing_key, public_key_text
+from bridge.signing import decode_signing_keys, new_secret, new_signing_key, public_key_text
 
 
 def register(commands: Commands) -> None:
     keys = commands.add_parser("keys", help="make an ed25519 signing key, or print public keys")
     actions = keys.add_subparsers(dest="keys_command", required=True)
     actions.add_parser("new", help="print a new whsk_ signing key")
+    actions.add_parser("secret", help="print a new whsec_ secret (v1, shared with one receiver)")
     public = actions.add_parser(
         "public", help="print the whpk_ public key of each key in FILE (or the deployment's)"
     )
@@ -31,6 +35,9 @@ def register(commands: Commands) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.keys_command == "new":
         print(new_signing_key())
+        return
+    if args.keys_command == "secret":
+        print(new_secret())
         return
     path = args.file or load_settings().signing_key_file
     if path is None:
