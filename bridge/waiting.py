@@ -41,10 +41,9 @@ class Ticker:
         happened, besides the periodic ones."""
         self._stop = stop
         self.interval_s = interval_s
-        """May change between ticks; the next tick is then ``interval_s`` after the last."""
+        """May change between ticks; it applies from the next one."""
         self._wake = wake
         self._next_at = time.monotonic() + (0.0 if at_once else interval_s)
-        self._last_at = time.monotonic()
         self._paused = False
 
     def pause(self, seconds: float) -> None:
@@ -54,13 +53,15 @@ class Ticker:
 
     async def __aiter__(self) -> AsyncIterator[None]:
         while not await self._sleep():
+            # A wake starts the period again from now; a tick on time keeps the fixed rate.
+            woken = self._wake is not None and self._wake.is_set()
             if self._wake is not None:
                 self._wake.clear()
             self._paused = False
-            self._last_at = time.monotonic()
+            start = time.monotonic() if woken else self._next_at
             yield
             if not self._paused:
-                self._next_at = max(self._last_at + self.interval_s, time.monotonic())
+                self._next_at = max(start + self.interval_s, time.monotonic())
 
     async def _sleep(self) -> bool:
         """Until the next tick, a wake or stop; True on stop."""
