@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        urls = [u.strip() for u in value.get_secret_value().split(",") if u.strip()]
+        urls = split_urls(value.get_secret_value())
         if not urls:
             raise ValueError("must be an amqp:// or amqps:// URL (or several, comma-separated)")
         for url in urls:
@@ -179,10 +179,19 @@ class Settings(BaseSettings):
         return f"{self.patchwork_url}/api/{self.patchwork_api_version}"
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """The node URLs of BRIDGE_AMQP_URL, in order."""
+        return split_urls(self.amqp_url.get_secret_value())
+
+    @property
     def amqp_url_redacted(self) -> str:
         """BRIDGE_AMQP_URL with every password replaced, fit for a log line."""
-        urls = self.amqp_url.get_secret_value().split(",")
-        return ",".join(redact_url(url.strip()) for url in urls if url.strip())
+        return ",".join(redact_url(url) for url in self.amqp_urls)
+
+
+def split_urls(text: str) -> list[str]:
+    """The URLs of a comma-separated list (BRIDGE_AMQP_URL's nodes), in order."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def redact_url(url: str) -> str:

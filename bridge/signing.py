@@ -124,6 +124,11 @@ def read_key_file(path: Path) -> str:
     return text
 
 
+def public_keys(text: str) -> list[str]:
+    """The ``whpk_`` public key of each ``whsk_`` key in ``text``: what CIs are given."""
+    return [public_key_text(key) for key in decode_signing_keys(text)]
+
+
 def public_key_text(key: Ed25519PrivateKey) -> str:
     """``whpk_<base64>``: what a receiver verifies ``v1a`` signatures with."""
     return PUBLIC_KEY_PREFIX + base64.b64encode(_public_raw(key)).decode("ascii")

@@ -15,9 +15,9 @@ import pytest
 from bridge.broker import connect as connect_module
 from bridge.broker.connect import connect, connect_plain
 from bridge.broker.errors import BrokerRefused, LoginRefused
-from bridge.broker.nodes import address, split_urls, with_heartbeat
+from bridge.broker.nodes import address, with_heartbeat
 from bridge.demo.patchwork_double import FakePatchwork
-from bridge.settings import Settings
+from bridge.settings import Settings, split_urls
 from tests.amqp_helpers import delete_subscription_queues, subscription, wait_for
 from tests.broker import AMQP_URL
 from tests.fault_tools import (

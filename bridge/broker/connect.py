@@ -27,7 +27,6 @@ from bridge.broker.nodes import (
     first_answering,
     follow_nodes,
     node_of,
-    split_urls,
     url_of,
     with_heartbeat,
 )
@@ -41,7 +40,7 @@ CONNECT_TIMEOUT_S = 10.0
 
 def node_urls(settings: Settings) -> list[str]:
     """BRIDGE_AMQP_URL's nodes, each with the bridge's heartbeat unless it names one."""
-    return [with_heartbeat(url) for url in split_urls(settings.amqp_url.get_secret_value())]
+    return [with_heartbeat(url) for url in settings.amqp_urls]
 
 
 async def connect(settings: Settings, role: str) -> AbstractRobustConnection:
@@ -73,7 +72,7 @@ async def connect_plain(
 ) -> AbstractConnection:
     """A plain connection (never reconnected behind our back) to the first node that
     answers. Raises BrokerRefused, or the last node's error."""
-    urls = split_urls(settings.amqp_url.get_secret_value())
+    urls = settings.amqp_urls
 
     async def attempt(url: str) -> AbstractConnection:
         return await aio_pika.connect(

@@ -33,11 +33,6 @@ UNREACHABLE = (OSError, TimeoutError, AMQPError)
 """What trying a node can fail with that the next node may not."""
 
 
-def split_urls(text: str) -> list[str]:
-    """The node URLs of BRIDGE_AMQP_URL, in order."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def with_heartbeat(url: str, seconds: int = HEARTBEAT_S) -> str:
     """``url`` asking for a heartbeat of ``seconds`` unless it asks for one of its own."""
     parsed = URL(url)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bridge.cli.common import CliError, Commands, command
 from bridge.settings import load_settings
-from bridge.signing import decode_signing_keys, new_secret, new_signing_key, public_key_text
+from bridge.signing import new_secret, new_signing_key, public_keys, read_key_file
 
 
 def register(commands: Commands) -> None:
@@ -42,17 +42,13 @@ def run(args: argparse.Namespace) -> None:
     path = args.file or load_settings().signing_key_file
     if path is None:
         raise CliError("keys public: give a FILE, or set BRIDGE_SIGNING_KEY_FILE", 2)
-    for key in public_keys(path):
+    for key in _public_keys_in(path):
         print(key)
 
 
-def public_keys(path: Path) -> list[str]:
+def _public_keys_in(path: Path) -> list[str]:
     """The ``whpk_`` keys of the ``whsk_`` keys in ``path``; CliError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"keys: cannot read {path} ({getattr(exc, 'strerror', exc)})", 2) from None
-    try:
-        return [public_key_text(key) for key in decode_signing_keys(text)]
-    except ValueError as exc:
-        raise CliError(f"keys: {path}: {exc}", 2) from None
+        return public_keys(read_key_file(path))
+    except ValueError as exc:  # the message names the file, never a key
+        raise CliError(f"keys: {exc}", 2) from None

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from bridge.cli.common import CliError, Commands, command
 from bridge.settings import load_settings
-from bridge.wakeup.sql import CHANNEL, INSTALL, TABLE, TRIGGER, TRIGGER_EXISTS, UNINSTALL
+from bridge.wakeup.listener import first_line, trigger_installed
+from bridge.wakeup.sql import CHANNEL, INSTALL, TABLE, TRIGGER, UNINSTALL
 
 if TYPE_CHECKING:
     import psycopg
@@ -73,14 +74,12 @@ async def act(action: str, dsn: str) -> str:
                 return f"uninstalled: no trigger {TRIGGER} on {TABLE}"
             return await _check(connection)
     except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CliError(f"wakeup {action}: {first}") from None
+        raise CliError(f"wakeup {action}: {first_line(exc) or type(exc).__name__}") from None
 
 
 async def _check(connection: psycopg.AsyncConnection) -> str:
     await connection.set_autocommit(True)
-    row = await (await connection.execute(TRIGGER_EXISTS, (TRIGGER, TABLE))).fetchone()
-    if not (row and row[0]):
+    if not await trigger_installed(connection):
         raise CliError(
             f"wakeup check: no trigger {TRIGGER} on {TABLE}: run `patchwork-bridge wakeup "
             "install` (or `wakeup sql` for a DBA); the producer polls meanwhile"

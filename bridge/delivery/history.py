@@ -100,6 +100,9 @@ class AttemptHistory:
     async def run(self, stopping: asyncio.Event) -> None:
         """Write records as they come, until ``stopping`` (``flush`` writes the rest)."""
         while not stopping.is_set():
+            if not self._buffer.empty():  # busy: no waiting to set up per record
+                await self._write(self._buffer.get_nowait())
+                continue
             getting = asyncio.ensure_future(self._buffer.get())
             stopped = asyncio.ensure_future(stopping.wait())
             await asyncio.wait([getting, stopped], return_when=asyncio.FIRST_COMPLETED)

@@ -29,7 +29,6 @@ from bridge.delivery.history import Attempt, attempt_at
 from bridge.delivery.messages import (
     Facts,
     InvalidMessage,
-    carried_headers,
     copy_message,
     delivery_from,
 )
@@ -49,7 +48,17 @@ from bridge.delivery.outcomes import (
 from bridge.delivery.pace import Pace
 from bridge.delivery.queues import QueueControl, QueueSet, declare_lane, until_declared
 from bridge.delivery.retry import levels_for
-from bridge.delivery.settle import Ack, Copy, Hold, Instruction, Plan, Wait, decide, wait_if_early
+from bridge.delivery.settle import (
+    Ack,
+    Copy,
+    Hold,
+    Instruction,
+    Plan,
+    Wait,
+    decide,
+    unspent,
+    wait_if_early,
+)
 from bridge.logs import one_line
 from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
 from bridge.topics import TopicMatcher
@@ -126,9 +135,9 @@ class Lane:
         self._history = history
         """Where each attempt's record goes (None: kept nowhere)."""
         self._plan = Plan(spec.queues, spec.retry_schedule, levels_for(spec.retry_schedule))
-        self._old_retries = {name: -1 for name in spec.queues.legacy_retries(spec.retry_schedule)}
-        """Retry queues of an earlier version still to delete once empty, and what each held
-        at the last look (-1: not looked at yet)."""
+        self._old_retries = dict.fromkeys(spec.queues.legacy_retries(spec.retry_schedule), False)
+        """Retry queues of an earlier version still to delete once empty, and whether the log
+        said what one still held."""
         self._wants = TopicMatcher(spec.patterns)
         self._sink_times_out = bool(getattr(sink, "enforces_timeout", False))
         self.queue: AbstractQueue | None = None
@@ -297,17 +306,17 @@ class Lane:
     async def tidy_old_retries(self) -> None:
         """Delete the retry queues of an earlier version's ladder once they are empty: what
         waits there comes back to the main queue by itself, within that queue's TTL."""
-        for name, held_before in list(self._old_retries.items()):
+        for name, said in list(self._old_retries.items()):
             held = await self._control.delete_if_empty(name)
             if held == 0:
                 del self._old_retries[name]
-                if held_before != -1:
+                if said:
                     log.info(
                         "%s: %s, a retry queue of an earlier version, is empty: deleted",
                         self.label,
                         name,
                     )
-            elif held_before == -1:
+            elif not said:
                 log.info(
                     "%s: %s, a retry queue of an earlier version, holds %d events; they "
                     "come back by themselves, and it is deleted once empty",
@@ -315,9 +324,7 @@ class Lane:
                     name,
                     held,
                 )
-                self._old_retries[name] = held
-            else:
-                self._old_retries[name] = held
+                self._old_retries[name] = True
 
     async def _check_head(self) -> None:
         """The message at the head of the main queue, looked at and handed back: one routed
@@ -496,21 +503,16 @@ class Lane:
         if early is not None:
             await self._wait(message, early)
             return
-        try:
-            delivery = delivery_from(message)
-        except InvalidMessage as exc:
-            await self._carry_out(message, decide(Invalid(str(exc)), facts, self._plan, _now()))
-            return
-        if not self._wants(delivery.routing_key):
-            unmatched = Unmatched(delivery.routing_key)
-            await self._carry_out(message, decide(unmatched, facts, self._plan, _now()))
+        delivery = self._read(message)
+        if not isinstance(delivery, Delivery):
+            await self._carry_out(message, decide(delivery, facts, self._plan, _now()))
             return
         tried = await self._attempt(delivery)
         outcome = tried.outcome
         if receiver_down(outcome):
             self._metrics.breaker_probes.labels(self.name, "failed").inc()
             self.breaker.probe_failed(time.monotonic())
-            await self._wait(message, Wait(self.spec.queues.main, carried_headers(facts), 0))
+            await self._wait(message, unspent(facts, self._plan))
             self._remember(tried, "probe_failed")
             log.info(
                 "%s: probe with event %s failed (%s: %s); next probe in %gs",
@@ -586,7 +588,7 @@ class Lane:
                 return
             result = await self._outcome(message)
             if result is None:  # the breaker opened before its turn: not attempted
-                await self._wait(message, Wait(self.spec.queues.main, carried_headers(facts), 0))
+                await self._wait(message, unspent(facts, self._plan))
                 return
             outcome = result.outcome if isinstance(result, Tried) else result
             if self.breaker.saw(outcome):
@@ -612,17 +614,24 @@ class Lane:
     async def _outcome(self, message: AbstractIncomingMessage) -> Settled | Tried | None:
         """What became of the attempt (Tried when a sink was asked); None when the breaker
         is open by its turn."""
+        delivery = self._read(message)
+        if not isinstance(delivery, Delivery):
+            return delivery
+        if self._pace is not None:
+            await self._pace.turn()
+        if self.breaker.open:
+            return None
+        return await self._attempt(delivery)
+
+    def _read(self, message: AbstractIncomingMessage) -> Delivery | Invalid | Unmatched:
+        """What a sink would be handed, or why no sink is handed it."""
         try:
             delivery = delivery_from(message)
         except InvalidMessage as exc:
             return Invalid(str(exc))
         if not self._wants(delivery.routing_key):
             return Unmatched(delivery.routing_key)
-        if self._pace is not None:
-            await self._pace.turn()
-        if self.breaker.open:
-            return None
-        return await self._attempt(delivery)
+        return delivery
 
     async def _attempt(self, delivery: Delivery) -> Tried:
         at = _now()

@@ -85,7 +85,8 @@ class Hold:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """A parked copy back before it is due: park it again, attempt nothing, count nothing."""
+    """Move a copy on without an attempt, counting nothing: a parked copy back before it is
+    due (to its next delay level), or one an open breaker holds back (to the main queue)."""
 
     queue: str
     headers: dict[str, Any] = field(repr=False)
@@ -104,6 +105,11 @@ def wait_if_early(facts: Facts, plan: Plan, now: datetime) -> Wait | None:
     if hop is None:
         return None
     return Wait(plan.queues.retry(hop), carried_headers(facts), remaining_s)
+
+
+def unspent(facts: Facts, plan: Plan) -> Wait:
+    """Back to the main queue's tail as it came, its attempt not spent (an open breaker)."""
+    return Wait(plan.queues.main, carried_headers(facts), 0.0)
 
 
 def decide(outcome: Settled, facts: Facts, plan: Plan, now: datetime) -> Instruction:

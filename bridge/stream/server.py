@@ -28,7 +28,7 @@ from bridge.checks.result import CheckResult, InvalidResult, parse_result, resul
 from bridge.eventlog import LogMissing
 from bridge.metrics import Metrics
 from bridge.settings import Settings
-from bridge.signing import decode_signing_keys, public_key_text, read_key_file
+from bridge.signing import public_keys, read_key_file
 from bridge.sinks.base import GiveUp
 from bridge.stream.consumers import StreamConsumers
 from bridge.stream.feed import Feed, Gap, LogStalled
@@ -120,10 +120,7 @@ class StreamServer:
         for name in consumers.names:
             metrics.stream_clients.labels(name).set(0)
         self._public_keys = (
-            [
-                public_key_text(k)
-                for k in decode_signing_keys(read_key_file(settings.signing_key_file))
-            ]
+            public_keys(read_key_file(settings.signing_key_file))
             if settings.signing_key_file
             else []
         )

@@ -51,13 +51,14 @@ class Listener:
         self.woken = asyncio.Event()
         self.healthy = False
         """Listening, with the trigger in place: the poller may poll slowly."""
+        self._said_down = False
+        """Not listening has been said (once until listening works again)."""
         self.notifications = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         import psycopg
 
         retry_s = 1.0
-        said_down = False
         while not stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -69,27 +70,23 @@ class Listener:
                     keepalives_interval=5,
                     keepalives_count=3,
                 ) as connection:
-                    if not await self._trigger_installed(connection):
+                    if not await trigger_installed(connection):
                         self._down(
                             "no_trigger",
                             f"no trigger {TRIGGER} on {TABLE}: run "
                             "`patchwork-bridge wakeup install` (or its SQL)",
-                            not said_down,
                         )
-                        said_down = True
                         if await sleep_unless(stop, TRIGGER_RECHECK_S):
                             return
                         continue
                     await connection.execute(f"LISTEN {CHANNEL}")
-                    self.healthy = True
+                    self.healthy, self._said_down, retry_s = True, False, 1.0
                     self._metrics.wakeup_listening.set(1)
                     log.info("wakeup: listening on %s; polling at the safety interval", CHANNEL)
-                    said_down, retry_s = False, 1.0
                     self.woken.set()  # read what committed while we were not listening
                     await self._listen(connection, stop)
             except (OSError, psycopg.Error) as exc:
-                self._down("connection", f"{type(exc).__name__}: {_first_line(exc)}", not said_down)
-                said_down = True
+                self._down("connection", f"{type(exc).__name__}: {first_line(exc)}")
             if await sleep_unless(stop, retry_s):
                 return
             retry_s = min(retry_s * 2, RETRY_MAX_S)
@@ -104,16 +101,12 @@ class Listener:
                     return
             await connection.execute("SELECT 1")  # quiet: is it still there?
 
-    async def _trigger_installed(self, connection: psycopg.AsyncConnection) -> bool:
-        cursor = await connection.execute(TRIGGER_EXISTS, (TRIGGER, TABLE))
-        row = await cursor.fetchone()
-        return bool(row and row[0])
-
-    def _down(self, reason: str, why: str, say: bool) -> None:
-        was = self.healthy
+    def _down(self, reason: str, why: str) -> None:
+        """Polling as before; said and counted once until listening works again."""
         self.healthy = False
         self._metrics.wakeup_listening.set(0)
-        if was or say:
+        if not self._said_down:
+            self._said_down = True
             self._metrics.wakeup_failures.labels(reason).inc()
             log.warning(
                 "wakeup: not listening (%s); polling every BRIDGE_POLL_INTERVAL until it is back",
@@ -121,5 +114,13 @@ class Listener:
             )
 
 
-def _first_line(exc: BaseException) -> str:
+async def trigger_installed(connection: psycopg.AsyncConnection) -> bool:
+    """Whether ``patchwork_event`` has the wake-up trigger."""
+    cursor = await connection.execute(TRIGGER_EXISTS, (TRIGGER, TABLE))
+    row = await cursor.fetchone()
+    return bool(row and row[0])
+
+
+def first_line(exc: BaseException) -> str:
+    """A database error's first line: psycopg's messages go on with hints and context."""
     return (str(exc).strip().splitlines() or [""])[0]
