@@ -104,6 +104,25 @@ async def test_a_commit_wakes_it_and_a_rollback_does_not(
     assert listener.notifications == 1
 
 
+async def test_it_keeps_listening_across_its_quiet_checks(db: str) -> None:
+    """Past several of the checks a quiet connection gets (1 s here, 15 s by default)."""
+    await act("install", db)
+    listener = Listener(db, Metrics(), health_check_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(stop))
+    try:
+        await wait_for(lambda: listener.healthy, 10, "listening")
+        await asyncio.sleep(3.5)  # three quiet checks
+        assert listener.healthy and not task.done()
+        listener.woken.clear()
+        await insert_event(db)
+        await wait_for(listener.woken.is_set, 5, "a wake-up after the quiet checks")
+    finally:
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_cut_connection_is_said_once_and_listening_resumes(
     db: str, listening: tuple[Listener, Metrics], caplog: pytest.LogCaptureFixture
 ) -> None:

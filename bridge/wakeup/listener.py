@@ -37,7 +37,9 @@ TRIGGER_RECHECK_S = 60.0
 class Listener:
     """Owns its connection; ``run`` until stop. ``woken`` is set at every notification."""
 
-    def __init__(self, dsn: str, metrics: Metrics) -> None:
+    def __init__(
+        self, dsn: str, metrics: Metrics, *, health_check_s: float = HEALTH_CHECK_S
+    ) -> None:
         """SettingsError when psycopg is not installed: a mistake no retry mends."""
         try:
             import psycopg  # noqa: F401
@@ -48,6 +50,7 @@ class Listener:
             ) from None
         self._dsn = dsn
         self._metrics = metrics
+        self._health_check_s = health_check_s
         self.woken = asyncio.Event()
         self.healthy = False
         """Listening, with the trigger in place: the poller may poll slowly."""
@@ -93,7 +96,7 @@ class Listener:
 
     async def _listen(self, connection: psycopg.AsyncConnection, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            async for _ in connection.notifies(timeout=HEALTH_CHECK_S):
+            async for _ in connection.notifies(timeout=self._health_check_s):
                 self.notifications += 1
                 self._metrics.wakeup_notifications.inc()
                 self.woken.set()
