@@ -192,8 +192,10 @@ async def test_two_deployments_on_one_vhost_never_touch_each_others_work(
         listed = capsys.readouterr().out.splitlines()
         assert [line.split()[0] for line in listed] == [str(b.refused_id)]
 
-        # Site a's log: its 6 events and the check-created events of its 5 checks.
+        # Each site's receiver: its 6 events (one of them twice, retried) and the
+        # check-created events of its own checks, before site a replays its log.
         await wait_for(lambda: len(a.receiver.requests) >= 7 + 5, 30, "site a's check events")
+        await wait_for(lambda: len(b.receiver.requests) >= 7 + 3, 30, "site b's check events")
         before_a, before = len(a.receiver.requests), len(b.receiver.requests)
         since = min(e["date"] for e in a.events)
         code = await asyncio.to_thread(a.cli, "replay", "--since", since, "--subscription", "all")
