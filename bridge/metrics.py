@@ -20,8 +20,8 @@ PUBLISH_FAILURE_REASONS = ("nack", "returned", "timeout", "connection")
 GAP_OUTCOMES = ("opened", "filled", "expired")
 EVENT_READS = ("new", "gap", "sweep", "count")
 DELIVERY_OUTCOMES = ("delivered", "retried", "dead_lettered", "refused", "disabled", "unmatched")
-# Delivery failure reasons.
-DELIVERY_FAILURE_REASONS = (
+# Delivery failure reasons: a webhook's, and those only the checks role has.
+WEBHOOK_FAILURE_REASONS = (
     "timeout",
     "connect",
     "http_3xx",
@@ -32,12 +32,12 @@ DELIVERY_FAILURE_REASONS = (
     "ssrf",
     "invalid",
     "sink_error",
-    # The checks role's.
-    "wrong_project",
-    "forbidden",
-    "not_found",
-    "empty_series",
 )
+CHECKS_FAILURE_REASONS = ("wrong_project", "forbidden", "not_found", "empty_series")
+DELIVERY_FAILURE_REASONS = WEBHOOK_FAILURE_REASONS + CHECKS_FAILURE_REASONS
+STREAM_DISCONNECT_REASONS = ("client", "slow", "stalled", "shutdown", "broker", "error")
+STREAM_REFUSED_STATUSES = ("400", "401", "403", "503")
+WAKEUP_FAILURE_REASONS = ("connection", "no_trigger")
 
 
 class Metrics:
@@ -278,6 +278,37 @@ class Metrics:
             ["role"],
             registry=r,
         )
+
+    # Every child a role can increment, at 0 from its start: a panel or an alert then reads
+    # 0, not "No data". Only closed label sets; a project appears with its first event.
+
+    def producer_started(self, *, wakeup: bool) -> None:
+        for reason in POLL_ERROR_REASONS:
+            self.poll_errors.labels(reason)
+        for reason in PUBLISH_FAILURE_REASONS:
+            self.publish_failures.labels(reason)
+        for outcome in GAP_OUTCOMES:
+            self.id_gaps.labels(outcome)
+        for read in EVENT_READS:
+            self.patchwork_events_read.labels(read)
+        if wakeup:
+            for reason in WAKEUP_FAILURE_REASONS:
+                self.wakeup_failures.labels(reason)
+
+    def lane_started(self, name: str, failure_reasons: tuple[str, ...]) -> None:
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(name, outcome)
+        for reason in failure_reasons:
+            self.delivery_failures.labels(name, reason)
+
+    def stream_started(self, consumers: list[str]) -> None:
+        for name in consumers:
+            self.stream_clients.labels(name).set(0)
+            self.stream_events_sent.labels(name)
+        for reason in STREAM_DISCONNECT_REASONS:
+            self.stream_disconnects.labels(reason)
+        for status in STREAM_REFUSED_STATUSES:
+            self.stream_refused.labels(status)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

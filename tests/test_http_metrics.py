@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +19,10 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.broker.topology import replay_exchange
+from bridge.checks.result import results_exchange
 from bridge.delivery.history import history_queue
+from bridge.delivery.queues import checks_queues
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.eventlog import log_queue
 from bridge.http import start_server
@@ -161,6 +165,95 @@ async def test_metrics_after_real_traffic_count_what_happened(unique, tmp_path, 
         pytest.skip("promtool not installed; .ci/check-packaging fetches it")
     check = subprocess.run([tool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+CHECKS_SCHEDULE = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0]
+"""The checks role's retry schedule (BRIDGE_CHECKS_RETRY_SCHEDULE's default)."""
+
+
+def names_the_dashboard_and_alerts_use() -> set[str]:
+    from tests.test_deploy import alert_expressions_text, dashboard_expressions
+
+    text = alert_expressions_text() + "\n".join(dashboard_expressions())
+    return set(re.findall(r"\bpatchwork_bridge_[a-z_]+", text))
+
+
+@pytest.mark.timeout(120)
+async def test_every_metric_a_panel_or_alert_names_is_exported_from_the_start(
+    unique, tmp_path, amqp
+):
+    """A panel reads 0, not "No data", before anything happened: every role exports each
+    child it can increment from its start. Events published by project are the one
+    exception (a project appears with its first event); the dashboard adds `or vector(0)`."""
+    patchwork = FakePatchwork(tz="UTC")  # no events: nothing will happen
+    await patchwork.start()
+    (tmp_path / "subscriptions.toml").write_text(
+        f'[[webhook]]\nname = "s-{unique}"\nurl = "http://127.0.0.1:9/hook"\n'
+        "allow_private_network = true\n"
+    )
+    (tmp_path / "consumers.toml").write_text(
+        f'[[consumer]]\nname = "ci"\ntoken = "{"t" * 32}"\nevents = ["#"]\n'
+    )
+    port, exchange = free_port(), f"test-{unique}"
+    env = {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": "UTC",
+        "BRIDGE_PATCHWORK_TOKEN": "token-0123456789abcdef",
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
+        "BRIDGE_SUBSCRIPTIONS": str(tmp_path / "subscriptions.toml"),
+        "BRIDGE_STREAM_CONSUMERS": str(tmp_path / "consumers.toml"),
+        "BRIDGE_STREAM_PORT": str(free_port()),
+        "BRIDGE_CHECKS": "true",
+        "BRIDGE_HTTP_PORT": str(port),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env, stderr=(tmp_path / "log").open("wb")
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(ready, 60, "readiness of producer+webhook+stream+checks")
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text = await response.text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+        await delete_topology(amqp, tmp_path / "subscriptions.toml", exchange)
+        checks = checks_queues(exchange)
+        channel = await amqp.channel()
+        for queue in (*checks.watched(CHECKS_SCHEDULE), checks.marker, checks.breaker):
+            await channel.queue_delete(queue)
+        for name in (results_exchange(exchange), replay_exchange(exchange, checks.main)):
+            await channel.exchange_delete(name)
+        await channel.close()
+        await patchwork.stop()
+    log = (tmp_path / "log").read_text()
+    assert process.returncode == 0, log[-3000:]
+    exported = {name for name, _ in samples(text)}
+    missing = names_the_dashboard_and_alerts_use() - exported
+    assert missing == {"patchwork_bridge_events_published_total"}, missing
+    # Every closed label set is there at 0: a reason, an outcome, a status.
+    assert total(samples(text), "patchwork_bridge_poll_errors_total", reason="timeout") == 0
+    assert (
+        "patchwork_bridge_webhook_failures_total",
+        frozenset({("subscription", f"s-{unique}"), ("reason", "http_5xx")}),
+    ) in samples(text)
+    assert (
+        "patchwork_bridge_webhook_failures_total",
+        frozenset({("subscription", "checks"), ("reason", "wrong_project")}),
+    ) in samples(text)
+    assert ("patchwork_bridge_stream_requests_refused_total", frozenset({("status", "403")})) in (
+        samples(text)
+    )
 
 
 class CuttableProxy:

@@ -15,6 +15,7 @@ import aiohttp
 
 from bridge.checks.patchwork import PatchworkChecks, Refused
 from bridge.checks.result import CheckResult, InvalidResult, parse_result
+from bridge.metrics import CHECKS_FAILURE_REASONS
 from bridge.settings import Settings
 from bridge.sinks.base import Delivered, Delivery, GiveUp, Outcome, RetryLater
 
@@ -23,6 +24,17 @@ CHECK_FIELDS = ("state", "context", "target_url", "description")
 
 class ChecksSink:
     enforces_timeout = True
+    failure_reasons = (
+        "timeout",
+        "connect",
+        "http_4xx",
+        "http_5xx",
+        "http_429",
+        "invalid",
+        "sink_error",
+        *CHECKS_FAILURE_REASONS,
+    )
+    """Exported at 0 from the start (``Metrics.lane_started``)."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.patchwork_token is None:

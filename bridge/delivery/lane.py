@@ -60,7 +60,7 @@ from bridge.delivery.settle import (
     wait_if_early,
 )
 from bridge.logs import one_line
-from bridge.metrics import DELIVERY_FAILURE_REASONS, Metrics
+from bridge.metrics import DELIVERY_FAILURE_REASONS, WEBHOOK_FAILURE_REASONS, Metrics
 from bridge.topics import TopicMatcher
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ class Lane:
         self._breaker_open.set(0)
         for result in ("ok", "failed", "empty"):
             metrics.breaker_probes.labels(spec.name, result)
+        metrics.lane_started(spec.name, getattr(sink, "failure_reasons", WEBHOOK_FAILURE_REASONS))
         self._pace = Pace(spec.rate) if spec.rate else None
 
     @property

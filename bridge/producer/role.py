@@ -57,6 +57,7 @@ class Producer:
         self._source = settings.api_base  # raises SettingsError early if the URL is missing
         self._prepare = prepare
         self._store = CursorStore(settings.state_dir)
+        metrics.producer_started(wakeup=settings.patchwork_db is not None)
         self._listener = (
             Listener(settings.patchwork_db.get_secret_value(), metrics)
             if settings.patchwork_db is not None

@@ -117,8 +117,7 @@ class StreamServer:
         self._results_lock = asyncio.Lock()
         self.feeds: dict[Feed, str] = {}
         """Each connected client's feed, with its consumer's name."""
-        for name in consumers.names:
-            metrics.stream_clients.labels(name).set(0)
+        metrics.stream_started(list(consumers.names))
         self._public_keys = (
             public_keys(read_key_file(settings.signing_key_file))
             if settings.signing_key_file
