@@ -1,6 +1,6 @@
 """deploy/, the Dockerfile and docker-compose.yml agree with the code they package.
 
-promtool, hadolint and docker-compose checks live in .ci/check-packaging; these tests catch
+promtool, hadolint and `docker compose config` checks live in .ci/check-packaging; these tests catch
 drift between the files and the package: a renamed metric or queue, an example that no
 longer loads, a health check that does not reach /healthz.
 """
@@ -14,9 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
+import yaml
 
-from bridge.delivery.queues import subscription_queues
+from bridge.delivery.queues import checks_queues, subscription_queues
 from bridge.http import start_server
 from bridge.metrics import Metrics
 from bridge.webhook.subscriptions import Subscription, load_subscriptions
@@ -28,6 +28,7 @@ EXAMPLE = ROOT / "deploy" / "subscriptions.example.toml"
 DEMO_SUBSCRIPTIONS = ROOT / "deploy" / "subscriptions.demo.toml"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def exported_names() -> set[str]:
@@ -81,6 +82,9 @@ def test_dashboard_shows_every_family_an_operator_asked_for() -> None:
         "patchwork_bridge_patchwork_request_duration_seconds_count",
         "patchwork_bridge_patchwork_events_read_total",
         "patchwork_bridge_id_gaps_total",
+        # who polls, and who is connected
+        "patchwork_bridge_producer_active",
+        "patchwork_bridge_broker_connected",
     ):
         assert name in text, name
     for quantile in ("0.5", "0.95", "0.99"):
@@ -127,6 +131,16 @@ def test_queue_patterns_select_the_queues_the_consumer_declares() -> None:
     assert {frozenset({"main"}), frozenset({"dead"}), frozenset({"main", "retry"})} <= set(selected)
 
 
+def test_every_dead_letter_pattern_counts_the_checks_roles_too() -> None:
+    checks = checks_queues("patchwork")
+    webhook_dead = subscription_queues("patchwork", "kernelci").dead
+    dead_patterns = [p for p in queue_patterns() if re.fullmatch(p, webhook_dead)]
+    assert dead_patterns
+    for pattern in dead_patterns:
+        assert re.fullmatch(pattern, checks.dead), pattern
+        assert not re.fullmatch(pattern, checks.main), pattern
+
+
 def test_demo_subscriptions_load_and_match_the_demo_receiver() -> None:
     [demo] = load_subscriptions(DEMO_SUBSCRIPTIONS)
 
@@ -138,16 +152,43 @@ def test_demo_subscriptions_load_and_match_the_demo_receiver() -> None:
     assert receiver_secret.group(1) == demo.secret.get_secret_value()
 
 
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def bridge_roles(services: dict[str, dict]) -> dict[str, dict]:
+    """The services that run a role of the bridge (not its demo doubles)."""
+    return {
+        name: s
+        for name, s in services.items()
+        if s.get("image") == "patchwork-bridge:local" and "entrypoint" not in s
+    }
+
+
 def test_compose_on_a_real_site_mounts_no_demo_subscription() -> None:
     """Without BRIDGE_SUBSCRIPTIONS_FILE the stack gets the example, which delivers nowhere:
-    a real site's events must not pile up in a demo receiver's dead queue."""
+    a real site's events must not pile up in a demo receiver's dead queue. The demo needs
+    no variable: its webhook role mounts the demo's subscriptions itself."""
     compose = COMPOSE.read_text()
     mounts = set(re.findall(r"\$\{BRIDGE_SUBSCRIPTIONS_FILE:-([^}]+)\}", compose))
     assert mounts == {"./deploy/subscriptions.example.toml"}
     assert load_subscriptions(EXAMPLE) == []
-    webhook = re.search(r"^  webhook:\n(.*?)(?=^  \S|\Z)", compose, re.M | re.S)
-    assert webhook is not None
-    assert 'profiles: ["webhooks", "demo"]' in webhook.group(1)
+    services = compose_services()
+    assert services["webhook"]["profiles"] == ["webhooks"]
+    assert services["demo-webhook"]["profiles"] == ["demo"]
+    [mount] = services["demo-webhook"]["volumes"]
+    assert mount.startswith("./deploy/subscriptions.demo.toml:")
+
+
+def test_prometheus_scrapes_each_role_only_where_it_runs() -> None:
+    """A role whose profile is off must be no target at all, not a target that is down:
+    each role is found by its service name, which resolves only while it runs."""
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "patchwork-bridge"]
+    assert "static_configs" not in job
+    names = {name for sd in job["dns_sd_configs"] for name in sd["names"]}
+    assert names == set(bridge_roles(compose_services()))
+    assert {"source_labels": ["__meta_dns_name"], "target_label": "role"} in job["relabel_configs"]
 
 
 def test_commented_subscription_example_is_valid_once_uncommented(tmp_path: Path) -> None:
@@ -203,11 +244,12 @@ async def test_image_healthcheck_passes_while_healthz_answers_and_fails_after() 
     assert await run_healthcheck(port) != 0
 
 
-@pytest.mark.parametrize("name", ["producer", "webhook"])
-def test_compose_roles_run_the_image_commands_the_cli_knows(name: str) -> None:
+def test_compose_roles_run_the_image_commands_the_cli_knows() -> None:
     from bridge.__main__ import build_parser
 
-    service = re.search(rf"^  {name}:\n(.*?)(?=^  \S|\Z)", COMPOSE.read_text(), re.M | re.S)
-    assert service is not None
-    assert f'command: ["{name}"]' in service.group(1)
-    assert build_parser().parse_args([name]).command == name
+    roles = bridge_roles(compose_services())
+    assert {"producer", "webhook", "stream", "checks", "demo-webhook"} <= set(roles)
+    for name, service in roles.items():
+        [command] = service["command"]
+        assert command == name.removeprefix("demo-"), name
+        assert build_parser().parse_args([command]).command == command

@@ -6,7 +6,7 @@ naive server-local dates, inclusive ``since``, exclusive ``before``, ``per_page`
 250, ``Link`` paging, HTTP 404 past the last page, HTTP 500 for a zone-suffixed date, ``[]``
 for an invalid filter, and events that become visible after newer ones were already read.
 Tests, ``patchwork-bridge demo`` and the benchmarks use it;
-``python -m bridge.demo.patchwork_double`` serves one on its own (docker-compose's demo profile).
+``python -m bridge.demo.patchwork_double`` serves one on its own (the compose file's demo profile).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class FakePatchwork(EventStore):
     """The double. ``start()`` serves it on loopback; ``stop()`` closes it, hung requests too.
 
     Events may be added before or after ``start()``; URLs inside items point to this server
-    once it is started (or to ``public_url`` when given, e.g. a docker-compose service name).
+    once it is started (or to ``public_url`` when given, e.g. the compose demo's published port).
     """
 
     def __init__(

@@ -60,7 +60,7 @@ def cli(args: argparse.Namespace) -> int:
         print(
             f"patchwork-bridge demo: no RabbitMQ at {base.amqp_url_redacted} within "
             f"{BROKER_WAIT_S:g}s; start one (`rabbitmq-server -detached`, or "
-            "`docker-compose up -d rabbitmq`) or set BRIDGE_AMQP_URL",
+            "`docker compose up -d rabbitmq`) or set BRIDGE_AMQP_URL",
             file=sys.stderr,
         )
         return 1
