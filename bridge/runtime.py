@@ -145,11 +145,36 @@ def _declare_queues_of(
 
 
 async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
-    """Run roles until a signal; the HTTP server lives exactly as long as they do."""
+    """Run roles until a signal; the HTTP server lives exactly as long as they do.
+
+    The first SIGTERM or SIGINT stops the roles cleanly (deliveries in flight may finish);
+    a second one stops them at once, and the broker redelivers what was in flight. Exit
+    status 0 after a clean stop; after one cut short, 128 + the signal (130 for Ctrl-C)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    cut_short: signal.Signals | None = None
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal cut_short
+        if not stop.is_set():
+            log.info(
+                "%s: stopping; deliveries in flight may finish first (%s again to stop now)",
+                sig.name,
+                "Ctrl-C" if sig == signal.SIGINT else sig.name,
+            )
+            stop.set()
+        elif cut_short is None:
+            log.warning(
+                "%s again: stopping now; the broker delivers again what was in flight",
+                sig.name,
+            )
+            cut_short = sig
+            main.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         runner, port = await start_server(
             metrics,
@@ -177,12 +202,19 @@ async def serve(roles: list[Role], settings: Settings, metrics: Metrics) -> int:
         async with asyncio.TaskGroup() as group:
             for role in roles:
                 group.create_task(_run_role(role, stop), name=role.name)
+    except asyncio.CancelledError:
+        if cut_short is None:
+            raise
+        main.uncancel()
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+    if cut_short is not None:
+        log.info("stopped at once")
+        return 128 + cut_short  # as a shell reports a process the signal ended
     log.info("stopped")
     return 0
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -22,6 +25,7 @@ from bridge.metrics import Metrics
 from bridge.producer.role import Producer
 from bridge.runtime import InProcess
 from tests.amqp_helpers import connection_pids, drain, wait_for
+from tests.broker import rabbitmqctl
 from tests.test_producer import make_settings, running
 
 pytestmark = pytest.mark.broker
@@ -270,6 +274,57 @@ async def test_replay_dry_run_counts_and_copies_nothing(
     finally:
         await channel.queue_delete(late.name)
         await channel.close()
+
+
+async def test_ctrl_c_during_a_replay_says_how_far_it_got_and_leaves_no_route(
+    log_with_500, exchange_name, amqp, unique
+):
+    """Issue 29, finding 7. SIGINT as soon as the replay says where the log starts: it is
+    then reading and copying (a read ends only after half a second of quiet)."""
+    channel = await amqp.channel()
+    late = await channel.declare_queue(f"test-{unique}-late", durable=True)
+    env = {
+        **os.environ,
+        "BRIDGE_EXCHANGE": exchange_name,
+        "BRIDGE_PATCHWORK_TIMEZONE": "Australia/Canberra",
+    }
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "replay", "--since", "2000-01-01",
+            "--queue", late.name, "--events", "#",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stderr is not None
+        first = await asyncio.wait_for(process.stderr.readline(), 60)
+        assert b"starts at" in first, first
+        process.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        said = err.decode().strip().splitlines()
+        assert process.returncode == 130, (out, said)
+        assert "Traceback" not in err.decode()
+        [last] = said
+        copied = int(re.search(r"interrupted after (\d+) events copied into", last)[1])
+        assert 0 <= copied <= 800
+        assert last.endswith("(consumers deduplicate by message_id)")
+        # Its own route (bound with --events for this run) is gone; the queue keeps copies.
+        leftovers = await routes_of(exchange_name, late.name)
+        assert leftovers == [], leftovers
+    finally:
+        await channel.queue_delete(late.name)
+        await channel.close()
+
+
+async def routes_of(exchange: str, queue: str) -> list[str]:
+    """The exchanges bound to ``queue`` but the default one, as rabbitmqctl lists them."""
+    result = await asyncio.to_thread(
+        rabbitmqctl, "list_bindings", "source_name", "destination_name", "-q"
+    )
+    result.check_returncode()
+    return [
+        line.split("\t")[0]
+        for line in result.stdout.splitlines()
+        if line.endswith("\t" + queue) and line.split("\t")[0]
+    ]
 
 
 @pytest.mark.parametrize(

@@ -209,3 +209,74 @@ async def delete_topology(connection, subscriptions: Path, exchange: str) -> Non
     await channel.queue_delete(log_queue(exchange))
     await channel.queue_delete(history_queue(exchange))  # the webhook role's attempt history
     await channel.close()
+
+
+@pytest.mark.timeout(120)
+async def test_ctrl_c_says_what_it_waits_for_and_a_second_one_stops_at_once(amqp, unique, tmp_path):
+    """Issue 29, finding 7: with receivers that never answer, the first Ctrl-C says what
+    the stop waits for; the second stops without waiting, and nothing in flight is lost:
+    every event is back in the subscription's queue for the next start."""
+    released = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response(status=204)
+
+    receiver = Receiver(hang)
+    await receiver.start()
+    name = f"slow-{unique}"
+    subscriptions = tmp_path / "subscriptions.toml"
+    subscriptions.write_text(
+        f'[[webhook]]\nname = "{name}"\nurl = "{receiver.url()}"\ntimeout = 60\n'
+        "concurrency = 2\nallow_private_network = true\n"
+    )
+    patchwork = FakePatchwork(tz=TZ)
+    events = patchwork.add_events(5)
+    await patchwork.start()
+    exchange = f"test-{unique}"
+    env = {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
+        "BRIDGE_START": "beginning",
+        "BRIDGE_POLL_INTERVAL": "0.2",
+        "BRIDGE_SUBSCRIPTIONS": str(subscriptions),
+        "BRIDGE_HTTP_PORT": "0",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    said: list[str] = []
+
+    async def until_said(text: str) -> None:
+        while not any(text in line for line in said):
+            line = await process.stderr.readline()  # type: ignore[union-attr]
+            assert line, "\n".join(said)
+            said.append(line.decode())
+
+    try:
+        await wait_for(lambda: len(receiver.requests) == 2, 60, "two deliveries in flight")
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(until_said("for 2 deliveries in flight to finish"), 30)
+        assert any("SIGINT: stopping" in line and "Ctrl-C again" in line for line in said)
+        process.send_signal(signal.SIGINT)
+        rest = (await asyncio.wait_for(process.communicate(), 30))[1].decode()
+        said.extend(rest.splitlines())
+        log = "\n".join(said)
+        assert process.returncode == 130, log[-3000:]
+        assert "SIGINT again: stopping now" in log
+        assert "still running after" not in log  # it did not wait the drain out
+        assert "Traceback" not in log
+        # Nothing was acked: all five wait in the queue for the next start.
+        assert await queue_depth(amqp, lane(exchange, name).main) == len(events)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        released.set()
+        await delete_topology(amqp, subscriptions, exchange)
+        await receiver.stop()
+        await patchwork.stop()

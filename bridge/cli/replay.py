@@ -216,6 +216,14 @@ async def _replay(
             f"replay stopped after about {copied} events: {type(exc).__name__}: {exc}; "
             "running it again copies those again (consumers deduplicate by message_id)"
         ) from None
+    except asyncio.CancelledError:
+        # Ctrl-C (asyncio.run cancels us): say how far it got; the route goes in _route.
+        raise CliError(
+            f"replay interrupted after {copied} events copied into {target}; they stay "
+            "there, and running it again copies them again (consumers deduplicate by "
+            "message_id)",
+            code=130,
+        ) from None
     finally:
         for task in in_flight:
             task.cancel()

@@ -250,6 +250,12 @@ class DeliveryRole:
             await lane.stop()
         in_flight = {task for lane in self.lanes for task in lane.in_flight}
         if in_flight:
+            log.info(
+                "%s: waiting up to %gs for %d deliveries in flight to finish",
+                self.name,
+                self._drain_timeout_s,
+                len(in_flight),
+            )
             _, pending = await asyncio.wait(in_flight, timeout=self._drain_timeout_s)
             if pending:
                 log.warning(
