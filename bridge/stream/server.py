@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from html import escape
 from importlib import resources
 
 import aio_pika
@@ -139,8 +140,10 @@ class StreamServer:
 
     async def page(self, _: web.Request) -> web.Response:
         html = resources.files("bridge.stream").joinpath("page.html").read_text("utf-8")
+        # Its times are shown in the reader's zone: the page must know Patchwork's.
+        zone = escape(self._settings.patchwork_timezone, quote=True)
         return web.Response(
-            text=html,
+            text=html.replace("{patchwork_timezone}", zone),
             content_type="text/html",
             headers={
                 # The page talks to this server only; the token never leaves it.
