@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
+import signal
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,6 +21,7 @@ from pydantic import SecretStr
 
 from bridge.cli.common import CliError
 from bridge.cli.wakeup import act
+from bridge.demo.patchwork_double import CATEGORIES
 from bridge.metrics import Metrics
 from bridge.producer.role import Producer
 from bridge.runtime import InProcess
@@ -23,7 +29,8 @@ from bridge.settings import Settings
 from bridge.wakeup.listener import Listener
 from bridge.wakeup.sql import INSTALL
 from tests.amqp_helpers import drain, wait_for
-from tests.postgres import patchwork_database
+from tests.pg_patchwork import PgPatchwork
+from tests.postgres import OwnPostgres, patchwork_database
 
 TZ = "UTC"
 
@@ -167,15 +174,24 @@ async def test_without_the_trigger_it_says_so_once_and_the_poller_polls(
     assert failures == 1
 
 
+@pytest.fixture
+async def pg_patchwork(db: str) -> AsyncIterator[PgPatchwork]:
+    fake = PgPatchwork(dsn=db, tz=TZ)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
 @pytest.mark.timeout(90)
 async def test_a_commit_reaches_the_bus_long_before_the_next_poll(
-    db: str, patchwork, exchange_name: str, bound_queue: str, tmp_path: Path
+    db: str, pg_patchwork: PgPatchwork, exchange_name: str, bound_queue: str, tmp_path: Path
 ) -> None:
-    """Polls (and safety polls) an hour apart: only the wake-up can bring each event."""
+    """Polls (and safety polls) an hour apart: only the wake-up can bring each event, and
+    each costs one poll."""
     await act("install", db)
     settings = Settings(
         exchange=exchange_name,
-        patchwork_url=patchwork.url,
+        patchwork_url=pg_patchwork.url,
         patchwork_timezone=TZ,
         state_dir=tmp_path / "state",
         poll_interval=3600.0,
@@ -201,12 +217,161 @@ async def test_a_commit_reaches_the_bus_long_before_the_next_poll(
 
         before = polls()
         for _ in range(3):
-            # As Patchwork does: the event is in the API once its transaction commits.
-            event = patchwork.add_event("patch-created")
-            await insert_event(db, event_id=int(event["id"]))
+            event = await pg_patchwork.write()
+            assert event is not None
             (message,) = await drain(bound_queue, expected=1, timeout=20)
             assert message.message_id == str(event["id"])
-        # One poll per commit (its count comes once the cursor is written), and no more.
         await wait_for(lambda: polls() - before >= 3, 10, "the third poll's count")
         await asyncio.sleep(0.5)
         assert polls() - before == 3
+
+
+def producer_env(
+    exchange: str, patchwork: PgPatchwork, tmp_path: Path, **settings: str
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
+        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
+        "BRIDGE_START": "beginning",
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_LOG_LEVEL": "INFO",
+        **settings,
+    }
+
+
+async def write_like_patchwork(
+    patchwork: PgPatchwork, n: int, rng: random.Random
+) -> list[dict[str, Any]]:
+    """``n`` events from eight writers at once, as Patchwork's mail feeders write them: one
+    in four holds its transaction open 0.3-1.5 s (committing after newer ones), one in
+    eight rolls back (its id burnt). The committed events, as the API serves them."""
+    gate = asyncio.Semaphore(8)
+
+    async def one(i: int) -> dict[str, Any] | None:
+        async with gate:
+            return await patchwork.write(
+                CATEGORIES[i % len(CATEGORIES)],
+                build_s=rng.uniform(0, 0.005),
+                hold_s=rng.uniform(0.3, 1.5) if rng.random() < 0.25 else rng.uniform(0, 0.01),
+                commit=rng.random() >= 0.125,
+            )
+
+    written = await asyncio.gather(*(one(i) for i in range(n)))
+    return [event for event in written if event is not None]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("woken", [False, True], ids=["polling", "woken"])
+async def test_every_committed_event_once_with_writers_out_of_order_and_rolling_back(
+    woken: bool,
+    db: str,
+    pg_patchwork: PgPatchwork,
+    exchange_name: str,
+    bound_queue: str,
+    tmp_path: Path,
+) -> None:
+    """A producer process on the PostgreSQL double: polling every 0.2 s, or woken by the
+    trigger with polls an hour apart (every event is then found by what its own
+    notification names, late commits too)."""
+    if woken:
+        await act("install", db)
+        settings = {
+            "BRIDGE_PATCHWORK_DB": db,
+            "BRIDGE_POLL_INTERVAL": "3600",
+            "BRIDGE_POLL_SAFETY_INTERVAL": "3600",
+        }
+    else:
+        settings = {"BRIDGE_POLL_INTERVAL": "0.2"}
+    log = tmp_path / "log"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "producer",
+        env=producer_env(exchange_name, pg_patchwork, tmp_path, **settings),
+        stderr=log.open("wb"),
+    )  # fmt: skip
+    try:
+        if woken:
+            await wait_for(lambda: "wakeup: listening" in log.read_text(), 30, "listening")
+        else:
+            await wait_for(lambda: "this producer polls" in log.read_text(), 30, "polling")
+        committed = await write_like_patchwork(pg_patchwork, 120, random.Random(34))
+        got = await drain(bound_queue, expected=len(committed), timeout=60)
+        assert await drain(bound_queue, expected=0, timeout=1.5) == []  # nothing twice
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)
+    assert sorted(int(m.message_id) for m in got) == sorted(e["id"] for e in committed)
+    assert pg_patchwork.rolled_back and not set(pg_patchwork.rolled_back) & {
+        int(m.message_id) for m in got
+    }
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.timeout(240)
+async def test_a_database_restart_mid_flow_loses_nothing_and_is_said_once_each_way(
+    exchange_name: str, bound_queue: str, tmp_path: Path, unique: str
+) -> None:
+    """A PostgreSQL server of this test's own, restarted while events are written: the
+    listener says it stopped listening once, the producer polls meanwhile, listening
+    resumes (said once), and every committed event arrives once."""
+    async with (
+        OwnPostgres() as server,
+        patchwork_database(f"pwb_{unique}", server.dsn) as db,
+    ):
+        await act("install", db)
+        patchwork = PgPatchwork(dsn=db, tz=TZ)
+        await patchwork.start()
+        log = tmp_path / "log"
+        env = producer_env(
+            exchange_name, patchwork, tmp_path,
+            BRIDGE_PATCHWORK_DB=db, BRIDGE_POLL_INTERVAL="0.5",
+            BRIDGE_POLL_SAFETY_INTERVAL="3600",
+        )  # fmt: skip
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "producer", env=env, stderr=log.open("wb")
+        )
+        try:
+            await wait_for(lambda: "wakeup: listening" in log.read_text(), 30, "listening")
+            rng = random.Random(29)
+            committed = await write_like_patchwork(patchwork, 30, rng)
+            await server.stop("fast")
+            await wait_for(lambda: "wakeup: not listening" in log.read_text(), 30, "the cut")
+            await server.start()
+            await wait_for(
+                lambda: log.read_text().count("wakeup: listening") >= 2, 60, "listening again"
+            )
+            committed += await write_like_patchwork(patchwork, 30, rng)
+            got = await drain(bound_queue, expected=len(committed), timeout=90)
+            assert await drain(bound_queue, expected=0, timeout=1.5) == []
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 30)
+            await patchwork.stop()
+    text = log.read_text()
+    assert sorted(int(m.message_id) for m in got) == sorted(e["id"] for e in committed)
+    assert text.count("wakeup: not listening") == 1, text[-3000:]
+    assert text.count("wakeup: listening") == 2
+    assert process.returncode == 0 and "Traceback" not in text, text[-3000:]
+
+
+async def test_a_dropped_trigger_is_said_once_and_the_poller_polls_as_before(
+    db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await act("install", db)
+    caplog.set_level(logging.WARNING, logger="bridge.wakeup.listener")
+    listener = Listener(db, Metrics(), health_check_s=0.5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(listener.run(stop))
+    try:
+        await wait_for(lambda: listener.healthy, 10, "listening")
+        await act("uninstall", db)
+        await wait_for(lambda: not listener.healthy, 10, "the dropped trigger to be seen")
+        await asyncio.sleep(1.5)  # reconnects, and finds no trigger again: said once
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "was dropped" in said and "wakeup install" in said

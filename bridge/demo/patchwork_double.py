@@ -217,7 +217,7 @@ class FakePatchwork(EventStore):
         if self._faults:
             return await self._fault(self._faults.popleft(), request)
         try:
-            selected = self._select(request.query, version)
+            selected = await self.select(request.query, version)
         except _Invalid:
             selected = []
         except _Crash:
@@ -248,6 +248,11 @@ class FakePatchwork(EventStore):
         """Called for each ``/events/`` page served, before it is sent: ``rows`` matched the
         filters, ``items`` are on the page. Nothing here; a test or a benchmark charges
         Patchwork's serving cost in a subclass (tests/patchwork_cost.py)."""
+
+    async def select(self, query: Any, version: str) -> list[StoredItem]:
+        """The items a query selects, ascending by date. A test's double whose events live
+        elsewhere (a database) answers here."""
+        return self._select(query, version)
 
     def _select(self, query: Any, version: str) -> list[StoredItem]:
         """Visible items matching the filters, ascending by date; bisect for since/before."""

@@ -29,7 +29,7 @@ from bridge.producer.plan import (
 from bridge.producer.publisher import Publisher, PublishFailed
 from bridge.producer.start import NEWEST_PROBE, initial_cursor
 from bridge.producer.triage import PageSorter
-from bridge.producer.window import GapCheck, Window, parse_date
+from bridge.producer.window import TICK, GapCheck, Window, parse_date
 from bridge.settings import Settings
 from bridge.waiting import Ticker, sleep_unless
 from bridge.wakeup.listener import Listener
@@ -46,6 +46,8 @@ class Stopped(Exception):
 
 WAKE_BATCH_S = 0.005
 """After a wake-up, before reading: the notifications of a burst of commits come within it."""
+MAX_NAMED_READS = 10
+"""Late events a wake-up reads at their own dates at most; the gap checks find the rest."""
 
 
 class Poller:
@@ -75,6 +77,8 @@ class Poller:
         """Events Patchwork served us so far (count requests count as one)."""
         self._keep_from: datetime | None = None
         """This poll's oldest planned read of an older range: ids from then on are kept."""
+        self._next_full = 0.0
+        """``time.monotonic()`` from which a woken poll also checks gaps and sweeps."""
         self.last_success: float | None = None
         """``time.monotonic()`` of the last poll that fetched and published without error."""
 
@@ -102,11 +106,22 @@ class Poller:
                 if listener is not None and listener.healthy:
                     # What commits together is read together.
                     await sleep_unless(stop, WAKE_BATCH_S)
+                named, resync = listener.take() if listener is not None else ([], False)
                 started = time.monotonic()
                 try:
                     if self._window is None:
                         await self._begin(client, publisher, resume_from, stop)
-                    published = await self._poll_once(client, publisher, stop)
+                    if (
+                        named
+                        and not resync
+                        and listener is not None
+                        and listener.healthy
+                        and started < self._next_full
+                    ):
+                        published = await self._poll_named(client, publisher, stop, named)
+                    else:
+                        published = await self._poll_once(client, publisher, stop)
+                        self._next_full = time.monotonic() + self._settings.poll_safety_interval
                 except Stopped:
                     break
                 except (PatchworkError, PublishFailed) as exc:
@@ -184,6 +199,41 @@ class Poller:
         # Last: a late event the checks found, published or not yet, would make the sweep's
         # count differ and the sweep read the whole overlap.
         published += await self._read_all(client, publisher, stop, await self._sweep(client, stop))
+        self._after_poll(read_before)
+        return published
+
+    async def _poll_named(
+        self,
+        client: PatchworkClient,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        named: list[tuple[int, str]],
+    ) -> int:
+        """A wake-up's poll: what the notifications named, and nothing else. What is newer
+        than the newest published is read as always; an event dated before it (committed
+        late) is read at its own date, a one-event read, so its gap needs no check. Gaps and
+        the sweep wait for the next full poll (the safety interval)."""
+        window = self._need_window()
+        read_before = self._served
+        self._keep_from = None
+        since = window.since()
+        published = 0
+        if since is None or any(parse_date(date) >= parse_date(since) for _, date in named):
+            published += await self._read(client, publisher, stop, Read(Range(since), "new"))
+        late = sorted(
+            {parse_date(date) for event_id, date in named if not window.has_seen(event_id)}
+        )
+        reads = [
+            Read(Range(date.isoformat(), (date + TICK).isoformat()), "gap")
+            for date in late[:MAX_NAMED_READS]
+        ]
+        published += await self._read_all(client, publisher, stop, reads)
+        self._after_poll(read_before)
+        return published
+
+    def _after_poll(self, read_before: int) -> None:
+        """The window's bookkeeping and the metrics of a poll that ended well."""
+        window = self._need_window()
         window.prune()
         changes = window.take_changes()
         for outcome, n in (
@@ -202,7 +252,6 @@ class Poller:
         self._metrics.open_gaps.set(window.open_gaps)
         self._metrics.poll_events_read.observe(self._served - read_before)
         self._update_lag()
-        return published
 
     async def _read_all(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event, reads: list[Read]

@@ -2,7 +2,9 @@
 
 While the listen connection is healthy and the trigger is installed, the poller polls
 only at the slow safety interval and whenever a notification says an event was committed
-(a few milliseconds later, so that what commits together is read together). When the
+(a few milliseconds later, so that what commits together is read together). Each
+notification names its event (id and date): the poller reads that event where it is,
+even when it committed after newer ones. When the
 connection breaks or the trigger is missing, it says so once, counts it, and the poller
 polls at ``BRIDGE_POLL_INTERVAL`` until listening works again: the API is read either
 way, so nothing is lost across a break, only sooner found.
@@ -14,6 +16,7 @@ BRIDGE_PATCHWORK_DB is set.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -29,9 +32,12 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10
 HEALTH_CHECK_S = 15.0
-"""A quiet connection is asked ``SELECT 1`` this often: a dead one is found within it."""
+"""A quiet connection is asked whether the trigger is there this often: a dead connection
+or a dropped trigger is found within it."""
 RETRY_MAX_S = 30.0
 TRIGGER_RECHECK_S = 60.0
+MAX_NAMED = 1000
+"""Named events kept for the poller at most; past that, it reads everything due instead."""
 
 
 class Listener:
@@ -57,6 +63,17 @@ class Listener:
         self._said_down = False
         """Not listening has been said (once until listening works again)."""
         self.notifications = 0
+        self._named: list[tuple[int, str]] = []
+        self._resync = False
+        """Set when what was committed can no longer be known from names alone: on (re)connect
+        (nothing was heard meanwhile), or a payload that names nothing we can read."""
+
+    def take(self) -> tuple[list[tuple[int, str]], bool]:
+        """The events named since the last call, as ``(id, date)``, and whether the poller
+        must also read everything due (a resync)."""
+        named, resync = self._named, self._resync
+        self._named, self._resync = [], False
+        return named, resync
 
     async def run(self, stop: asyncio.Event) -> None:
         import psycopg
@@ -86,7 +103,8 @@ class Listener:
                     self.healthy, self._said_down, retry_s = True, False, 1.0
                     self._metrics.wakeup_listening.set(1)
                     log.info("wakeup: listening on %s; polling at the safety interval", CHANNEL)
-                    self.woken.set()  # read what committed while we were not listening
+                    self._resync = True  # read what committed while we were not listening
+                    self.woken.set()
                     await self._listen(connection, stop)
             except (OSError, psycopg.Error) as exc:
                 self._down("connection", f"{type(exc).__name__}: {first_line(exc)}")
@@ -96,13 +114,34 @@ class Listener:
 
     async def _listen(self, connection: psycopg.AsyncConnection, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            async for _ in connection.notifies(timeout=self._health_check_s):
+            async for notify in connection.notifies(timeout=self._health_check_s):
                 self.notifications += 1
                 self._metrics.wakeup_notifications.inc()
+                self._name(notify.payload)
                 self.woken.set()
                 if stop.is_set():
                     return
-            await connection.execute("SELECT 1")  # quiet: is it still there?
+            # Quiet: is the connection still there, and the trigger (a DBA may drop it)?
+            if not await trigger_installed(connection):
+                self._down(
+                    "no_trigger",
+                    f"trigger {TRIGGER} on {TABLE} was dropped: run "
+                    "`patchwork-bridge wakeup install` (or its SQL)",
+                )
+                return
+
+    def _name(self, payload: str) -> None:
+        try:
+            said = json.loads(payload)
+            named = (int(said["id"]), str(said["date"]))
+        except (ValueError, TypeError, KeyError):
+            log.debug("wakeup: a notification without an id and a date: %.200s", payload)
+            self._resync = True
+            return
+        if len(self._named) >= MAX_NAMED:
+            self._named.clear()
+            self._resync = True
+        self._named.append(named)
 
     def _down(self, reason: str, why: str) -> None:
         """Polling as before; said and counted once until listening works again."""
