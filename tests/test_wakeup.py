@@ -112,14 +112,14 @@ async def test_a_commit_wakes_it_and_a_rollback_does_not(
 
 
 async def test_it_keeps_listening_across_its_quiet_checks(db: str) -> None:
-    """Past several of the checks a quiet connection gets (1 s here, 15 s by default)."""
+    """Past several of the checks a quiet connection gets (0.3 s here, 15 s by default)."""
     await act("install", db)
-    listener = Listener(db, Metrics(), health_check_s=1.0)
+    listener = Listener(db, Metrics(), health_check_s=0.3)
     stop = asyncio.Event()
     task = asyncio.create_task(listener.run(stop))
     try:
         await wait_for(lambda: listener.healthy, 10, "listening")
-        await asyncio.sleep(3.5)  # three quiet checks
+        await asyncio.sleep(1.05)  # three quiet checks
         assert listener.healthy and not task.done()
         listener.woken.clear()
         await insert_event(db)
@@ -311,11 +311,12 @@ async def test_every_committed_event_once_with_writers_out_of_order_and_rolling_
 
 
 @pytest.mark.timeout(240)
-async def test_a_database_restart_mid_flow_loses_nothing_and_is_said_once_each_way(
+async def test_a_cut_and_a_database_restart_mid_flow_lose_nothing_said_once_each_way(
     exchange_name: str, bound_queue: str, tmp_path: Path, unique: str
 ) -> None:
-    """A PostgreSQL server of this test's own, restarted while events are written: the
-    listener says it stopped listening once, the producer polls meanwhile, listening
+    """A PostgreSQL server of this test's own. While events are written, the listen
+    connection is cut (``pg_terminate_backend``), then the server restarts: each time the
+    listener says once that it stopped listening, the producer polls meanwhile, listening
     resumes (said once), and every committed event arrives once."""
     async with (
         OwnPostgres() as server,
@@ -336,12 +337,24 @@ async def test_a_database_restart_mid_flow_loses_nothing_and_is_said_once_each_w
         try:
             await wait_for(lambda: "wakeup: listening" in log.read_text(), 30, "listening")
             rng = random.Random(29)
-            committed = await write_like_patchwork(patchwork, 30, rng)
-            await server.stop("fast")
+            writing = asyncio.create_task(write_like_patchwork(patchwork, 30, rng))
+            async with await psycopg.AsyncConnection.connect(db, autocommit=True) as admin:
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN%%' OR query LIKE 'SELECT count(*) FROM pg_trigger%%'"
+                )
             await wait_for(lambda: "wakeup: not listening" in log.read_text(), 30, "the cut")
-            await server.start()
             await wait_for(
                 lambda: log.read_text().count("wakeup: listening") >= 2, 60, "listening again"
+            )
+            committed = await writing
+            await server.stop("fast")
+            await wait_for(
+                lambda: log.read_text().count("wakeup: not listening") >= 2, 30, "the restart"
+            )
+            await server.start()
+            await wait_for(
+                lambda: log.read_text().count("wakeup: listening") >= 3, 60, "listening again"
             )
             committed += await write_like_patchwork(patchwork, 30, rng)
             got = await drain(bound_queue, expected=len(committed), timeout=90)
@@ -352,8 +365,8 @@ async def test_a_database_restart_mid_flow_loses_nothing_and_is_said_once_each_w
             await patchwork.stop()
     text = log.read_text()
     assert sorted(int(m.message_id) for m in got) == sorted(e["id"] for e in committed)
-    assert text.count("wakeup: not listening") == 1, text[-3000:]
-    assert text.count("wakeup: listening") == 2
+    assert text.count("wakeup: not listening") == 2, text[-3000:]
+    assert text.count("wakeup: listening") == 3
     assert process.returncode == 0 and "Traceback" not in text, text[-3000:]
 
 
