@@ -18,7 +18,6 @@ from bridge.producer.window import (
     MAX_GAP_CHECKS,
     MERGE_ABOVE_EVENTS,
     TICK,
-    YOUNG_GAP_SKEW,
     GapCheck,
     Window,
 )
@@ -67,18 +66,14 @@ def after(first_id: int, n: int, t: float) -> list[Event]:
     return [event(first_id + i, at(t + 0.1 * i)) for i in range(n)]
 
 
-def test_a_young_gap_is_looked_for_a_little_beyond_its_neighbours_an_older_one_wider():
+def test_a_young_gap_is_looked_for_strictly_between_its_neighbours_an_older_one_wider():
     clock = Clock()
     window = Window(Cursor(), 300, clock=clock)
     window.confirm([event(10, at(0)), event(12, at(2)), event(13, at(3))])
     assert window.open_gaps == 1 and window.take_changes().opened == 1
-    # Concurrent writers cross dates and ids by milliseconds: a late event dated a moment
-    # before its lower neighbour (or after its upper one) is in the range all the same.
-    young = GapCheck(
-        (((at(0) - YOUNG_GAP_SKEW).isoformat(), (at(2) + YOUNG_GAP_SKEW).isoformat()),)
-    )
-    assert window.gap_checks() == [young]
-    assert window.known_between(young.since, young.before) == 2  # what its count compares
+    # Nothing published lies in that range: its count serves no event until the late one
+    # is there, and then serves exactly it.
+    assert window.gap_checks() == [GapCheck((((at(0) + TICK).isoformat(), at(2).isoformat()),))]
     clock.now += GAP_WIDEN_AFTER_S
     # Old enough for a date set a moment before a neighbour's: a little slack each side.
     assert window.gap_checks() == [
@@ -90,7 +85,7 @@ def test_neighbours_sharing_a_date_are_looked_around_at_once():
     window = Window(Cursor(), 300, clock=Clock())
     window.confirm([event(10, at(1)), event(12, at(1)), event(13, at(3))])
     assert window.gap_checks() == [
-        GapCheck((((at(1) - YOUNG_GAP_SKEW).isoformat(), (at(1) + YOUNG_GAP_SKEW).isoformat()),))
+        GapCheck((((at(1) - GAP_SLACK).isoformat(), (at(1) + GAP_SLACK).isoformat()),))
     ]
 
 
@@ -101,8 +96,7 @@ def test_near_gaps_are_one_check_far_ones_their_own():
     window.confirm(events)
     far, near = window.gap_checks()  # never checked: the youngest first
     assert [len(near.spans), len(far.spans)] == [2, 1]
-    assert near.since == (at(0) - YOUNG_GAP_SKEW).isoformat()
-    assert near.before == (at(2) + YOUNG_GAP_SKEW).isoformat()
+    assert near.since == (at(0) + TICK).isoformat() and near.before == at(2).isoformat()
     low, high = near.halves()
     assert low.spans + high.spans == near.spans and low.spans and high.spans
 

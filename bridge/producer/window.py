@@ -26,16 +26,14 @@ from bridge.producer.cursor import Cursor, Gap
 
 TICK = timedelta(microseconds=1)
 """Patchwork's dates are to the microsecond."""
-YOUNG_GAP_SKEW = timedelta(seconds=0.02)
-"""Added on both sides of a young gap's neighbours' dates. An event's date is taken when it
-is built and its id at the insert a moment later, so concurrent writers cross: on a real
-Patchwork (six feeders at full speed) a late event's date lay outside its id neighbours'
-by 0.08 to 18 ms, and on the PostgreSQL double by up to 7 ms (``bench/wakeup.py``).
-Strictly between the neighbours, such an event was found only once the gap widened."""
 GAP_SLACK = timedelta(seconds=0.05)
-"""Added on both sides of a gap's dates once it is ``GAP_WIDEN_AFTER_S`` old. A larger
-skew is left to the sweep."""
+"""Added on both sides of a gap's dates once it is ``GAP_WIDEN_AFTER_S`` old: an event's
+date is set just before its id (the row is built, then inserted), so a late event's date
+lies between its neighbours' or a moment before. A larger skew is left to the sweep."""
 GAP_WIDEN_AFTER_S = 5.0
+"""Until then a gap is checked strictly between its neighbours' dates: a range holding
+nothing published, so that the count costs Patchwork no event at all until the late
+event is there, and then serves exactly that event."""
 GAP_RECHECK_MIN_S = 0.9
 GAP_RECHECK_MAX_S = 30.0
 """A gap is checked again a quarter of its age later, within these bounds: about once a
@@ -307,12 +305,12 @@ class Window:
 
 
 def _gap_range(gap: Gap, now: float) -> tuple[datetime, datetime]:
-    """Where a gap's event is looked for: its neighbours' dates with ``YOUNG_GAP_SKEW`` on
-    both sides while the gap is young, ``GAP_SLACK`` after that. The count then serves a
-    neighbour (one event), and the window knows how many it published there."""
+    """Where a gap's event is looked for: strictly between its neighbours' dates while the
+    gap is young, with ``GAP_SLACK`` on both sides after that."""
     below, above = parse_date(gap.below), parse_date(gap.above)
-    slack = YOUNG_GAP_SKEW if now - gap.opened_at < GAP_WIDEN_AFTER_S else GAP_SLACK
-    return below - slack, above + slack
+    if now - gap.opened_at < GAP_WIDEN_AFTER_S and below + TICK < above:
+        return below + TICK, above
+    return below - GAP_SLACK, above + GAP_SLACK
 
 
 def parse_date(date: str) -> datetime:
