@@ -96,6 +96,21 @@ async def test_a_stream_role_restarted_mid_stream_ends_streams_cleanly_and_resum
     assert event_ids(got) + event_ids(rest) == [e["id"] for e in added]
 
 
+async def test_a_client_resuming_on_a_quiet_site_gets_the_whole_backlog_at_once(
+    patchwork, settings
+):
+    """A stream role started after the last event was published has handed out nothing
+    yet: a client resuming from an old id still gets everything after it, without waiting
+    for a new event. (It got one event, then waited for the next publish.)"""
+    async with producer(settings):
+        async with stream_role(settings) as url:
+            added = patchwork.add_events(120)
+            first = await read_events(url, 10, params={"since": added[0]["date"]})
+        async with stream_role(settings) as url:  # nothing is published after it starts
+            rest = await read_events(url, 110, last_id=first[-1].id, timeout_s=30)
+    assert event_ids(first) + event_ids(rest) == [e["id"] for e in added]
+
+
 async def test_since_starts_at_events_dated_from_then(patchwork, settings):
     async with producer(settings), stream_role(settings) as url:
         added = patchwork.add_events(40)

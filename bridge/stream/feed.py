@@ -187,12 +187,21 @@ class Feed:
             if self._near_tail():
                 break  # the hub takes it from here
         await self.close()
+        if self._hub.tail is None:
+            # The hub has handed nothing out (nothing was published since the role
+            # started): the read ran to the log's end, and the hub's first event will tell
+            # the seam.
+            return
         async for entry in self._read_on(self._near_tail):
             yield entry
 
     def _near_tail(self) -> bool:
+        """Close enough to the hub's tail to join it. Never while the hub has handed out
+        nothing: the whole history is then older than anything it will hand out."""
         tail, last = self._hub.tail, self.last_read
-        return tail is None or last is None or tail - last <= self.subscriber.entries.maxsize // 2
+        if tail is None:
+            return False
+        return last is None or tail - last <= self.subscriber.entries.maxsize // 2
 
     async def _read_on(self, far_enough: Callable[[], bool]) -> AsyncIterator[LogEntry]:
         """The log from ``last_read`` on, until ``far_enough()``.
