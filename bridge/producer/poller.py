@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -78,7 +78,10 @@ class Poller:
         self._keep_from: datetime | None = None
         """This poll's oldest planned read of an older range: ids from then on are kept."""
         self._next_full = 0.0
-        """``time.monotonic()`` from which a woken poll also checks gaps and sweeps."""
+        """``time.monotonic()`` from which a woken poll is a full one (the sweep too)."""
+        self._unheard_until = time.time()
+        """Wall time of the last poll that began while nothing listened (or at a resync):
+        a gap opened by then may hold an event no notification will name."""
         self.last_success: float | None = None
         """``time.monotonic()`` of the last poll that fetched and published without error."""
 
@@ -107,6 +110,8 @@ class Poller:
                     # What commits together is read together.
                     await sleep_unless(stop, WAKE_BATCH_S)
                 named, resync = listener.take() if listener is not None else ([], False)
+                if listener is None or resync or not listener.healthy:
+                    self._unheard_until = time.time()
                 started = time.monotonic()
                 try:
                     if self._window is None:
@@ -120,11 +125,13 @@ class Poller:
                     ):
                         published = await self._poll_named(client, publisher, stop, named)
                     else:
-                        published = await self._poll_once(client, publisher, stop)
+                        published = await self._poll_once(client, publisher, stop, named)
                         self._next_full = time.monotonic() + self._settings.poll_safety_interval
                 except Stopped:
                     break
                 except (PatchworkError, PublishFailed) as exc:
+                    if listener is not None:
+                        listener.put_back(named)  # the next poll reads them
                     if isinstance(exc, PatchworkError):
                         # Publish failures were counted per message by the publisher.
                         self._metrics.poll_errors.labels(exc.reason).inc()
@@ -137,9 +144,14 @@ class Poller:
                 finally:
                     await self._writer.flush()
                 backoff_s = 0.0
+                # Slowly only while listening and no gap may hold an event committed while
+                # nothing listened: those are found by polling, as without the wake-up.
+                unheard = self._window is not None and self._window.gaps_opened_by(
+                    self._unheard_until
+                )
                 ticker.interval_s = (
                     self._settings.poll_safety_interval
-                    if listener is not None and listener.healthy
+                    if listener is not None and listener.healthy and not unheard
                     else self._settings.poll_interval
                 )
                 self.last_success = time.monotonic()
@@ -183,7 +195,11 @@ class Poller:
     # -- one poll --------------------------------------------------------------------------
 
     async def _poll_once(
-        self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event
+        self,
+        client: PatchworkClient,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        named: Sequence[tuple[int, str]] = (),
     ) -> int:
         """Read what is new, then the open gaps and, on a sweep that counts a difference,
         that range; publish each page while the next one is fetched. The new events
@@ -192,6 +208,7 @@ class Poller:
         read_before = self._served
         self._keep_from = None
         published = await self._read(client, publisher, stop, Read(Range(window.since()), "new"))
+        published += await self._read_named(client, publisher, stop, named)
         found, reads = await self._check_gaps(client, stop)
         for page in found:
             published += await self._publish_found(publisher, page)
@@ -209,10 +226,12 @@ class Poller:
         stop: asyncio.Event,
         named: list[tuple[int, str]],
     ) -> int:
-        """A wake-up's poll: what the notifications named, and nothing else. What is newer
-        than the newest published is read as always; an event dated before it (committed
-        late) is read at its own date, a one-event read, so its gap needs no check. Gaps and
-        the sweep wait for the next full poll (the safety interval)."""
+        """A wake-up's poll: what the notifications named. What is newer than the newest
+        published is read as always; an event dated before it (committed late) is read at
+        its own date, a one-event read. The gaps due a check are checked too: an event that
+        committed while nobody listened is named by nothing (a named one is read before,
+        and its gap is gone). The sweep waits for the next full poll (the safety
+        interval)."""
         window = self._need_window()
         read_before = self._served
         self._keep_from = None
@@ -220,6 +239,23 @@ class Poller:
         published = 0
         if since is None or any(parse_date(date) >= parse_date(since) for _, date in named):
             published += await self._read(client, publisher, stop, Read(Range(since), "new"))
+        published += await self._read_named(client, publisher, stop, named)
+        found, reads = await self._check_gaps(client, stop)
+        for page in found:
+            published += await self._publish_found(publisher, page)
+        published += await self._read_all(client, publisher, stop, reads)
+        self._after_poll(read_before)
+        return published
+
+    async def _read_named(
+        self,
+        client: PatchworkClient,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        named: Sequence[tuple[int, str]],
+    ) -> int:
+        """Each named event not published yet, read at its own date: one event a read."""
+        window = self._need_window()
         late = sorted(
             {parse_date(date) for event_id, date in named if not window.has_seen(event_id)}
         )
@@ -227,9 +263,7 @@ class Poller:
             Read(Range(date.isoformat(), (date + TICK).isoformat()), "gap")
             for date in late[:MAX_NAMED_READS]
         ]
-        published += await self._read_all(client, publisher, stop, reads)
-        self._after_poll(read_before)
-        return published
+        return await self._read_all(client, publisher, stop, reads)
 
     def _after_poll(self, read_before: int) -> None:
         """The window's bookkeeping and the metrics of a poll that ended well."""

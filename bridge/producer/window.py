@@ -111,6 +111,10 @@ class Window:
     def open_gaps(self) -> int:
         return len(self._gaps)
 
+    def gaps_opened_by(self, when: float) -> bool:
+        """Whether a gap opened at or before ``when`` (wall time) is still open."""
+        return any(gap.opened_at <= when for gap in self._gaps.values())
+
     def since(self) -> str | None:
         """The ``since`` of the next poll's read of new events: a microsecond after the
         newest date published (``since`` is inclusive; the newest would be served again

@@ -130,6 +130,11 @@ class Listener:
                 )
                 return
 
+    def put_back(self, named: list[tuple[int, str]]) -> None:
+        """Names a poll took and could not read (Patchwork failed): the next poll reads them."""
+        if named:
+            self._named[:0] = named[: MAX_NAMED - len(self._named)]
+
     def _name(self, payload: str) -> None:
         try:
             said = json.loads(payload)
