@@ -115,18 +115,7 @@ url = "{urls["loopback"]}"
     ]
     await patchwork.start()
     exchange = f"test-{unique}"
-    env = {
-        **os.environ,
-        "BRIDGE_PATCHWORK_URL": patchwork.url,
-        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
-        "BRIDGE_EXCHANGE": exchange,
-        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
-        "BRIDGE_START": "beginning",
-        "BRIDGE_POLL_INTERVAL": "0.2",
-        "BRIDGE_SUBSCRIPTIONS": str(subscriptions),
-        "BRIDGE_HTTP_PORT": "0",
-        "BRIDGE_LOG_LEVEL": "DEBUG",
-    }
+    env = run_env(patchwork, exchange, tmp_path, subscriptions, BRIDGE_LOG_LEVEL="DEBUG")
     flaky_wanted = {
         str(e["id"])
         for e in events
@@ -201,6 +190,24 @@ url = "{urls["loopback"]}"
         assert leaked not in log
 
 
+def run_env(
+    patchwork: FakePatchwork, exchange: str, tmp_path: Path, subscriptions: Path, **more: str
+) -> dict[str, str]:
+    """The environment of a ``run`` process against the double, from the first event."""
+    return {
+        **os.environ,
+        "BRIDGE_PATCHWORK_URL": patchwork.url,
+        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
+        "BRIDGE_EXCHANGE": exchange,
+        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
+        "BRIDGE_START": "beginning",
+        "BRIDGE_POLL_INTERVAL": "0.2",
+        "BRIDGE_SUBSCRIPTIONS": str(subscriptions),
+        "BRIDGE_HTTP_PORT": "0",
+        **more,
+    }
+
+
 async def delete_topology(connection, subscriptions: Path, exchange: str) -> None:
     """Every queue the bridge declared for the file's subscriptions, and the exchange."""
     await delete_subscription_queues(connection, exchange, load_subscriptions(subscriptions))
@@ -234,17 +241,7 @@ async def test_ctrl_c_says_what_it_waits_for_and_a_second_one_stops_at_once(amqp
     events = patchwork.add_events(5)
     await patchwork.start()
     exchange = f"test-{unique}"
-    env = {
-        **os.environ,
-        "BRIDGE_PATCHWORK_URL": patchwork.url,
-        "BRIDGE_PATCHWORK_TIMEZONE": TZ,
-        "BRIDGE_EXCHANGE": exchange,
-        "BRIDGE_STATE_DIR": str(tmp_path / "state"),
-        "BRIDGE_START": "beginning",
-        "BRIDGE_POLL_INTERVAL": "0.2",
-        "BRIDGE_SUBSCRIPTIONS": str(subscriptions),
-        "BRIDGE_HTTP_PORT": "0",
-    }
+    env = run_env(patchwork, exchange, tmp_path, subscriptions)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bridge", "run", env=env, stderr=asyncio.subprocess.PIPE
     )

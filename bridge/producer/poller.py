@@ -116,16 +116,17 @@ class Poller:
                 try:
                     if self._window is None:
                         await self._begin(client, publisher, resume_from, stop)
-                    if (
+                    # A wake-up reads what it names; a tick, a resync or a safety poll due
+                    # reads everything (the sweep too).
+                    full = not (
                         named
                         and not resync
                         and listener is not None
                         and listener.healthy
                         and started < self._next_full
-                    ):
-                        published = await self._poll_named(client, publisher, stop, named)
-                    else:
-                        published = await self._poll_once(client, publisher, stop, named)
+                    )
+                    published = await self._poll_once(client, publisher, stop, named, full=full)
+                    if full:
                         self._next_full = time.monotonic() + self._settings.poll_safety_interval
                 except Stopped:
                     break
@@ -200,51 +201,53 @@ class Poller:
         publisher: Publisher,
         stop: asyncio.Event,
         named: Sequence[tuple[int, str]] = (),
+        *,
+        full: bool = True,
     ) -> int:
-        """Read what is new, then the open gaps and, on a sweep that counts a difference,
-        that range; publish each page while the next one is fetched. The new events
-        first: counting the gaps takes a request each, and they are late already."""
-        window = self._need_window()
-        read_before = self._served
-        self._keep_from = None
-        published = await self._read(client, publisher, stop, Read(Range(window.since()), "new"))
-        published += await self._read_named(client, publisher, stop, named)
-        found, reads = await self._check_gaps(client, stop)
-        for page in found:
-            published += await self._publish_found(publisher, page)
-        published += await self._read_all(client, publisher, stop, reads)
-        # Last: a late event the checks found, published or not yet, would make the sweep's
-        # count differ and the sweep read the whole overlap.
-        published += await self._read_all(client, publisher, stop, await self._sweep(client, stop))
-        self._after_poll(read_before)
-        return published
+        """Read what is new, the events notifications ``named`` at their own dates, then the
+        open gaps and, on a sweep that counts a difference, that range; publish each page
+        while the next one is fetched. The new events first: counting the gaps takes a
+        request each, and they are late already.
 
-    async def _poll_named(
-        self,
-        client: PatchworkClient,
-        publisher: Publisher,
-        stop: asyncio.Event,
-        named: list[tuple[int, str]],
-    ) -> int:
-        """A wake-up's poll: what the notifications named. What is newer than the newest
-        published is read as always; an event dated before it (committed late) is read at
-        its own date, a one-event read. The gaps due a check are checked too: an event that
-        committed while nobody listened is named by nothing (a named one is read before,
-        and its gap is gone). The sweep waits for the next full poll (the safety
-        interval)."""
+        Not ``full`` (a wake-up): what is new is read only when a named event is newer
+        than the newest published (else all it names committed late), and the sweep waits
+        for the next full poll. The gaps due are checked either way: an event committed
+        while nobody listened is named by nothing."""
         window = self._need_window()
         read_before = self._served
         self._keep_from = None
         since = window.since()
         published = 0
-        if since is None or any(parse_date(date) >= parse_date(since) for _, date in named):
+        if full or since is None or any(parse_date(d) >= parse_date(since) for _, d in named):
             published += await self._read(client, publisher, stop, Read(Range(since), "new"))
         published += await self._read_named(client, publisher, stop, named)
         found, reads = await self._check_gaps(client, stop)
         for page in found:
             published += await self._publish_found(publisher, page)
         published += await self._read_all(client, publisher, stop, reads)
-        self._after_poll(read_before)
+        if full:
+            # Last: a late event the checks found, published or not yet, would make the
+            # sweep's count differ and the sweep read the whole overlap.
+            sweep = await self._sweep(client, stop)
+            published += await self._read_all(client, publisher, stop, sweep)
+        window.prune()
+        changes = window.take_changes()
+        for outcome, n in (
+            ("opened", changes.opened),
+            ("filled", changes.filled),
+            ("expired", changes.expired),
+        ):
+            if n:
+                self._metrics.id_gaps.labels(outcome).inc(n)
+        if changes.expired:
+            log.info(
+                "%d id gaps closed unfilled after %gs (rolled-back mails, hidden comments)",
+                changes.expired,
+                self._settings.poll_late_wait,
+            )
+        self._metrics.open_gaps.set(window.open_gaps)
+        self._metrics.poll_events_read.observe(self._served - read_before)
+        self._update_lag()
         return published
 
     async def _read_named(
@@ -264,28 +267,6 @@ class Poller:
             for date in late[:MAX_NAMED_READS]
         ]
         return await self._read_all(client, publisher, stop, reads)
-
-    def _after_poll(self, read_before: int) -> None:
-        """The window's bookkeeping and the metrics of a poll that ended well."""
-        window = self._need_window()
-        window.prune()
-        changes = window.take_changes()
-        for outcome, n in (
-            ("opened", changes.opened),
-            ("filled", changes.filled),
-            ("expired", changes.expired),
-        ):
-            if n:
-                self._metrics.id_gaps.labels(outcome).inc(n)
-        if changes.expired:
-            log.info(
-                "%d id gaps closed unfilled after %gs (rolled-back mails, hidden comments)",
-                changes.expired,
-                self._settings.poll_late_wait,
-            )
-        self._metrics.open_gaps.set(window.open_gaps)
-        self._metrics.poll_events_read.observe(self._served - read_before)
-        self._update_lag()
 
     async def _read_all(
         self, client: PatchworkClient, publisher: Publisher, stop: asyncio.Event, reads: list[Read]
