@@ -122,17 +122,24 @@ class QueueWatch:
         return 0 if result is None else result.consumer_count
 
     @staticmethod
-    async def unacked(queue: str) -> int:
+    async def unacked(queue: str) -> int | None:
         """Messages delivered from ``queue`` and not yet acked, as the broker counts them
-        (a passive declare only tells ready messages; rabbitmqctl tells this)."""
+        (a passive declare only tells ready messages; rabbitmqctl tells this); None while
+        the broker lists it without counts."""
 
-        def read() -> dict[str, int]:
+        def read() -> int | None:
             result = rabbitmqctl("list_queues", "-q", "--formatter", "json", *_UNACKED_COLUMNS)
             result.check_returncode()
-            listed = result.stdout
-            return {q["name"]: int(q["messages_unacknowledged"]) for q in json.loads(listed)}
+            # Only ours: the broker is shared, and a queue another program is declaring
+            # or deleting just now is listed with empty counts. So may ours be, briefly:
+            # unknown (None) equals no count, and the caller's wait asks again.
+            for listed in json.loads(result.stdout):
+                if listed["name"] == queue:
+                    count = listed["messages_unacknowledged"]
+                    return int(count) if str(count).isdigit() else None
+            return 0
 
-        return (await asyncio.to_thread(read)).get(queue, 0)
+        return await asyncio.to_thread(read)
 
     async def settled_depth(self, queue: str, quiet_s: float = 0.3, timeout: float = 10) -> int:
         """The depth once it stopped changing for ``quiet_s``: what a dead publisher left."""
