@@ -34,7 +34,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import aio_pika
-from common import TZ, percentile, run_id
+from common import TZ, run_id
+from figures import percentile
 from poll_cost import naive_poller
 from pydantic import SecretStr
 
@@ -121,6 +122,8 @@ class Side:
     arrived: dict[str, float] = field(default_factory=dict)
     busy: int = 0
     idle: int = 0
+    kinds: str = ""
+    """The busy requests by kind: counts (one-event pages), open-ended reads, ranges."""
 
     @property
     def interval_s(self) -> float:
@@ -202,13 +205,15 @@ async def one_run(keys: list[str], args: argparse.Namespace) -> None:
                     await stack.enter_async_context(side.running(channel))
                 await asyncio.sleep(2)
                 before = [side.fake.events_requests for side in sides]
+                logged = [len(side.fake.requests) for side in sides]
                 committed, events, late = await feed(
                     sides[0].fake, args.rate, args.seconds, args.burst
                 )
                 settle_s = max(side.interval_s for side in sides) + 2
                 await asyncio.sleep(settle_s if "woken" not in keys else 2)
-                for side, b in zip(sides, before, strict=True):
+                for side, b, n in zip(sides, before, logged, strict=True):
                     side.busy = side.fake.events_requests - b
+                    side.kinds = request_kinds(side.fake.requests[n:])
                 idle_from = [side.fake.events_requests for side in sides]
                 await asyncio.sleep(args.idle)
                 for side, b in zip(sides, idle_from, strict=True):
@@ -235,6 +240,12 @@ async def one_run(keys: list[str], args: argparse.Namespace) -> None:
         )
 
 
+def request_kinds(queries: list[dict[str, str]]) -> str:
+    counts = sum(1 for q in queries if q.get("per_page") == "1")
+    ranges = sum(1 for q in queries if q.get("per_page") != "1" and "before" in q)
+    return f"{counts} counts, {len(queries) - counts - ranges} reads, {ranges} ranges"
+
+
 def report(side: Side, committed: dict, late: set, args: argparse.Namespace) -> None:
     arrived = side.arrived
     lost = set(committed) - set(arrived)
@@ -248,7 +259,7 @@ def report(side: Side, committed: dict, late: set, args: argparse.Namespace) -> 
         f"p50 {p50_ms:7.1f} ms  p99 {p99_ms:7.1f} ms "
         f"(late commits: p99 {percentile(late_s, 0.99) * 1000:.0f} ms, "
         f"{len(late_s)}/{len(late)} got)  "
-        f"requests/transaction {side.busy / len(committed):.2f}  "
+        f"requests/transaction {side.busy / len(committed):.2f} ({side.kinds})  "
         f"idle: {side.idle} requests in {args.idle:g} s",
         flush=True,
     )

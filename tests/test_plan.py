@@ -15,11 +15,12 @@ from bridge.producer.plan import (
     sweep_read,
     verdict,
 )
-from bridge.producer.window import GapCheck
+from bridge.producer.window import READ_WHOLE_BELOW_EVENTS, GapCheck
 
 A = ("2026-12-06T10:00:00.000001", "2026-12-06T10:00:01")
 B = ("2026-12-06T10:00:05.000001", "2026-12-06T10:00:06")
 C = ("2026-12-06T10:00:09.000001", "2026-12-06T10:00:10")
+FEW, MANY = READ_WHOLE_BELOW_EVENTS - 1, READ_WHOLE_BELOW_EVENTS
 ONE = GapCheck((A,))
 THREE = GapCheck((A, B, C))
 
@@ -38,10 +39,17 @@ TABLE = [
     (ONE, 2, 0, True, read(A)),  # two late in one range: read it
     (ONE, None, 0, False, read(A)),  # a Patchwork that cannot count: read
     (THREE, None, 5, True, read(A, B, C)),
-    (THREE, 14, 12, True, Halve((GapCheck((A,)), GapCheck((B, C))))),
-    (THREE, 13, 12, False, Halve((GapCheck((A,)), GapCheck((B, C))))),
+    # A difference over several ranges holding few published events: one read of them all
+    # (two counts a halving step would cost more).
+    (THREE, 14, 12, True, read((A[0], C[1]))),
+    (THREE, 13, 12, False, read((A[0], C[1]))),
+    (THREE, FEW + 2, FEW, True, read((A[0], C[1]))),
+    # ... and holding many: halve.
+    (THREE, MANY + 2, MANY, True, Halve((GapCheck((A,)), GapCheck((B, C))))),
+    (THREE, MANY + 1, MANY, False, Halve((GapCheck((A,)), GapCheck((B, C))))),
     # Fewer than published (an event deleted in Patchwork): look closer, as for more.
-    (THREE, 11, 12, False, Halve((GapCheck((A,)), GapCheck((B, C))))),
+    (THREE, MANY - 1, MANY, False, Halve((GapCheck((A,)), GapCheck((B, C))))),
+    (THREE, 11, 12, False, read((A[0], C[1]))),
 ]
 
 
@@ -52,9 +60,10 @@ def test_verdict(check, counted, known, served_unseen, expected):
 
 def test_halving_ends_in_single_ranges_read_where_the_counts_differ():
     """The search the poller performs, done here against a made-up Patchwork: late events
-    in A and C, none in B. Only A and C are read; B costs its count alone."""
+    in A and C, none in B, and too many events published in them to read them whole. Only
+    A and C are read; B costs its count alone."""
     late = {A: 1, B: 0, C: 2}
-    published = {A: 3, B: 4, C: 5}
+    published = {A: MANY, B: MANY, C: MANY}
 
     def count(check: GapCheck) -> int:
         return sum(published[s] + late[s] for s in check.spans)

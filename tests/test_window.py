@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from bridge.events import Event, parse_event
 from bridge.producer.cursor import Cursor, Gap
 from bridge.producer.window import (
+    FOLD_BELOW_EVENTS,
     GAP_RECHECK_MAX_S,
     GAP_RECHECK_MIN_S,
     GAP_SLACK,
@@ -18,6 +19,7 @@ from bridge.producer.window import (
     MAX_GAP_CHECKS,
     MERGE_ABOVE_EVENTS,
     TICK,
+    Due,
     GapCheck,
     Window,
 )
@@ -99,6 +101,60 @@ def test_near_gaps_are_one_check_far_ones_their_own():
     assert near.since == (at(0) + TICK).isoformat() and near.before == at(2).isoformat()
     low, high = near.halves()
     assert low.spans + high.spans == near.spans and low.spans and high.spans
+
+
+def test_a_gap_near_the_newest_date_is_read_with_the_new_events_not_counted():
+    """One request a poll, where a count and then a read were two: the read of new events
+    starts a little below the gap (an event dated a few ms before its neighbour is in it).
+    A gap further down than FOLD_BELOW_EVENTS published events is counted as before."""
+    clock = Clock()
+    window = Window(Cursor(), 300, clock=clock)
+    many = FOLD_BELOW_EVENTS + 5
+    far_below = after(99, many, 10)  # 98 is missing below these
+    near = after(100 + many, FOLD_BELOW_EVENTS - 2, 100)  # and 99 + many below these
+    window.confirm([event(97, at(0)), *far_below, *near])
+    due = window.due()
+    assert due.read_from == (far_below[-1].when + TICK - GAP_SLACK).isoformat()
+    assert due.checks == [GapCheck((((at(0) + TICK).isoformat(), at(10).isoformat()),))]
+    # Both were checked: neither is due again within GAP_RECHECK_MIN_S.
+    assert window.due() == Due(None, [])
+
+
+def test_a_read_through_gaps_not_due_yet_checks_them_too():
+    clock = Clock()
+    window = Window(Cursor(), 300, clock=clock)
+    window.confirm([event(1, at(0)), *after(3, 5, 1)])  # gap 2
+    assert window.due().read_from == (at(0) + TICK - GAP_SLACK).isoformat()
+    clock.now += 0.45
+    window.confirm(after(9, 5, 3))  # gap 8, above gap 2, due at once
+    assert window.due().read_from == (at(1.4) + TICK - GAP_SLACK).isoformat()
+    clock.now += 0.5  # gap 2 due again: its read looks through gap 8 too
+    assert window.due().read_from == (at(0) + TICK - GAP_SLACK).isoformat()
+    clock.now += 0.45  # gap 8 would be due, had that read not checked it
+    assert window.due() == Due(None, [])
+
+
+def test_far_gaps_are_counted_with_one_request_and_halved_on_a_difference():
+    window = Window(Cursor(), 300, clock=Clock())
+    many = FOLD_BELOW_EVENTS + MERGE_ABOVE_EVENTS + 5
+    window.confirm([event(1, at(0)), *after(3, many, 1), *after(4 + many, many, 20)])
+    far, near = window.gap_checks()  # two checks, counted side by side before
+    due = Window(Cursor(), 300, clock=Clock())
+    due.confirm([event(1, at(0)), *after(3, many, 1), *after(4 + many, many, 20)])
+    assert due.due(fold=False).checks == [GapCheck(tuple(sorted(far.spans + near.spans)))]
+
+
+def test_a_woken_poll_checks_only_the_gaps_opened_while_nothing_listened():
+    clock = Clock()
+    window = Window(Cursor(), 300, clock=clock)
+    window.confirm([event(1, at(0)), *after(3, 5, 1)])  # gap 2, opened while unheard
+    unheard_until = clock.now
+    clock.now += 10
+    window.confirm([*after(9, 5, 3)])  # gaps 8: a notification will name its event
+    assert [c.since for c in window.gap_checks(opened_by=unheard_until)] == [
+        (at(0) - GAP_SLACK).isoformat()
+    ]
+    assert len(window.gap_checks()) == 1  # the other: only a full poll checks it
 
 
 def test_the_late_event_fills_its_gap_and_is_new_once():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from bridge.producer.window import GapCheck
+from bridge.producer.window import READ_WHOLE_BELOW_EVENTS, GapCheck
 
 ReadKind = Literal["new", "gap", "sweep"]
 """Why a range is read: a metric label of ``patchwork_events_read``."""
@@ -73,7 +73,8 @@ def verdict(check: GapCheck, counted: int | None, known: int, served_unseen: boo
     ``counted`` is None when Patchwork cannot count (no ``rel="last"``); ``known`` is how
     many events of the range were published; ``served_unseen`` whether the one event the
     count served is one not published yet. A count serves one event at most, where a read
-    would serve every neighbour of the gap again: ranges are read only where a count says.
+    would serve every neighbour of the gap again: ranges are read only where a count says,
+    and halved only while reading them whole would cost more (``READ_WHOLE_BELOW_EVENTS``).
     """
     if counted is not None and counted == known:
         return NothingNew()
@@ -81,6 +82,8 @@ def verdict(check: GapCheck, counted: int | None, known: int, served_unseen: boo
         return ServedIt()  # the oldest event of the range is the only one missing
     if counted is None or len(check.spans) == 1:
         return ReadSpans(tuple(Read(Range(since, before), "gap") for since, before in check.spans))
+    if known < READ_WHOLE_BELOW_EVENTS:
+        return ReadSpans((Read(Range(check.since, check.before), "gap"),))
     return Halve(check.halves())
 
 

@@ -29,7 +29,7 @@ from bridge.producer.plan import (
 from bridge.producer.publisher import Publisher, PublishFailed
 from bridge.producer.start import NEWEST_PROBE, initial_cursor
 from bridge.producer.triage import PageSorter
-from bridge.producer.window import TICK, GapCheck, Window, parse_date
+from bridge.producer.window import TICK, GapCheck, Window, fold_below_events, parse_date
 from bridge.settings import Settings
 from bridge.waiting import Ticker, sleep_unless
 from bridge.wakeup.listener import Listener
@@ -190,7 +190,11 @@ class Poller:
             # that a producer rebuilding its window from the log (no state directory, a
             # takeover) keeps the same "now".
             await publisher.mark_start(cursor.to_json())
-        self._window = Window(cursor, self._settings.poll_late_wait)
+        self._window = Window(
+            cursor,
+            self._settings.poll_late_wait,
+            fold_below=fold_below_events(self._settings.poll_interval),
+        )
         self._writer.request()  # "now" must mean the first start, not every start
 
     # -- one poll --------------------------------------------------------------------------
@@ -209,19 +213,30 @@ class Poller:
         while the next one is fetched. The new events first: counting the gaps takes a
         request each, and they are late already.
 
+        Gaps due near the newest date are not counted: the read of new events starts at
+        them (``Window.due``).
+
         Not ``full`` (a wake-up): what is new is read only when a named event is newer
-        than the newest published (else all it names committed late), and the sweep waits
-        for the next full poll. The gaps due are checked either way: an event committed
-        while nobody listened is named by nothing."""
+        than the newest published (else all it names committed late), the sweep waits for
+        the next full poll, and only the gaps opened while nothing listened are checked
+        (their events are named by nothing), unless more were named than are read."""
         window = self._need_window()
         read_before = self._served
         self._keep_from = None
         since = window.since()
         published = 0
-        if full or since is None or any(parse_date(d) >= parse_date(since) for _, d in named):
-            published += await self._read(client, publisher, stop, Read(Range(since), "new"))
+        opened_by = None if full or len(named) > MAX_NAMED_READS else self._unheard_until
+        read_new = (
+            full or since is None or any(parse_date(d) >= parse_date(since) for _, d in named)
+        )
+        due = window.due(opened_by=opened_by, fold=read_new)
+        if read_new:
+            if due.read_from is not None:
+                self._keep_from = parse_date(due.read_from)
+            read = Read(Range(due.read_from or since), "new")
+            published += await self._read(client, publisher, stop, read)
         published += await self._read_named(client, publisher, stop, named)
-        found, reads = await self._check_gaps(client, stop)
+        found, reads = await self._check_gaps(client, stop, due.checks)
         for page in found:
             published += await self._publish_found(publisher, page)
         published += await self._read_all(client, publisher, stop, reads)
@@ -281,15 +296,12 @@ class Poller:
         return published
 
     async def _check_gaps(
-        self, client: PatchworkClient, stop: asyncio.Event
+        self, client: PatchworkClient, stop: asyncio.Event, checks: list[GapCheck]
     ) -> tuple[list[Page], list[Read]]:
         """The late events the gap checks found themselves, and the gap ranges to read."""
-        window = self._need_window()
         # Counted side by side: Patchwork serves several requests at once, and the next
         # poll's new events wait for these.
-        found = await asyncio.gather(
-            *(self._search(client, stop, check) for check in window.gap_checks())
-        )
+        found = await asyncio.gather(*(self._search(client, stop, check) for check in checks))
         return [page for pages, _ in found for page in pages], [
             r for _, reads in found for r in reads
         ]
