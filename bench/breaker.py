@@ -15,19 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from common import (
-    TZ,
-    Hook,
-    InProcessBridge,
-    Receiver,
-    bridge_settings,
-    delete_topology,
-    percentile,
-    run_id,
-    workdir,
-    write_subscriptions,
-)
+from bus import delete_topology
+from common import TZ, Hook, InProcessBridge, bridge_settings, run_id, workdir, write_subscriptions
+from figures import percentile
 from latency import feed
+from receiver import Receiver
 
 from bridge.demo.patchwork_double import FakePatchwork
 

@@ -28,7 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
-from common import TZ, best_line, round_ratios
+from common import TZ
+from figures import best_line, round_ratios
 
 from bridge.logs import setup_logging
 from tests.cluster_tools import ROOT, Cluster, Scenario, SingleNode

@@ -27,29 +27,23 @@ from pathlib import Path
 import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage
+from bus import declare, delete_topology, forget_log, preload, queue_depth
 from common import (
     AMQP_URL,
     SECRET,
     TZ,
     Hook,
     InProcessBridge,
-    Receiver,
     backlog_events,
-    best_line,
     bridge_settings,
-    declare,
-    delete_topology,
     fill_backlog,
-    forget_log,
-    preload,
-    py_spy,
-    py_spy_summary,
-    queue_depth,
-    round_ratios,
     run_id,
     workdir,
     write_subscriptions,
 )
+from figures import best_line, round_ratios
+from receiver import Receiver
+from spy import py_spy, py_spy_summary
 
 from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork

@@ -21,23 +21,11 @@ import time
 import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage
-from common import (
-    AMQP_URL,
-    Hook,
-    InProcessBridge,
-    Receiver,
-    backlog_events,
-    best_line,
-    bridge_settings,
-    declare,
-    delete_topology,
-    preload,
-    queue_depth,
-    round_ratios,
-    run_id,
-    workdir,
-)
+from bus import declare, delete_topology, preload, queue_depth
+from common import AMQP_URL, Hook, InProcessBridge, backlog_events, bridge_settings, run_id, workdir
 from delivery_throughput import bare_headers
+from figures import best_line, round_ratios
+from receiver import Receiver
 
 from bridge.delivery.queues import subscription_queues
 

@@ -21,23 +21,19 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from bus import declare, delete_topology, park, preload
 from common import (
     TZ,
     Hook,
     InProcessBridge,
-    Receiver,
     backlog_events,
-    best_line,
     bridge_settings,
-    declare,
-    delete_topology,
-    park,
-    preload,
-    round_ratios,
     run_id,
     workdir,
     write_subscriptions,
 )
+from figures import best_line, round_ratios
+from receiver import Receiver
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.events import Event

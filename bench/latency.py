@@ -18,18 +18,10 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from common import (
-    TZ,
-    Hook,
-    InProcessBridge,
-    Receiver,
-    bridge_settings,
-    delete_topology,
-    percentile,
-    run_id,
-    workdir,
-    write_subscriptions,
-)
+from bus import delete_topology
+from common import TZ, Hook, InProcessBridge, bridge_settings, run_id, workdir, write_subscriptions
+from figures import percentile
+from receiver import Receiver
 
 from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
 

@@ -35,25 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from bus import declare, delete_topology, preload
 from common import (
     AMQP_URL,
     TZ,
     Hook,
-    Receiver,
     add_cost_option,
     backlog_events,
     bridge_env,
-    declare,
-    delete_topology,
     fill_backlog,
     free_port,
-    preload,
-    proc_status_kib,
     run_id,
     serving_cost,
     workdir,
     write_subscriptions,
 )
+from receiver import Receiver
+from spy import proc_status_kib
 
 from tests.patchwork_cost import CostedPatchwork
 

@@ -11,7 +11,13 @@ per poll interval: events lost, p50/p99 from commit to the bus (and p99 of the l
 events alone), events, requests and seconds of serving Patchwork spent per event
 published, and the bridge's ratios to the naive poller.
 
+With ``--day``, what the bridge costs Patchwork against the CI pollers it replaces, over a
+busy day's shape shortened: a quiet rate (maintainers, checks) and the burst. The bridge at
+its defaults (10 s poll, 60 s sweep, 300 s overlap) polls one double; N NIPA-style pollers
+at 120 s, out of phase with each other, poll another, for N = 1, 5 and 20 side by side.
+
     python bench/poll_cost.py [--intervals 0.2,1,10] [--rate 10] [--seconds 60] [--burst 300]
+    python bench/poll_cost.py --day [--seconds 600] [--rate 0.5] [--pollers 1,5,20]
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from typing import Literal
 
 import aio_pika
 import aiohttp
-from common import AMQP_URL, TZ, percentile, run_id
+from common import AMQP_URL, TZ, run_id
+from figures import percentile
 
 from bridge.demo.patchwork_double import CATEGORIES
 from bridge.eventlog import log_queue
@@ -320,13 +327,136 @@ def line(side: Side) -> str:
     )
 
 
+NIPA_INTERVAL_S = 120.0
+
+
+async def day(args: argparse.Namespace) -> None:
+    """``--day``: the bridge at its defaults against 1, 5 and 20 NIPA-style pollers at 120 s,
+    out of phase, each on its own double and exchange, over a day's shape shortened: a quiet
+    rate, one in ten committed late, 1 % of ids burned, a burst of series half-way."""
+    counts = [int(n) for n in args.pollers.split(",")]
+    rid = run_id()
+    ours = CostedPatchwork(tz=TZ, cost=MEASURED)
+    theirs = {n: CostedPatchwork(tz=TZ, cost=MEASURED) for n in counts}
+    fakes = [ours, *theirs.values()]
+    for fake in fakes:
+        fake.add_events(SEED_EVENTS)
+        await fake.start()
+    feed = Feed(fakes)
+    bridge_ex = f"bench-day-{rid}"
+    naive_ex = {n: [f"bench-day-{rid}-n{n}-{i}" for i in range(n)] for n in counts}
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    bridge_tap = Tap()
+    await bridge_tap.start(channel, bridge_ex)
+    naive_taps = {n: [Tap() for _ in range(n)] for n in counts}
+    for n in counts:
+        for tap, exchange in zip(naive_taps[n], naive_ex[n], strict=True):
+            await tap.start(channel, exchange)
+    stop = asyncio.Event()
+    phases = random.Random(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            amqp_url=AMQP_URL,  # type: ignore[arg-type]
+            exchange=bridge_ex,
+            patchwork_url=ours.url,
+            patchwork_timezone=TZ,
+            state_dir=Path(tmp),
+            start="now",
+            http_port=0,
+        )
+        producer = Producer(settings, Metrics())
+        bridge = InProcess([producer])
+        bridge.start()
+        pollers = [
+            asyncio.create_task(
+                naive_poller(
+                    theirs[n], exchange, NIPA_INTERVAL_S, stop, phases.uniform(0, NIPA_INTERVAL_S)
+                )
+            )
+            for n in counts
+            for exchange in naive_ex[n]
+        ]
+        # Count from the moment the bridge has read once (its start-up read is not the day).
+        while ours.events_requests < 1:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(settings.poll_interval + 0.5)
+        base = {id(f): (f.events_served, f.events_requests, f.busy_s) for f in fakes}
+        print(
+            f"{args.rate:g} events/s for {args.seconds:g} s with a burst of {args.burst} "
+            f"half-way; bridge at its defaults (poll {settings.poll_interval:g} s, sweep "
+            f"{settings.poll_sweep_interval:g} s), NIPA-style pollers every "
+            f"{NIPA_INTERVAL_S:g} s",
+            flush=True,
+        )
+        await feed.run(args.rate, args.seconds, args.burst)
+        # Every side gets one more full interval to read what came last.
+        deadline = time.monotonic() + NIPA_INTERVAL_S + 15
+        every_tap = [bridge_tap, *(tap for n in counts for tap in naive_taps[n])]
+        while time.monotonic() < deadline and any(
+            len(tap.arrived) < len(feed.committed) for tap in every_tap
+        ):
+            await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(bridge.close(), *pollers)
+    bridge_cost = summarise("bridge", feed, [bridge_tap], ours, base[id(ours)], "committed")
+    naive_costs = {
+        n: summarise(
+            f"{n} NIPA poller{'s' if n > 1 else ''}",
+            feed,
+            naive_taps[n],
+            theirs[n],
+            base[id(theirs[n])],
+            "committed",
+        )
+        for n in counts
+    }
+    await channel.exchange_delete(bridge_ex)
+    await channel.queue_delete(log_queue(bridge_ex))
+    for n in counts:
+        for exchange in naive_ex[n]:
+            await channel.exchange_delete(exchange)
+    await connection.close()
+    for fake in fakes:
+        await fake.stop()
+    print(f"  {bridge_cost.committed} events committed")
+    for side in (bridge_cost, *naive_costs.values()):
+        print(
+            f"  {side.name:<16} requests/event {side.requests_per_event:6.3f}  "
+            f"served/event {side.served_per_event:6.2f}  "
+            f"server ms/event {side.busy_ms_per_event:7.1f}  "
+            f"lost {side.lost:>5}  dup {side.duplicates}  "
+            f"p50 {side.p50_s:6.2f} s  p99 {side.p99_s:6.2f} s"
+        )
+    for n, side in naive_costs.items():
+        print(
+            f"  bridge / {n:>2} pollers: requests {bridge_cost.requests / side.requests:5.2f}  "
+            f"served {bridge_cost.served / side.served:5.2f}  "
+            f"server time {bridge_cost.busy_s / side.busy_s:5.2f}  "
+            f"p50 {bridge_cost.p50_s / side.p50_s:5.2f}"
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--intervals", default="0.2,1,10", help="poll intervals, seconds")
-    parser.add_argument("--rate", type=float, default=10.0, help="events per second")
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long events arrive")
+    parser.add_argument("--rate", type=float, help="events per second (10; --day: 0.5)")
+    parser.add_argument("--seconds", type=float, help="how long events arrive (60; --day: 600)")
     parser.add_argument("--burst", type=int, default=300, help="events added at once, mid-way")
+    parser.add_argument(
+        "--day",
+        action="store_true",
+        help="the bridge at its defaults against NIPA-style pollers at 120 s, over a day's shape",
+    )
+    parser.add_argument("--pollers", default="1,5,20", help="--day: numbers of NIPA pollers")
     args = parser.parse_args()
+    if args.rate is None:
+        args.rate = 0.5 if args.day else 10.0
+    if args.seconds is None:
+        args.seconds = 600.0 if args.day else 60.0
+    if args.day:
+        await day(args)
+        return
     print(
         f"{args.rate:g} events/s for {args.seconds:g}s, a burst of {args.burst} at 100/s, "
         f"{LATE_FRACTION:.0%} committed 0.5-3 s late, {BURNED_FRACTION:.0%} ids burned; "
@@ -341,7 +471,7 @@ async def main() -> None:
         print(line(theirs))
         print(
             f"  ratios        p50 {ours.p50_s / theirs.p50_s:.2f} (goal <= 1.3)  "
-            f"served/event {ours.served_per_event / theirs.served_per_event:.2f} (goal <= 1.5)  "
+            f"served/event {ours.served_per_event / theirs.served_per_event:.2f}  "
             f"server time {ours.busy_ms_per_event / theirs.busy_ms_per_event:.2f}  "
             f"lost {ours.lost} (goal 0)"
         )

@@ -25,7 +25,9 @@ from zoneinfo import ZoneInfo
 
 import aio_pika
 import aiohttp
-from common import AMQP_URL, forget_log, round_ratios
+from bus import forget_log
+from common import AMQP_URL
+from figures import round_ratios
 
 from bridge.demo.patchwork_double import FakePatchwork
 from bridge.metrics import Metrics

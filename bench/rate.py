@@ -16,18 +16,9 @@ import asyncio
 import sys
 import time
 
-from common import (
-    Hook,
-    Receiver,
-    backlog_events,
-    bridge_env,
-    declare,
-    delete_topology,
-    preload,
-    run_id,
-    workdir,
-    write_subscriptions,
-)
+from bus import declare, delete_topology, preload
+from common import Hook, backlog_events, bridge_env, run_id, workdir, write_subscriptions
+from receiver import Receiver
 
 SETTLE_S = 8.0
 """Before the backlog is published: every process consumes, and has seen the others on

@@ -24,14 +24,8 @@ import aio_pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (
-    AMQP_URL,
-    backlog_events,
-    bridge_settings,
-    delete_topology,
-    preload,
-    run_id,
-)
+from bench.bus import delete_topology, preload
+from bench.common import AMQP_URL, backlog_events, bridge_settings, run_id
 from bridge.cli.replay import _replay
 from bridge.eventlog import declare_log, log_queue
 

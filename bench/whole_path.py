@@ -28,24 +28,23 @@ from pathlib import Path
 import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractIncomingMessage
+from bus import delete_topology
 from common import (
     AMQP_URL,
     TZ,
     Hook,
     InProcessBridge,
-    Receiver,
     add_cost_option,
-    best_line,
     bridge_settings,
-    delete_topology,
     fill_backlog,
-    round_ratios,
     run_id,
     serving_cost,
     workdir,
     write_subscriptions,
 )
 from delivery_throughput import bare_headers, contract_headers
+from figures import best_line, round_ratios
+from receiver import Receiver
 
 from tests.patchwork_cost import CostedPatchwork
 
