@@ -170,7 +170,6 @@ async def _replay(
     dry_run = args.dry_run
     wanted = TopicMatcher(args.events or ["#"])
     started = datetime.now(UTC)
-    await _say_where_the_log_starts(connection, settings, since)
     exchange = await channel.get_exchange(route, ensure=False)
     read = copied = skipped = 0
     last_said = time.monotonic()
@@ -188,6 +187,7 @@ async def _replay(
                 skipped += 1
 
     try:
+        await _say_where_the_log_starts(connection, settings, since)
         async for message in read_log(connection, settings.exchange, start):
             if message.timestamp is not None and message.timestamp > started:
                 break  # published after the replay began: the log's end for this replay
@@ -270,8 +270,11 @@ async def _say_where_the_log_starts(
     connection: AbstractConnection, settings: Settings, since: datetime
 ) -> None:
     """One line when ``--since`` is older than anything the log still keeps."""
+    # Closed here, not by the loop's finaliser in a task of its own: a Ctrl-C meanwhile
+    # must reach this task.
+    first_read = read_log(connection, settings.exchange, "first", idle_end_s=2.0)
     try:
-        async for message in read_log(connection, settings.exchange, "first", idle_end_s=2.0):
+        async for message in first_read:
             first = logged_event(message)
             if first is None:
                 continue
@@ -285,3 +288,5 @@ async def _say_where_the_log_starts(
             return
     except LogMissing:
         return  # said by the read that follows
+    finally:
+        await first_read.aclose()
