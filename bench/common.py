@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
 import json
@@ -12,7 +13,7 @@ import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -164,3 +165,24 @@ def bridge_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BRIDGE_")}
     env.update({f"BRIDGE_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+def add_loop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the event loop of this process, so of every side measured in it (uvloop: "
+        "pip install uvloop)",
+    )
+
+
+def run_on(loop: str, main: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    """``main()`` on the event loop ``--loop`` names."""
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())

@@ -12,6 +12,7 @@ beside it, and the whole job's rate (start to last delivery). Rounds alternate w
 goes first.
 
     python bench/whole_path.py [--events 4000] [--concurrency 16] [--rounds 3] [--cost none]
+                               [--loop asyncio]
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from common import (
     Hook,
     InProcessBridge,
     add_cost_option,
+    add_loop_option,
     bridge_settings,
     fill_backlog,
     run_id,
+    run_on,
     serving_cost,
     workdir,
     write_subscriptions,
@@ -204,13 +207,17 @@ async def one_round(
         )
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     add_cost_option(parser)
-    args = parser.parse_args()
+    add_loop_option(parser)
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> None:
     fake = CostedPatchwork(tz=TZ, cost=serving_cost(args))
     fill_backlog(fake, args.events)
     gc.freeze()  # the backlog lives as long as the run: keep the collector off it
@@ -225,7 +232,8 @@ async def main() -> None:
         await fake.stop()
     print(
         f"\n{args.events} events, Patchwork double -> exchange -> queue -> 204 receiver, "
-        f"concurrency {args.concurrency}, {args.rounds} rounds, serving cost {args.cost}"
+        f"concurrency {args.concurrency}, {args.rounds} rounds, serving cost {args.cost}, "
+        f"event loop {args.loop}"
     )
     for which, label in VARIANTS.items():
         print(best_line(label, [m.rate for m in results[which]]))
@@ -250,4 +258,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    arguments = parse_args()
+    run_on(arguments.loop, lambda: main(arguments))

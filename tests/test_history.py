@@ -4,6 +4,7 @@ an event that failed twice then got through, and of one that was dead-lettered."
 from __future__ import annotations
 
 import io
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from aiohttp import web
 
 from bridge.cli.common import CliError
 from bridge.cli.deliveries import parse_since, show
-from bridge.delivery.history import history_queue
+from bridge.delivery.history import Attempt, history_arguments, history_queue, records_json
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.registry import load_sink
@@ -105,6 +106,38 @@ async def test_deliveries_shows_every_attempt_with_the_answer_and_what_became_of
     assert (
         metrics.registry.get_sample_value("patchwork_bridge_attempt_history_bytes_total") or 0
     ) > 0
+
+
+async def test_records_written_one_a_message_before_batching_still_read(
+    exchange_name: str, amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """A history written by the previous version (one record a message) beside a batch."""
+    settings = Settings(exchange=exchange_name)
+
+    def record(event: str, attempt: int, outcome: str) -> Attempt:
+        at = f"2026-12-07T10:00:0{attempt}.000Z"
+        return Attempt("ci", event, "dpdk.patch-created", attempt, at, 12.5, outcome, 204, None, "")
+
+    old = record("7", 1, "delivered")
+    batch = [record("8", 1, "retried"), record("8", 2, "delivered")]
+    channel = await amqp.channel()
+    try:
+        await channel.declare_queue(
+            history_queue(exchange_name), durable=True, arguments=history_arguments(settings)
+        )
+        for body in (json.dumps(old.as_dict()).encode(), records_json(batch), b"not ours"):
+            await channel.default_exchange.publish(
+                aio_pika.Message(body), routing_key=history_queue(exchange_name)
+            )
+        out = io.StringIO()
+        assert await show(settings, "ci", out) == 3
+        assert [line.split()[1:3] for line in out.getvalue().splitlines()] == [
+            ["7", "attempt"],
+            ["8", "attempt"],
+            ["8", "attempt"],
+        ]
+    finally:
+        await channel.close()
 
 
 async def test_without_a_history_yet_it_says_so(exchange_name: str) -> None:

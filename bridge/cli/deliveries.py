@@ -77,17 +77,18 @@ async def show(
         try:
             async for message in read_stream(connection, history_queue(settings.exchange), start):
                 try:
-                    attempt = Attempt.from_json(message.body)
+                    attempts = Attempt.all_from_json(message.body)
                 except (ValueError, TypeError):
                     continue  # not a record of ours
-                if attempt.subscription != name or (event and attempt.event != event):
-                    continue
-                if failed and not attempt.failed:
-                    continue
-                if since is not None and datetime.fromisoformat(attempt.at) < since:
-                    continue
-                print(line(attempt), file=out)
-                shown += 1
+                for attempt in attempts:
+                    if attempt.subscription != name or (event and attempt.event != event):
+                        continue
+                    if failed and not attempt.failed:
+                        continue
+                    if since is not None and datetime.fromisoformat(attempt.at) < since:
+                        continue
+                    print(line(attempt), file=out)
+                    shown += 1
         except LogMissing:
             raise CliError(
                 f"deliveries: no attempt history {history_queue(settings.exchange)} yet "
