@@ -48,6 +48,7 @@ from common import (
 from delivery_throughput import bare_headers, contract_headers
 from figures import best_line, round_ratios
 from receiver import Receiver
+from spy import py_spy, py_spy_summary
 
 from tests.patchwork_cost import CostedPatchwork
 
@@ -181,7 +182,11 @@ async def one_round(
                     "start": "beginning",
                     "poll_interval": 1.0,
                 }
-                started, cpu_s = await bridge_run(settings_kw, receiver, n)
+                spy = Path(f"{args.py_spy}-{round_no + 1}.txt") if args.py_spy else None
+                async with py_spy(spy):
+                    started, cpu_s = await bridge_run(settings_kw, receiver, n)
+                if spy is not None:
+                    print(py_spy_summary(spy, n, top=60))
             else:
                 headers_of = bare_headers if which == "plain" else contract_headers
                 started, cpu_s = await plain_script(
@@ -214,6 +219,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     add_cost_option(parser)
     add_loop_option(parser)
+    parser.add_argument(
+        "--py-spy", metavar="PREFIX", help="sample run with py-spy into PREFIX-<round>.txt"
+    )
     return parser.parse_args()
 
 

@@ -29,11 +29,14 @@ from bridge.broker.errors import BROKER_TROUBLE
 from bridge.eventlog import log_arguments
 from bridge.metrics import Metrics
 from bridge.settings import Settings
+from bridge.waiting import sleep_unless
 
 log = logging.getLogger(__name__)
 
 BATCH = 200
 """Records in one message at most."""
+LINGER_S = 0.05
+"""After a record, how long the writer waits for others to share its message."""
 BUFFER = 10_000
 """Records waiting to be written, at most; past that they are dropped (and counted)."""
 MAX_BYTES = 2_000_000_000
@@ -115,17 +118,24 @@ class AttemptHistory:
     async def run(self, stopping: asyncio.Event) -> None:
         """Write records as they come, until ``stopping`` (``flush`` writes the rest)."""
         while not stopping.is_set():
-            if not self._buffer.empty():  # busy: no waiting to set up per record
-                await self._write(self._take([]))
-                continue
-            getting = asyncio.ensure_future(self._buffer.get())
-            stopped = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait([getting, stopped], return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            if not getting.done():
-                getting.cancel()
+            if self._buffer.empty():
+                getting = asyncio.ensure_future(self._buffer.get())
+                stopped = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait([getting, stopped], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if not getting.done():
+                    getting.cancel()
+                    break
+                batch = [getting.result()]
+            else:
+                batch = []
+            # A busy moment's records share one message.
+            ended = self._buffer.qsize() + len(batch) < BATCH and await sleep_unless(
+                stopping, LINGER_S
+            )
+            await self._write(self._take(batch))
+            if ended:
                 break
-            await self._write(self._take([getting.result()]))
 
     async def flush(self) -> None:
         """What is left, once deliveries have stopped."""
