@@ -37,7 +37,7 @@ from typing import Literal
 
 import aio_pika
 import aiohttp
-from common import AMQP_URL, TZ, run_id
+from common import AMQP_URL, TZ, fill_backlog, run_id
 from figures import percentile
 
 from bridge.demo.patchwork_double import CATEGORIES
@@ -178,16 +178,17 @@ async def naive_poller(
     interval_s: float,
     stop: asyncio.Event,
     first_after_s: float = 0.0,
+    since: datetime | None = None,
 ) -> None:
     """NIPA's loop: ``since`` the newest date seen plus a microsecond, every interval.
 
-    It starts from "now" and polls first after ``first_after_s``: CI systems polling the
-    same Patchwork are not in phase.
+    It starts from ``since`` (default "now") and polls first after ``first_after_s``: CI
+    systems polling the same Patchwork are not in phase.
     """
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel(publisher_confirms=True)
     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    newest = fake.now()
+    newest = fake.now() if since is None else since
     seen: set[int] = set()
     url = f"{fake.url}/api/1.3/events/"
     await until_stop(stop, first_after_s)
@@ -328,6 +329,78 @@ def line(side: Side) -> str:
 
 
 NIPA_INTERVAL_S = 120.0
+CATCH_UP_INTERVAL_S = 10.0
+"""Both sides' poll interval in ``--catch-up``: the first poll starts at once either way."""
+
+
+async def catch_up(args: argparse.Namespace) -> None:
+    """``--catch-up N``: back after a day away. Patchwork holds N events of the last day
+    that neither side has seen; the producer (no cursor, BRIDGE_START=beginning: the double
+    holds only that day) and a NIPA-style poller (``since`` a day ago) each read them all
+    from a double of its own with the measured serving cost, side by side. Printed: the
+    time until every event is on each side's exchange, and what it cost Patchwork."""
+    n = args.catch_up
+    rid = run_id()
+    bridge_ex, naive_ex = f"bench-catchup-{rid}", f"bench-catchup-naive-{rid}"
+    ours, theirs = CostedPatchwork(tz=TZ, cost=MEASURED), CostedPatchwork(tz=TZ, cost=MEASURED)
+    for fake in (ours, theirs):
+        fill_backlog(fake, n, days=1.0)
+        await fake.start()
+    first = datetime.fromisoformat(json.loads(ours.item_bytes(1))["date"])
+    a_day_ago = first - timedelta(microseconds=1)
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    bridge_tap, naive_tap = Tap(), Tap()
+    await bridge_tap.start(channel, bridge_ex)
+    await naive_tap.start(channel, naive_ex)
+    stop = asyncio.Event()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(
+            amqp_url=AMQP_URL,  # type: ignore[arg-type]
+            exchange=bridge_ex,
+            patchwork_url=ours.url,
+            patchwork_timezone=TZ,
+            state_dir=Path(tmp),
+            poll_interval=CATCH_UP_INTERVAL_S,
+            start="beginning",
+            http_port=0,
+        )
+        started = time.monotonic()
+        bridge = InProcess([Producer(settings, Metrics())])
+        bridge.start()
+        naive = asyncio.create_task(
+            naive_poller(theirs, naive_ex, CATCH_UP_INTERVAL_S, stop, since=a_day_ago)
+        )
+        done: dict[str, float] = {}
+        deadline = started + 600
+        while time.monotonic() < deadline and len(done) < 2:
+            for name, tap in (("bridge", bridge_tap), ("naive", naive_tap)):
+                if name not in done and len(tap.arrived) >= n:
+                    done[name] = max(tap.arrived.values()) - started
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(bridge.close(), naive)
+    await channel.exchange_delete(bridge_ex)
+    await channel.queue_delete(log_queue(bridge_ex))
+    await channel.exchange_delete(naive_ex)
+    await connection.close()
+    for fake in (ours, theirs):
+        await fake.stop()
+    print(
+        f"{n} events of the last day unseen, both polling every {CATCH_UP_INTERVAL_S:g} s, "
+        "Patchwork doubles at the measured serving cost, side by side"
+    )
+    for name, fake, tap in (("bridge", ours, bridge_tap), ("NIPA poller", theirs, naive_tap)):
+        took = done.get("bridge" if fake is ours else "naive")
+        said = "(not within 600 s)" if took is None else f"{took:6.1f} s"
+        print(
+            f"  {name:<12} caught up in {said}"
+            f"  got {len(tap.arrived)}/{n}  dup {tap.duplicates}  requests {fake.events_requests}"
+            f"  served {fake.events_served}  serving time {fake.busy_s:6.1f} s"
+        )
+    if len(done) == 2:
+        ratio = done["bridge"] / done["naive"]
+        print(f"  ratio bridge / NIPA poller, time to caught up: {ratio:.2f}")
 
 
 async def day(args: argparse.Namespace) -> None:
@@ -449,11 +522,20 @@ async def main() -> None:
         help="the bridge at its defaults against NIPA-style pollers at 120 s, over a day's shape",
     )
     parser.add_argument("--pollers", default="1,5,20", help="--day: numbers of NIPA pollers")
+    parser.add_argument(
+        "--catch-up",
+        type=int,
+        metavar="N",
+        help="back after a day away: N unseen events of the last day, bridge vs NIPA poller",
+    )
     args = parser.parse_args()
     if args.rate is None:
         args.rate = 0.5 if args.day else 10.0
     if args.seconds is None:
         args.seconds = 600.0 if args.day else 60.0
+    if args.catch_up:
+        await catch_up(args)
+        return
     if args.day:
         await day(args)
         return
