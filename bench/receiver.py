@@ -3,7 +3,8 @@
 It runs in a process of its own (``python bench/receiver.py``), so its CPU never counts
 against the consumer being measured. It timestamps every POST with ``time.monotonic()``
 (CLOCK_MONOTONIC, the same clock in every process of the machine), keyed by the first path
-segment: ``/fast/...`` answers 204 at once, ``/hang/...`` never answers until released.
+segment: ``/fast/...`` answers 204 at once, ``/hang/...`` never answers until released,
+``/away/...`` answers 503 until released and 204 after.
 Control endpoints live under ``/_/``."""
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def _receiver_app() -> web.Application:
         if segment == "down":  # a receiver that is not there: every answer a 503
             await request.read()
             return web.Response(status=503, text="down")
+        if segment == "away" and not state.released.is_set():  # back once released
+            await request.read()
+            return web.Response(status=503, text="away")
         await request.read()
         now = time.monotonic()
         if lane.first_s is None:
