@@ -13,7 +13,14 @@ gets a quarter of each: its clients cost this process far more, and its figures 
 Last, ``--stuck`` clients that never read while ``--stuck-events`` go by: the role's RSS
 before and after, and how many it dropped as slow.
 
+With ``--resume N`` instead: a day away. The log holds N events; ``--clients`` (the most
+of them) SSE clients connect at once, each resuming (``Last-Event-ID``) from a position
+spread over those N, and read until they hold the last: the time until every one is live,
+the broker's CPU and the role's RSS meanwhile. Baseline: as many aio-pika consumers, each
+reading the log from the same offset on its own channel, in this process.
+
     python bench/stream.py [--clients 10 200] [--rate 100] [--steady 1000] [--burst 2000]
+    python bench/stream.py --resume 20000 [--clients 200]
 """
 
 from __future__ import annotations
@@ -218,6 +225,131 @@ async def slow_dropped(session: aiohttp.ClientSession, http_port: int) -> float:
     return 0.0
 
 
+async def resuming_sse(
+    session: aiohttp.ClientSession, url: str, last_id: str | None, expect: int
+) -> float:
+    """Resume after ``last_id`` (None: from the start) until ``expect`` events; the time."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    query = "" if last_id is not None else "?since=2000-01-01"
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    got = 0
+    async with session.get(f"{url}/v1/events{query}", headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                got += 1
+                if got >= expect:
+                    return time.monotonic()
+    raise RuntimeError(f"stream ended after {got} of {expect} events")
+
+
+async def log_ids(session: aiohttp.ClientSession, url: str, n: int) -> list[str]:
+    """The SSE ids of the next ``n`` events, from one client reading them as they come."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    ids: list[str] = []
+    async with session.get(f"{url}/v1/events", headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if line.startswith(b"id: "):
+                ids.append(line[4:].decode().strip())
+                if len(ids) >= n:
+                    return ids
+    raise RuntimeError(f"stream ended after {len(ids)} of {n} ids")
+
+
+async def resuming_amqp(
+    connection: aio_pika.abc.AbstractConnection, exchange: str, offset: int, expect: int
+) -> float:
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=100)
+    queue = await channel.declare_queue(log_queue(exchange), passive=True)
+    done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    got = 0
+
+    async def arrived(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal got
+        got += 1
+        await message.ack()
+        if got >= expect and not done.done():
+            done.set_result(time.monotonic())
+
+    await queue.consume(arrived, arguments={"x-stream-offset": offset})
+    try:
+        return await done
+    finally:
+        await channel.close()
+
+
+def offset_after(sse_id: str) -> int:
+    """The log offset just after the event of this SSE id (``<offset>-<log tag>``)."""
+    return int(sse_id.split("-")[0]) + 1
+
+
+RESUME_TIMEOUT_S = 300.0
+
+
+async def resume(
+    args: argparse.Namespace,
+    session: aiohttp.ClientSession,
+    url: str,
+    exchange: str,
+    role_pid: int,
+) -> None:
+    """``--resume N``: every client back at once from a position over the last N events."""
+    n, clients = args.resume, max(args.clients)
+    reading = asyncio.create_task(asyncio.wait_for(log_ids(session, url, n), 300))
+    await asyncio.sleep(1.0)  # connected, at the tail
+    await publish(exchange, n, None)
+    ids = await reading
+    positions = [round(i * (n - 1) / max(1, clients - 1)) for i in range(clients)]
+    # Resuming after ids[p] leaves n - p - 1 events; from the start (p = -1), n.
+    broker = broker_pid()
+    rows = []
+    for label in ("stream role (SSE)", "plain AMQP consumer each"):
+        began, broker_before = time.monotonic(), cpu_s(broker)
+        if label.startswith("stream"):
+            done = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        resuming_sse(session, url, ids[p], n - p - 1)
+                        for p in positions
+                        if n - p - 1 > 0
+                    )
+                ),
+                RESUME_TIMEOUT_S,
+            )
+            rss = rss_mib(role_pid)
+        else:
+            connection = await aio_pika.connect(AMQP_URL)
+            try:
+                done = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(
+                            resuming_amqp(connection, exchange, offset_after(ids[p]), n - p - 1)
+                            for p in positions
+                            if n - p - 1 > 0
+                        )
+                    ),
+                    RESUME_TIMEOUT_S,
+                )
+            finally:
+                await connection.close()
+            rss = float("nan")
+        took = max(done) - began
+        events = sum(n - p - 1 for p in positions)
+        broker_us = (cpu_s(broker) - broker_before) / max(1, events) * 1e6
+        rows.append((label, took, events, broker_us, rss))
+        print(
+            f"{label:<28} {len(done)} clients resuming over the last {n:,} events "
+            f"({events:,} deliveries): all live after {took:.1f} s, broker CPU "
+            f"{broker_us:.1f} us/delivery" + (f", role RSS {rss:.1f} MiB" if rss == rss else ""),
+            flush=True,
+        )
+    (_, ours, *_), (_, theirs, *_) = rows
+    print(f"time until every client is live, stream / plain: {ours / theirs:.2f}")
+
+
 async def connect_clients(
     n: int, start: Callable[[], Awaitable[None]], tasks: list[asyncio.Task[None]]
 ) -> None:
@@ -234,6 +366,7 @@ async def main() -> None:
     parser.add_argument("--burst", type=int, default=2000)
     parser.add_argument("--stuck", type=int, default=20, help="clients that never read")
     parser.add_argument("--stuck-events", type=int, default=10_000)
+    parser.add_argument("--resume", type=int, metavar="N", help="a day away: see above")
     args = parser.parse_args()
 
     exchange = f"bench-stream-{run_id()}"
@@ -273,6 +406,9 @@ async def main() -> None:
                 print(
                     f"stream role: pid {role.pid}, RSS {rss_mib(role.pid):.1f} MiB idle", flush=True
                 )
+                if args.resume:
+                    await resume(args, session, url, exchange, role.pid)
+                    return
                 connected = 0
                 tally = Tally()
                 for clients in sorted(args.clients):

@@ -13,8 +13,10 @@ import pytest
 from aiormq.exceptions import ChannelInvalidStateError
 
 from bridge.broker.calls import close_channel, open_bare_channel, uncancelled
+from bridge.broker.connect import RecycledConnection
 from bridge.broker.errors import BrokerUnavailable
 from bridge.broker.nodes import with_heartbeat
+from bridge.settings import Settings
 from tests.broker import AMQP_URL
 from tests.node_proxy import NodeProxy
 
@@ -134,3 +136,33 @@ async def test_a_call_on_a_connection_found_stuck_is_cancelled_and_reported_as_b
             await asyncio.wait_for(opening, 30)
     finally:
         await node.kill()
+
+
+async def test_a_recycled_connection_lends_no_more_than_at_once_the_others_wait_their_turn():
+    """The stream's history reads: 200 clients catching up at once would each hold a read."""
+    reads = RecycledConnection(Settings(amqp_url=AMQP_URL), "test history", at_once=2)
+    held: list[asyncio.Event] = [asyncio.Event() for _ in range(3)]
+    leased: list[int] = []
+
+    async def read(i: int) -> None:
+        async with reads.lease() as connection:
+            assert not connection.is_closed
+            leased.append(i)
+            await held[i].wait()
+
+    tasks = [asyncio.create_task(read(i)) for i in range(3)]
+    try:
+        while len(leased) < 2:
+            await asyncio.sleep(0.01)
+        for _ in range(20):  # the third gets nothing while two are out
+            await asyncio.sleep(0.01)
+        assert sorted(leased) == [0, 1]
+        held[leased[0]].set()
+        while len(leased) < 3:
+            await asyncio.sleep(0.01)
+        assert sorted(leased) == [0, 1, 2]
+    finally:
+        for event in held:
+            event.set()
+        await asyncio.gather(*tasks)
+        await reads.close()

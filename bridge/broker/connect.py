@@ -141,12 +141,19 @@ class RecycledConnection:
     so on one long-lived connection memory grew with every read (bench/memory.py).
 
     Not robust: a read whose connection is lost fails, and its client resumes from its
-    last id, on a new connection.
+    last id, on a new connection. ``at_once``: leases held at the same time at most; the
+    others wait their turn.
     """
 
     def __init__(
-        self, settings: Settings, name: str, per_connection: int = CHANNELS_PER_CONNECTION
+        self,
+        settings: Settings,
+        name: str,
+        per_connection: int = CHANNELS_PER_CONNECTION,
+        *,
+        at_once: int | None = None,
     ) -> None:
+        self._slots = asyncio.Semaphore(at_once) if at_once else None
         self._settings = settings
         self._name = name
         self._per_connection = per_connection
@@ -160,6 +167,11 @@ class RecycledConnection:
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[AbstractConnection]:
         """A connection to open one channel on for the length of the ``async with``."""
+        async with self._slots or contextlib.nullcontext(), self._leased() as connection:
+            yield connection
+
+    @contextlib.asynccontextmanager
+    async def _leased(self) -> AsyncIterator[AbstractConnection]:
         connection = await self._take()
         try:
             yield connection
