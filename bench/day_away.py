@@ -151,12 +151,14 @@ async def plain_side(args: argparse.Namespace, receiver: Receiver) -> float:
         await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         declared = await channel.declare_queue(queue, durable=True)
         await declared.bind(exchange, "#")
-        await preload(exchange, backlog_events(args.events))
-        measure = await plain_loop(
-            queue, receiver.url(SEGMENT), CONCURRENCY, receiver, args.events, bare_headers
-        )
-        await channel.queue_delete(queue)
-        await channel.exchange_delete(exchange)
+        try:
+            await preload(exchange, backlog_events(args.events))
+            measure = await plain_loop(
+                queue, receiver.url(SEGMENT), CONCURRENCY, receiver, args.events, bare_headers
+            )
+        finally:  # a failed or interrupted run leaves nothing of its own either
+            await channel.queue_delete(queue)
+            await channel.exchange_delete(exchange)
     finally:
         await connection.close()
     return measure.rate
