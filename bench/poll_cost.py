@@ -29,11 +29,11 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aio_pika
 import aiohttp
@@ -252,40 +252,81 @@ def summarise(
     )
 
 
-async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Side, Side]:
+@dataclass
+class Pair:
+    """The producer and a NIPA-style poller, each on a double of its own (the measured
+    serving cost) and publishing to an exchange of its own, which a ``Tap`` watches."""
+
+    ours: CostedPatchwork
+    theirs: CostedPatchwork
+    naive_ex: str
+    bridge_tap: Tap = field(default_factory=Tap)
+    naive_tap: Tap = field(default_factory=Tap)
+    metrics: Metrics = field(default_factory=Metrics)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    naive: asyncio.Task[None] | None = None
+    """The naive poller, started by the caller when it should start."""
+
+
+@contextlib.asynccontextmanager
+async def side_by_side(
+    name: str, fill: Callable[[CostedPatchwork], object], **settings: Any
+) -> AsyncIterator[Pair]:
+    """Both doubles filled by ``fill`` and serving, both taps, and the producer started
+    with ``settings``; on the way out both sides are stopped and everything of the run's
+    own is deleted from the broker, failed or not."""
     rid = run_id()
-    bridge_ex, naive_ex = f"bench-poll-{rid}", f"bench-naive-{rid}"
-    ours, theirs = CostedPatchwork(tz=TZ, cost=MEASURED), CostedPatchwork(tz=TZ, cost=MEASURED)
-    for fake in (ours, theirs):
-        fake.add_events(SEED_EVENTS)
+    bridge_ex = f"bench-{name}-{rid}"
+    pair = Pair(
+        CostedPatchwork(tz=TZ, cost=MEASURED),
+        CostedPatchwork(tz=TZ, cost=MEASURED),
+        f"bench-{name}-naive-{rid}",
+    )
+    for fake in (pair.ours, pair.theirs):
+        fill(fake)
         await fake.start()
-    feed = Feed([ours, theirs])
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
-    bridge_tap, naive_tap = Tap(), Tap()
-    await bridge_tap.start(channel, bridge_ex)
-    await naive_tap.start(channel, naive_ex)
-    stop = asyncio.Event()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            amqp_url=AMQP_URL,  # type: ignore[arg-type]
-            exchange=bridge_ex,
-            patchwork_url=ours.url,
-            patchwork_timezone=TZ,
-            state_dir=Path(tmp),
-            poll_interval=interval_s,
-            start="now",
-            http_port=0,
-        )
-        metrics = Metrics()
-        producer = Producer(settings, metrics)
-        bridge = InProcess([producer])
-        bridge.start()
+    try:
+        await pair.bridge_tap.start(channel, bridge_ex)
+        await pair.naive_tap.start(channel, pair.naive_ex)
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Settings(
+                amqp_url=AMQP_URL,  # type: ignore[arg-type]
+                exchange=bridge_ex,
+                patchwork_url=pair.ours.url,
+                patchwork_timezone=TZ,
+                state_dir=Path(tmp),
+                http_port=0,
+                **settings,
+            )
+            bridge = InProcess([Producer(config, pair.metrics)])
+            bridge.start()
+            try:
+                yield pair
+            finally:
+                pair.stop.set()
+                await asyncio.gather(bridge.close(), *([pair.naive] if pair.naive else []))
+    finally:
+        await channel.exchange_delete(bridge_ex)
+        await channel.queue_delete(log_queue(bridge_ex))
+        await channel.exchange_delete(pair.naive_ex)
+        await connection.close()
+        for fake in (pair.ours, pair.theirs):
+            await fake.stop()
+
+
+async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Side, Side]:
+    async with side_by_side(
+        "poll", lambda fake: fake.add_events(SEED_EVENTS), poll_interval=interval_s, start="now"
+    ) as pair:
+        ours, theirs = pair.ours, pair.theirs
+        feed = Feed([ours, theirs])
         # The naive poller starts with the bridge's first poll: at long intervals, when each
         # polls against the burst decides the p50.
         while ours.events_requests < 1:
             await asyncio.sleep(0.01)
-        naive = asyncio.create_task(naive_poller(theirs, naive_ex, interval_s, stop))
+        pair.naive = asyncio.create_task(naive_poller(theirs, pair.naive_ex, interval_s, pair.stop))
         # Both start from "now": wait until each has read once, then count from here.
         while theirs.events_requests < 1:
             await asyncio.sleep(0.05)
@@ -294,18 +335,11 @@ async def one_interval(args: argparse.Namespace, interval_s: float) -> tuple[Sid
         await feed.run(args.rate, args.seconds, args.burst)
         deadline = time.monotonic() + 3 * interval_s + 10
         while time.monotonic() < deadline and (
-            len(bridge_tap.arrived) < len(feed.committed)
-            or len(naive_tap.arrived) < len(feed.committed)
+            len(pair.bridge_tap.arrived) < len(feed.committed)
+            or len(pair.naive_tap.arrived) < len(feed.committed)
         ):
             await asyncio.sleep(0.2)
-        stop.set()
-        await asyncio.gather(bridge.close(), naive)
-    await channel.exchange_delete(bridge_ex)
-    await channel.queue_delete(log_queue(bridge_ex))
-    await channel.exchange_delete(naive_ex)
-    await connection.close()
-    for fake in (ours, theirs):
-        await fake.stop()
+    metrics, bridge_tap, naive_tap = pair.metrics, pair.bridge_tap, pair.naive_tap
     reads = {
         sample.labels["read"]: int(sample.value)
         for sample in metrics.patchwork_events_read.collect()[0].samples
@@ -340,52 +374,32 @@ async def catch_up(args: argparse.Namespace) -> None:
     from a double of its own with the measured serving cost, side by side. Printed: the
     time until every event is on each side's exchange, and what it cost Patchwork."""
     n = args.catch_up
-    rid = run_id()
-    bridge_ex, naive_ex = f"bench-catchup-{rid}", f"bench-catchup-naive-{rid}"
-    ours, theirs = CostedPatchwork(tz=TZ, cost=MEASURED), CostedPatchwork(tz=TZ, cost=MEASURED)
-    for fake in (ours, theirs):
-        fill_backlog(fake, n, days=1.0)
-        await fake.start()
-    first = datetime.fromisoformat(json.loads(ours.item_bytes(1))["date"])
-    a_day_ago = first - timedelta(microseconds=1)
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    bridge_tap, naive_tap = Tap(), Tap()
-    await bridge_tap.start(channel, bridge_ex)
-    await naive_tap.start(channel, naive_ex)
-    stop = asyncio.Event()
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(
-            amqp_url=AMQP_URL,  # type: ignore[arg-type]
-            exchange=bridge_ex,
-            patchwork_url=ours.url,
-            patchwork_timezone=TZ,
-            state_dir=Path(tmp),
-            poll_interval=CATCH_UP_INTERVAL_S,
-            start="beginning",
-            http_port=0,
-        )
-        started = time.monotonic()
-        bridge = InProcess([Producer(settings, Metrics())])
-        bridge.start()
-        naive = asyncio.create_task(
-            naive_poller(theirs, naive_ex, CATCH_UP_INTERVAL_S, stop, since=a_day_ago)
+    async with side_by_side(
+        "catchup",
+        lambda fake: fill_backlog(fake, n, days=1.0),
+        poll_interval=CATCH_UP_INTERVAL_S,
+        start="beginning",
+    ) as pair:
+        started = time.monotonic()  # the producer's tasks have not run yet
+        ours, theirs = pair.ours, pair.theirs
+        first = datetime.fromisoformat(json.loads(ours.item_bytes(1))["date"])
+        pair.naive = asyncio.create_task(
+            naive_poller(
+                theirs,
+                pair.naive_ex,
+                CATCH_UP_INTERVAL_S,
+                pair.stop,
+                since=first - timedelta(microseconds=1),
+            )
         )
         done: dict[str, float] = {}
         deadline = started + 600
         while time.monotonic() < deadline and len(done) < 2:
-            for name, tap in (("bridge", bridge_tap), ("naive", naive_tap)):
+            for name, tap in (("bridge", pair.bridge_tap), ("naive", pair.naive_tap)):
                 if name not in done and len(tap.arrived) >= n:
                     done[name] = max(tap.arrived.values()) - started
             await asyncio.sleep(0.05)
-        stop.set()
-        await asyncio.gather(bridge.close(), naive)
-    await channel.exchange_delete(bridge_ex)
-    await channel.queue_delete(log_queue(bridge_ex))
-    await channel.exchange_delete(naive_ex)
-    await connection.close()
-    for fake in (ours, theirs):
-        await fake.stop()
+    bridge_tap, naive_tap = pair.bridge_tap, pair.naive_tap
     print(
         f"{n} events of the last day unseen, both polling every {CATCH_UP_INTERVAL_S:g} s, "
         "Patchwork doubles at the measured serving cost, side by side"
