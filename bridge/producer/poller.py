@@ -210,8 +210,8 @@ class Poller:
     ) -> int:
         """Read what is new, the events notifications ``named`` at their own dates, then the
         open gaps and, on a sweep that counts a difference, that range; publish each page
-        while the next one is fetched. The new events first: counting the gaps takes a
-        request each, and they are late already.
+        while the next one is fetched. The new events first: the gaps' events are late
+        already.
 
         Gaps due near the newest date are not counted: the read of new events starts at
         them (``Window.due``).
@@ -299,8 +299,8 @@ class Poller:
         self, client: PatchworkClient, stop: asyncio.Event, checks: list[GapCheck]
     ) -> tuple[list[Page], list[Read]]:
         """The late events the gap checks found themselves, and the gap ranges to read."""
-        # Counted side by side: Patchwork serves several requests at once, and the next
-        # poll's new events wait for these.
+        # One check at most (``Due.checks``); its halves are counted side by side: Patchwork
+        # serves several requests at once, and the next poll's new events wait for these.
         found = await asyncio.gather(*(self._search(client, stop, check) for check in checks))
         return [page for pages, _ in found for page in pages], [
             r for _, reads in found for r in reads

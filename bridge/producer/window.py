@@ -43,7 +43,7 @@ t seconds late is found by t * 1.5 at the latest, and a rolled-back mail's id co
 a dozen counts."""
 MAX_GAP_CHECKS = 10
 """Gap checks per poll at most, longest waiting first; the others wait for the next poll.
-Each is a count, side by side with the others; a long poll interval finds many due."""
+Those due are counted together with one request (``Window.due``)."""
 MERGE_ABOVE_EVENTS = 30
 """Gap ranges with fewer published events than this between them are checked as one:
 reading them again costs Patchwork about what one more request costs (1.9 ms an event
