@@ -34,8 +34,8 @@ from common import (
     workdir,
     write_subscriptions,
 )
-from delivery_throughput import SEGMENT, bare_headers, plain_loop
 from figures import percentile
+from plain import drain
 from receiver import Receiver
 
 from bridge.demo.patchwork_double import CATEGORIES, FakePatchwork
@@ -153,15 +153,13 @@ async def plain_side(args: argparse.Namespace, receiver: Receiver) -> float:
         await declared.bind(exchange, "#")
         try:
             await preload(exchange, backlog_events(args.events))
-            measure = await plain_loop(
-                queue, receiver.url(SEGMENT), CONCURRENCY, receiver, args.events, bare_headers
-            )
+            result = await drain(queue, receiver, "plain", args.events, CONCURRENCY)
         finally:  # a failed or interrupted run leaves nothing of its own either
             await channel.queue_delete(queue)
             await channel.exchange_delete(exchange)
     finally:
         await connection.close()
-    return measure.rate
+    return result.rate
 
 
 async def main() -> None:

@@ -9,7 +9,7 @@ publisher confirms: a delivery never waits for its record, and at most the recor
 the last moments before a crash, or those past a full buffer (counted), are missing.
 What is waiting when the writer comes round goes as one message (a JSON array, up to
 ``BATCH``): one publish per attempt was a third of a delivery's CPU (bench/
-delivery_throughput.py --py-spy). Older records, one object a message, still read.
+throughput.py deliver --py-spy). Older records, one object a message, still read.
 """
 
 from __future__ import annotations

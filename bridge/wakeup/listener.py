@@ -34,8 +34,11 @@ CONNECT_TIMEOUT_S = 10
 HEALTH_CHECK_S = 15.0
 """A quiet connection is asked whether the trigger is there this often: a dead connection
 or a dropped trigger is found within it."""
+RETRY_FIRST_S = 1.0
+"""The first wait after a failed connection; it doubles up to ``RETRY_MAX_S``."""
 RETRY_MAX_S = 30.0
 TRIGGER_RECHECK_S = 60.0
+"""Without the trigger, how often to look again."""
 MAX_NAMED = 1000
 """Named events kept for the poller at most; past that, it reads everything due instead."""
 
@@ -44,7 +47,13 @@ class Listener:
     """Owns its connection; ``run`` until stop. ``woken`` is set at every notification."""
 
     def __init__(
-        self, dsn: str, metrics: Metrics, *, health_check_s: float = HEALTH_CHECK_S
+        self,
+        dsn: str,
+        metrics: Metrics,
+        *,
+        health_check_s: float = HEALTH_CHECK_S,
+        retry_first_s: float = RETRY_FIRST_S,
+        trigger_recheck_s: float = TRIGGER_RECHECK_S,
     ) -> None:
         """SettingsError when psycopg is not installed: a mistake no retry mends."""
         try:
@@ -57,6 +66,10 @@ class Listener:
         self._dsn = dsn
         self._metrics = metrics
         self._health_check_s = health_check_s
+        self._retry_first_s = retry_first_s
+        self._trigger_recheck_s = trigger_recheck_s
+        self.attempts = 0
+        """Connections tried and ended (failed, cut, or no trigger): what a test waits on."""
         self.woken = asyncio.Event()
         self.healthy = False
         """Listening, with the trigger in place: the poller may poll slowly."""
@@ -78,7 +91,7 @@ class Listener:
     async def run(self, stop: asyncio.Event) -> None:
         import psycopg
 
-        retry_s = 1.0
+        retry_s = self._retry_first_s
         while not stop.is_set():
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -96,11 +109,12 @@ class Listener:
                             f"no trigger {TRIGGER} on {TABLE}: run "
                             "`patchwork-bridge wakeup install` (or its SQL)",
                         )
-                        if await sleep_unless(stop, TRIGGER_RECHECK_S):
+                        self.attempts += 1
+                        if await sleep_unless(stop, self._trigger_recheck_s):
                             return
                         continue
                     await connection.execute(f"LISTEN {CHANNEL}")
-                    self.healthy, self._said_down, retry_s = True, False, 1.0
+                    self.healthy, self._said_down, retry_s = True, False, self._retry_first_s
                     self._metrics.wakeup_listening.set(1)
                     log.info("wakeup: listening on %s; polling at the safety interval", CHANNEL)
                     self._resync = True  # read what committed while we were not listening
@@ -108,6 +122,7 @@ class Listener:
                     await self._listen(connection, stop)
             except (OSError, psycopg.Error) as exc:
                 self._down("connection", f"{type(exc).__name__}: {first_line(exc)}")
+            self.attempts += 1
             if await sleep_unless(stop, retry_s):
                 return
             retry_s = min(retry_s * 2, RETRY_MAX_S)
