@@ -147,7 +147,7 @@ async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
         pass  # the queue is now bound with both patterns, as after an earlier start
     narrow = make_sub("narrowed", events=["*.series-completed"])
     sink, metrics = FakeSink(), Metrics()
-    with caplog.at_level(logging.WARNING, logger="bridge.delivery.lane"):
+    with caplog.at_level(logging.WARNING, logger="bridge.delivery.carry_out"):
         async with running(make_consumer(exchange_name, [(narrow, sink)], metrics=metrics)):
             await publish_events(
                 exchange_name,
@@ -160,7 +160,7 @@ async def test_narrowed_events_are_not_delivered_though_the_old_binding_stays(
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "bridge.delivery.lane" and r.levelno >= logging.WARNING
+        if r.name == "bridge.delivery.carry_out" and r.levelno >= logging.WARNING
     ]
     assert len(warnings) == 1  # once per routing key
     assert "netdevbpf.patch-created" in warnings[0] and "list_bindings" in warnings[0]
@@ -351,12 +351,12 @@ async def test_a_bug_while_settling_ends_in_dead_after_bounded_tries(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from bridge.delivery import lane as lane_module
+    from bridge.delivery import attempts
 
     def broken(message: object) -> object:
         raise KeyError("a bug of ours")
 
-    monkeypatch.setattr(lane_module, "delivery_from", broken)
+    monkeypatch.setattr(attempts, "delivery_from", broken)
     target = make_sub("settle-bug")
     sink, metrics = FakeSink(), Metrics()
     consumer = make_consumer(

@@ -6,8 +6,8 @@ from __future__ import annotations
 from bridge.checks.result import QUEUE, ROUTING_PATTERN, results_exchange
 from bridge.checks.sink import ChecksSink
 from bridge.delivery.engine import DeliveryRole
-from bridge.delivery.lane import LaneSpec
 from bridge.delivery.queues import LEGACY_CHECKS, QueueSet, checks_queues
+from bridge.delivery.spec import LaneSpec
 from bridge.metrics import Metrics
 from bridge.settings import Settings, SettingsError
 from bridge.webhook.subscriptions import DEFAULT_RETRY_SCHEDULE_S

@@ -22,9 +22,10 @@ from bridge.broker.nodes import node_of
 from bridge.broker.topology import declare_exchange
 from bridge.delivery.depth import QueueDepthSampler
 from bridge.delivery.history import AttemptHistory, history_queue
-from bridge.delivery.lane import Lane, LaneSpec
+from bridge.delivery.lane import Lane
 from bridge.delivery.outcomes import Sink
 from bridge.delivery.queues import QueueControl
+from bridge.delivery.spec import LaneSpec
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.waiting import Ticker

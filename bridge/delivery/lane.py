@@ -1,6 +1,8 @@
-"""One lane at run time: its channel, queues and consumer, whether it is enabled, the
-deliveries in flight, and what becomes of each message (``bridge.delivery.settle``
-decides, the lane carries it out). Nothing here knows which role it serves.
+"""One lane at run time: its channel, queues and consumer, whether it is enabled or its
+breaker open, and the deliveries in flight. What a sink is handed and answers is
+``bridge.delivery.attempts``; what becomes of each message ``bridge.delivery.settle``
+decides and ``bridge.delivery.carry_out`` carries out. Nothing here knows which role it
+serves.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aio_pika.abc import (
@@ -23,91 +24,29 @@ from aio_pika.abc import (
 
 from bridge.broker.calls import BROKER_TIMEOUT_S, raise_if_cancelled
 from bridge.broker.errors import BROKER_ERRORS, BROKER_TROUBLE, TopologyError
-from bridge.broker.topology import QueueType, publish_confirmed
-from bridge.delivery.breaker import NO_BREAKER, Breaker, BreakerSpec, receiver_down
-from bridge.delivery.history import Attempt, attempt_at
-from bridge.delivery.messages import (
-    Facts,
-    InvalidMessage,
-    copy_message,
-    delivery_from,
-)
-from bridge.delivery.outcomes import (
-    Delivered,
-    Delivery,
-    Disable,
-    GiveUp,
-    Invalid,
-    Outcome,
-    RetryLater,
-    SettleBug,
-    Settled,
-    Sink,
-    Unmatched,
+from bridge.broker.topology import QueueType
+from bridge.delivery.attempts import Attempts, Tried
+from bridge.delivery.breaker import Breaker, receiver_down
+from bridge.delivery.carry_out import Settler, hand_back
+from bridge.delivery.history import Attempt
+from bridge.delivery.messages import Facts
+from bridge.delivery.outcomes import Delivery, Disable, Settled, Sink
+from bridge.delivery.ownership import (
+    OldRetries,
+    check_head,
+    foreign_exchange,
+    leave_legacy,
+    refusal,
 )
 from bridge.delivery.pace import Pace
-from bridge.delivery.queues import QueueControl, QueueSet, declare_lane, until_declared
+from bridge.delivery.queues import QueueControl, declare_lane, until_declared
 from bridge.delivery.retry import levels_for
-from bridge.delivery.settle import (
-    Ack,
-    Copy,
-    Hold,
-    Instruction,
-    Plan,
-    Wait,
-    decide,
-    unspent,
-    wait_if_early,
-)
+from bridge.delivery.settle import Hold, Instruction, Plan, decide, unspent, wait_if_early
+from bridge.delivery.spec import LaneSpec
 from bridge.logs import one_line
-from bridge.metrics import DELIVERY_FAILURE_REASONS, WEBHOOK_FAILURE_REASONS, Metrics
-from bridge.topics import TopicMatcher
+from bridge.metrics import WEBHOOK_FAILURE_REASONS, Metrics
 
 log = logging.getLogger(__name__)
-
-SINK_GRACE_S = 5.0
-"""A sink gets its lane's timeout plus this before the lane gives up on it."""
-HAND_BACK_PAUSE_S = 1.0
-"""Before returning a message we could not settle, so a broken queue cannot spin. Each
-return counts against the queue's delivery limit, which bounds them."""
-
-
-@dataclass(frozen=True, slots=True)
-class LaneSpec:
-    """What the engine needs to run one lane: a subscription's, or the checks role's."""
-
-    name: str
-    queues: QueueSet
-    exchange: str
-    """What the main queue is bound to, with ``patterns``."""
-    patterns: tuple[str, ...]
-    retry_schedule: tuple[float, ...]
-    concurrency: int
-    """Deliveries at once; the channel's prefetch."""
-    timeout_s: float
-    """One attempt, at most."""
-    replay_from: str | None = None
-    """The event exchange whose replay route mirrors the bindings (None: no route)."""
-    legacy: QueueSet | None = None
-    """Its queues as versions before 0.2 named them, shared by every deployment."""
-    breaker: BreakerSpec = NO_BREAKER
-    rate: float | None = None
-    """Attempts a second at most, over all the processes consuming its queue (None: any)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Tried:
-    """A sink's outcome, with when the attempt started and how long it took."""
-
-    outcome: Outcome
-    delivery: Delivery
-    at: datetime
-    took_s: float
-
-
-def failure_label(reason: str) -> str:
-    """A third-party sink's own reasons must not grow the metric's label set."""
-    return reason if reason in DELIVERY_FAILURE_REASONS else "other"
 
 
 class Lane:
@@ -126,20 +65,19 @@ class Lane:
         """``role`` names the lane in logs; ``refuse`` stops the role (a queue of ours bound
         to another deployment's exchange). The lane owns ``sink`` from here on."""
         self.spec = spec
-        self.sink = sink
         self.label = role if spec.name == role else f"{role} {spec.name}"
         self._metrics = metrics
         self._control = control
         self._queue_type = queue_type
         self._refuse = refuse
-        self._history = history
-        """Where each attempt's record goes (None: kept nowhere)."""
         self._plan = Plan(spec.queues, spec.retry_schedule, levels_for(spec.retry_schedule))
-        self._old_retries = dict.fromkeys(spec.queues.legacy_retries(spec.retry_schedule), False)
-        """Retry queues of an earlier version still to delete once empty, and whether the log
-        said what one still held."""
-        self._wants = TopicMatcher(spec.patterns)
-        self._sink_times_out = bool(getattr(sink, "enforces_timeout", False))
+        self._attempts = Attempts(
+            spec.name, self.label, sink, spec.patterns, spec.timeout_s, metrics, history
+        )
+        self._settler = Settler(
+            spec.name, self.label, lambda: self.queue, self._plan, metrics, spec.patterns
+        )
+        self._old_retries = OldRetries(spec, control, self.label)
         self.queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._lock = asyncio.Lock()
@@ -151,13 +89,7 @@ class Lane:
         """The broker cancelled our consumer (queue deleted, quorum leader moved) and it is
         not consuming again yet."""
         self._seen_missing = False
-        self._logged: set[str] = set()
-        """Kinds of sink errors and bugs whose traceback was logged (once each)."""
-        self._unmatched: set[str] = set()
-        # The metric children of the hot path, looked up once instead of per delivery.
         metrics.in_flight.labels(spec.name).set_function(lambda: len(self.in_flight))
-        self._duration = metrics.delivery_duration.labels(spec.name)
-        self._delivered = metrics.deliveries.labels(spec.name, "delivered")
         self._enabled = metrics.subscription_enabled.labels(spec.name)
         self.breaker = Breaker(spec.breaker)
         self._breaker_open = metrics.breaker_open.labels(spec.name)
@@ -197,13 +129,17 @@ class Lane:
                 replay_from=spec.replay_from,
             )
 
-        channel, self.queue = await until_declared(
+        channel, queue = await until_declared(
             connection, declare, self.label, prefetch=spec.concurrency
         )
+        self.queue = queue
         self._hear_broker_cancel(channel)
-        await self._leave_legacy(channel)
+        await leave_legacy(channel, spec, self._control, self.label)
         await self.tidy_old_retries()
-        await self._check_head()
+        await check_head(queue, spec)
+
+    async def tidy_old_retries(self) -> None:
+        await self._old_retries.tidy()
 
     async def start(self) -> None:
         """Consume, unless its marker says it is disabled or its breaker is open."""
@@ -278,84 +214,6 @@ class Lane:
             self.label,
             self.queue.name,
             what,
-        )
-
-    async def _leave_legacy(self, channel: AbstractChannel) -> None:
-        """An old main queue of this lane stops getting this deployment's events (the new
-        one is bound now), and one line says what still waits in it."""
-        legacy = self.spec.legacy
-        if legacy is None:
-            return
-        found = await self._control.inspect(legacy.main)
-        if found is None:
-            return
-        async with asyncio.timeout(BROKER_TIMEOUT_S):
-            old = await channel.get_queue(legacy.main, ensure=False)
-            for pattern in self.spec.patterns:
-                await old.unbind(self.spec.exchange, pattern)
-        log.warning(
-            "%s: %s, as versions before 0.2 named this lane's queue, still exists (%d "
-            "messages); no longer bound to %s. `patchwork-bridge migrate` moves this "
-            "deployment's messages (and those of its retry and dead queues) into %s",
-            self.label,
-            legacy.main,
-            found.message_count or 0,
-            self.spec.exchange,
-            self.spec.queues.main,
-        )
-
-    async def tidy_old_retries(self) -> None:
-        """Delete the retry queues of an earlier version's ladder once they are empty: what
-        waits there comes back to the main queue by itself, within that queue's TTL."""
-        for name, said in list(self._old_retries.items()):
-            held = await self._control.delete_if_empty(name)
-            if held == 0:
-                del self._old_retries[name]
-                if said:
-                    log.info(
-                        "%s: %s, a retry queue of an earlier version, is empty: deleted",
-                        self.label,
-                        name,
-                    )
-            elif not said:
-                log.info(
-                    "%s: %s, a retry queue of an earlier version, holds %d events; they "
-                    "come back by themselves, and it is deleted once empty",
-                    self.label,
-                    name,
-                    held,
-                )
-                self._old_retries[name] = True
-
-    async def _check_head(self) -> None:
-        """The message at the head of the main queue, looked at and handed back: one routed
-        from another deployment's exchange stops the start (TopologyError)."""
-        assert self.queue is not None
-        head = await self.queue.get(no_ack=False, fail=False, timeout=BROKER_TIMEOUT_S)
-        if head is None:
-            return
-        await head.nack(requeue=True)  # back in its place
-        foreign = self._foreign_exchange(head)
-        if foreign is not None:
-            raise self._refusal(foreign)
-
-    def _foreign_exchange(self, message: AbstractIncomingMessage) -> str | None:
-        """The exchange a message was routed from when that is another deployment's: a
-        queue of this deployment's name bound to it would mix their events."""
-        exchange = message.exchange
-        if not exchange or exchange == self.spec.exchange:
-            return None  # moved between our queues, or routed from our exchange
-        replay = self.spec.replay_from
-        if replay is not None and exchange.startswith(f"{replay}.replay."):
-            return None  # a replay's copy, through the queue's replay route
-        return exchange
-
-    def _refusal(self, exchange: str) -> TopologyError:
-        return TopologyError(
-            f"{self.spec.queues.main} is bound to exchange {exchange}, not only to this "
-            f"deployment's {self.spec.exchange}: its queues must be its own; unbind it "
-            "(rabbitmqctl list_bindings shows it), or give this deployment another "
-            "BRIDGE_EXCHANGE"
         )
 
     # -- enabled or not, and found again -------------------------------------------------
@@ -502,19 +360,19 @@ class Lane:
         facts = Facts.of(message)
         early = wait_if_early(facts, self._plan, _now())
         if early is not None:
-            await self._wait(message, early)
+            await self._settler.wait(message, early)
             return
-        delivery = self._read(message)
+        delivery = self._attempts.read(message)
         if not isinstance(delivery, Delivery):
             await self._carry_out(message, decide(delivery, facts, self._plan, _now()))
             return
-        tried = await self._attempt(delivery)
+        tried = await self._attempts.attempt(delivery)
         outcome = tried.outcome
         if receiver_down(outcome):
             self._metrics.breaker_probes.labels(self.name, "failed").inc()
             self.breaker.probe_failed(time.monotonic())
-            await self._wait(message, unspent(facts, self._plan))
-            self._remember(tried, "probe_failed")
+            await self._settler.wait(message, unspent(facts, self._plan))
+            self._attempts.remember(tried, "probe_failed")
             log.info(
                 "%s: probe with event %s failed (%s: %s); next probe in %gs",
                 self.label,
@@ -527,7 +385,7 @@ class Lane:
         self._metrics.breaker_probes.labels(self.name, "ok").inc()
         instruction = decide(outcome, facts, self._plan, _now())
         await self._carry_out(message, instruction)
-        self._remember(tried, instruction.label)
+        self._attempts.remember(tried, instruction.label)
         await self._close_breaker(f"probe with event {delivery.message_id} answered")
 
     async def _close_breaker(self, why: str, *, half_open: bool = False) -> None:
@@ -574,22 +432,22 @@ class Lane:
             self.in_flight.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        foreign = self._foreign_exchange(message)
+        foreign = foreign_exchange(message, self.spec)
         if foreign is not None:
             # Another deployment's event: hand it back untouched and stop the role.
             with contextlib.suppress(*BROKER_ERRORS):
                 await message.nack(requeue=True)
-            self._refuse(self._refusal(foreign))
+            self._refuse(refusal(self.spec, foreign))
             return
         facts = Facts.of(message)
         try:
             early = wait_if_early(facts, self._plan, _now())
             if early is not None:
-                await self._wait(message, early)
+                await self._settler.wait(message, early)
                 return
             result = await self._outcome(message)
             if result is None:  # the breaker opened before its turn: not attempted
-                await self._wait(message, unspent(facts, self._plan))
+                await self._settler.wait(message, unspent(facts, self._plan))
                 return
             outcome = result.outcome if isinstance(result, Tried) else result
             if self.breaker.saw(outcome):
@@ -597,7 +455,7 @@ class Lane:
             instruction = decide(outcome, facts, self._plan, _now())
             await self._carry_out(message, instruction)
             if isinstance(result, Tried):
-                self._remember(result, instruction.label)
+                self._attempts.remember(result, instruction.label)
         except BROKER_TROUBLE as exc:
             raise_if_cancelled()
             log.warning(
@@ -607,177 +465,29 @@ class Lane:
                 type(exc).__name__,
                 exc,
             )
-            await _hand_back(message)
+            await hand_back(message)
         except Exception as exc:
             raise_if_cancelled()
-            await self._settle_bug(message, facts, exc)
+            await self._settler.settle_bug(message, facts, exc)
 
     async def _outcome(self, message: AbstractIncomingMessage) -> Settled | Tried | None:
         """What became of the attempt (Tried when a sink was asked); None when the breaker
         is open by its turn."""
-        delivery = self._read(message)
+        delivery = self._attempts.read(message)
         if not isinstance(delivery, Delivery):
             return delivery
         if self._pace is not None:
             await self._pace.turn()
         if self.breaker.open:
             return None
-        return await self._attempt(delivery)
-
-    def _read(self, message: AbstractIncomingMessage) -> Delivery | Invalid | Unmatched:
-        """What a sink would be handed, or why no sink is handed it."""
-        try:
-            delivery = delivery_from(message)
-        except InvalidMessage as exc:
-            return Invalid(str(exc))
-        if not self._wants(delivery.routing_key):
-            return Unmatched(delivery.routing_key)
-        return delivery
-
-    async def _attempt(self, delivery: Delivery) -> Tried:
-        at = _now()
-        started = time.monotonic()
-        outcome = await self._deliver(delivery)
-        took_s = time.monotonic() - started
-        self._duration.observe(took_s)
-        return Tried(outcome, delivery, at, took_s)
-
-    def _remember(self, tried: Tried, what_became: str) -> None:
-        """The attempt's record in the attempt history (``bridge.delivery.history``)."""
-        if self._history is None:
-            return
-        outcome, delivery = tried.outcome, tried.delivery
-        failed = not isinstance(outcome, Delivered)
-        self._history(
-            Attempt(
-                subscription=self.name,
-                event=delivery.message_id,
-                routing_key=delivery.routing_key,
-                attempt=delivery.attempt,
-                at=attempt_at(tried.at),
-                duration_ms=round(tried.took_s * 1000, 1),
-                outcome=what_became,
-                status=outcome.status,
-                reason=outcome.reason if failed else None,  # type: ignore[union-attr]
-                detail=one_line(outcome.detail) if failed else "",  # type: ignore[union-attr]
-            )
-        )
-
-    async def _deliver(self, delivery: Delivery) -> Outcome:
-        """The sink's outcome; a sink that raises, hangs or answers nonsense is retried."""
-        limit_s = self.spec.timeout_s + SINK_GRACE_S
-        deadline: asyncio.Timeout | None = None
-        try:
-            if self._sink_times_out:  # it needs no second deadline
-                outcome = await self.sink.deliver(delivery)
-            else:
-                async with (deadline := asyncio.timeout(limit_s)):
-                    outcome = await self.sink.deliver(delivery)
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline is not None and deadline.expired():
-                return RetryLater("timeout", f"sink gave no outcome within {limit_s:g}s")
-            kind = type(exc).__name__
-            if kind not in self._logged:  # a traceback once per kind, not per event
-                self._logged.add(kind)
-                log.exception("%s: sink raised %s", self.label, kind)
-            else:
-                log.warning("%s: sink raised %s again", self.label, kind)
-            return RetryLater("sink_error", kind)
-        if not isinstance(outcome, Delivered | RetryLater | GiveUp | Disable):
-            return RetryLater("sink_error", f"sink returned {type(outcome).__name__}")
-        return outcome
-
-    async def _wait(self, message: AbstractIncomingMessage, wait: Wait) -> None:
-        """Park a copy that is not due yet in the next delay level; no attempt, no count."""
-        assert self.queue is not None
-        await publish_confirmed(self.queue.channel, wait.queue, copy_message(message, wait.headers))
-        await _ack(message)
+        return await self._attempts.attempt(delivery)
 
     async def _carry_out(self, message: AbstractIncomingMessage, instruction: Instruction) -> None:
-        """The instruction, then its metrics. The ack (or the nack of a hold) comes last, so
-        a bug raised before it leaves the message ours to settle."""
-        match instruction:
-            case Ack(label="delivered"):
-                self._delivered.inc()
-                await _ack(message)
-                return
-            case Ack(unmatched=key):
-                self._say_unmatched(key)
-            case Copy(queue=queue, headers=headers, said=said, warn=warn):
-                assert self.queue is not None
-                copy = copy_message(message, headers)
-                await publish_confirmed(self.queue.channel, queue, copy)
-                log.log(logging.WARNING if warn else logging.INFO, "%s: %s", self.label, said)
-            case Hold(outcome=outcome):
-                await self.disable(outcome)
-        self._metrics.deliveries.labels(self.name, instruction.label).inc()
-        if isinstance(instruction, Copy | Hold):
-            self._metrics.delivery_failures.labels(
-                self.name, failure_label(instruction.reason)
-            ).inc()
+        """A hold disables the lane first (the first 410 does it; later ones find it done)."""
         if isinstance(instruction, Hold):
-            await message.nack(requeue=True)  # it waits in the main queue, in its place
-        else:
-            await _ack(message)
-
-    async def _settle_bug(
-        self, message: AbstractIncomingMessage, facts: Facts, exc: Exception
-    ) -> None:
-        """A bug of ours while settling: a traceback once per kind, then a bounded retry.
-
-        The message is retried a few times and then dead-lettered with the error's
-        summary; if even that raises, it goes back to the broker, whose delivery
-        limit (see ``bridge.broker.topology.queue_arguments``) dead-letters it in the end.
-        """
-        kind = type(exc).__name__
-        if f"bug:{kind}" not in self._logged:
-            self._logged.add(f"bug:{kind}")
-            log.exception("%s: bug while settling event %s", self.label, message.message_id)
-        bug = SettleBug(f"{kind}: {exc}", facts.settle_bugs + 1)
-        try:
-            await self._carry_out(message, decide(bug, facts, self._plan, _now()))
-        except Exception as again:
-            raise_if_cancelled()
-            log.warning(
-                "%s: could not set event %s aside either (%s); handing it back",
-                self.label,
-                message.message_id,
-                type(again).__name__,
-            )
-            await _hand_back(message)
-
-    def _say_unmatched(self, key: str | None) -> None:
-        if key is None or key in self._unmatched:
-            return
-        self._unmatched.add(key)
-        log.warning(
-            "%s: acked %s events without delivering them: no pattern of "
-            "events = %s matches; %s keeps a binding from an earlier "
-            "configuration (`rabbitmqctl list_bindings` shows it; remove it there)",
-            self.label,
-            key,
-            list(self.spec.patterns),
-            self.spec.queues.main,
-        )
+            await self.disable(instruction.outcome)
+        await self._settler.carry_out(message, instruction)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-async def _ack(message: AbstractIncomingMessage) -> None:
-    """basic.ack, queued for the connection's writer without waiting until it is written.
-
-    aio-pika's ``message.ack()`` waits for that, which cost a future and a task switch
-    per delivery in profiles, and guarantees nothing more: the broker never answers an
-    ack, and a connection lost before it is sent redelivers the message either way.
-    """
-    assert message.delivery_tag is not None  # never consumed with no_ack
-    await message.channel.basic_ack(message.delivery_tag, wait=False)
-
-
-async def _hand_back(message: AbstractIncomingMessage) -> None:
-    """Requeue a message we could not settle; if the channel is gone, the broker does it."""
-    await asyncio.sleep(HAND_BACK_PAUSE_S)
-    with contextlib.suppress(*BROKER_ERRORS):
-        await message.nack(requeue=True)

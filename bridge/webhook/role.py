@@ -8,8 +8,8 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 from bridge.broker.topology import QueueType
 from bridge.delivery.breaker import BreakerSpec
 from bridge.delivery.engine import DeliveryRole
-from bridge.delivery.lane import LaneSpec
 from bridge.delivery.queues import declare_lane, legacy_subscription_queues, subscription_queues
+from bridge.delivery.spec import LaneSpec
 from bridge.metrics import Metrics
 from bridge.settings import Settings
 from bridge.sinks.registry import load_sink
