@@ -14,7 +14,7 @@ import httpx
 import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-import bridge.stream.feed as feed_module
+import bridge.stream.reads as reads_module
 from bridge.broker.connect import connection_name
 from bridge.broker.topology import declare_exchange
 from bridge.eventlog import log_queue, read_log
@@ -121,6 +121,39 @@ async def test_since_starts_at_events_dated_from_then(patchwork, settings):
     assert event_ids(later) == [e["id"] for e in added[20:40]]
 
 
+async def test_clients_resuming_together_get_every_event_once_reading_the_log_once(
+    patchwork, settings, monkeypatch
+):
+    """Twenty clients back at once, each from its own position over the last 600 events
+    (bench/stream.py --resume: 200 over 20,000), with two reads of the log at a time (16
+    by default). Each gets every event after its position once, in order; the broker
+    sends that stretch about twice (the two reads, and the few events each client reads
+    up to the live tail's seam), not once a client."""
+    whole_read = reads_module.read_log
+    sent = 0
+
+    async def counted(*args, **kwargs):
+        nonlocal sent
+        async with contextlib.aclosing(whole_read(*args, **kwargs)) as messages:
+            async for message in messages:
+                sent += 1
+                yield message
+
+    monkeypatch.setattr(reads_module, "read_log", counted)
+    monkeypatch.setattr(reads_module, "AT_ONCE", 2)
+    async with producer(settings), stream_role(settings) as url:
+        added, events = await publish_and_read(patchwork, url, 600)
+        positions = range(0, 600, 30)
+        sent = 0
+        got = await asyncio.gather(
+            *(read_events(url, 599 - p, last_id=events[p].id) for p in positions)
+        )
+    for p, theirs in zip(positions, got, strict=True):
+        assert event_ids(theirs) == [e["id"] for e in added[p + 1 :]], p
+    each_its_own = sum(599 - p for p in positions)  # 6,170
+    assert sent < 3 * 600 < each_its_own, sent
+
+
 SHORT_READ = 25
 
 
@@ -128,7 +161,7 @@ SHORT_READ = 25
 def short_log_reads(monkeypatch):
     """Every read of the log by a client ends after SHORT_READ messages, as a read does
     when the broker pauses longer than its idle end (under load: bench/memory.py)."""
-    whole_read = feed_module.read_log
+    whole_read = reads_module.read_log
 
     async def short_read(*args, **kwargs):
         async with contextlib.aclosing(whole_read(*args, **kwargs)) as messages:
@@ -139,7 +172,7 @@ def short_log_reads(monkeypatch):
                 if taken == SHORT_READ:
                     return
 
-    monkeypatch.setattr(feed_module, "read_log", short_read)
+    monkeypatch.setattr(reads_module, "read_log", short_read)
 
 
 async def test_a_catch_up_read_that_ends_early_goes_on_to_the_live_tail_skipping_nothing(
@@ -155,7 +188,7 @@ async def test_a_read_of_the_log_that_times_out_ends_the_stream_as_broker_troubl
     patchwork, settings, monkeypatch
 ):
     """Not as a stalled client: the client did nothing wrong, and it resumes."""
-    whole_read = feed_module.read_log
+    whole_read = reads_module.read_log
     failed: list[int] = []
 
     async def timing_out_read(*args, **kwargs):
@@ -166,7 +199,7 @@ async def test_a_read_of_the_log_that_times_out_ends_the_stream_as_broker_troubl
                     failed.append(1)
                     raise TimeoutError
 
-    monkeypatch.setattr(feed_module, "read_log", timing_out_read)
+    monkeypatch.setattr(reads_module, "read_log", timing_out_read)
     metrics = Metrics()
 
     def disconnects(reason: str) -> float:
@@ -344,7 +377,7 @@ async def test_a_broker_too_busy_to_answer_gets_a_503_not_a_refusal_of_the_posit
             return
             yield
 
-        monkeypatch.setattr(feed_module, "read_log", broker_sends_nothing)
+        monkeypatch.setattr(reads_module, "read_log", broker_sends_nothing)
         auth = {"Authorization": f"Bearer {NIPA}"}
         async with httpx.AsyncClient(timeout=30) as client:
             resume = await client.get(

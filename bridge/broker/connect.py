@@ -128,6 +128,13 @@ def _say_when_lost_and_back(connection: AbstractRobustConnection, role: str) -> 
 
 CHANNELS_PER_CONNECTION = 200
 """How many short-lived channels a RecycledConnection opens before it is replaced."""
+SHORT_LIVED_HEARTBEAT_S = 10
+"""The heartbeat of a RecycledConnection, not the 2 s of the others: aiormq (7.2) gives a
+Channel.Close the heartbeat to be answered, then sends a second one, which the broker
+answers by closing the connection and every channel on it. Short-lived channels are
+closed all the time, and a broker busy for 2 s (200 stream clients resuming at once,
+bench/stream.py --resume) then ended every client's read at once. A hung node is left
+after 33 s instead of 9; the reads on it end by their own waits before that."""
 
 
 class RecycledConnection:
@@ -141,8 +148,7 @@ class RecycledConnection:
     so on one long-lived connection memory grew with every read (bench/memory.py).
 
     Not robust: a read whose connection is lost fails, and its client resumes from its
-    last id, on a new connection. ``at_once``: leases held at the same time at most; the
-    others wait their turn.
+    last id, on a new connection.
     """
 
     def __init__(
@@ -151,12 +157,12 @@ class RecycledConnection:
         name: str,
         per_connection: int = CHANNELS_PER_CONNECTION,
         *,
-        at_once: int | None = None,
+        heartbeat_s: int = SHORT_LIVED_HEARTBEAT_S,
     ) -> None:
-        self._slots = asyncio.Semaphore(at_once) if at_once else None
         self._settings = settings
         self._name = name
         self._per_connection = per_connection
+        self._heartbeat_s = heartbeat_s
         self._current: AbstractConnection | None = None
         self._opened = 0
         """Leases taken on ``_current``."""
@@ -167,7 +173,7 @@ class RecycledConnection:
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[AbstractConnection]:
         """A connection to open one channel on for the length of the ``async with``."""
-        async with self._slots or contextlib.nullcontext(), self._leased() as connection:
+        async with self._leased() as connection:
             yield connection
 
     @contextlib.asynccontextmanager
@@ -189,7 +195,9 @@ class RecycledConnection:
                 if current is not None and not self._leases.get(current):
                     self._retire(current)
                 self._current = None  # still leased: closed when its last lease ends
-                current = self._current = await connect_plain(self._settings, self._name)
+                current = self._current = await connect_plain(
+                    self._settings, self._name, heartbeat_s=self._heartbeat_s
+                )
                 self._opened = 0
                 self._leases[current] = 0
             self._opened += 1

@@ -17,10 +17,10 @@ from datetime import datetime
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.broker.calls import BROKER_TIMEOUT_S
-from bridge.broker.connect import RecycledConnection
-from bridge.eventlog import IDLE_END_S, SINCE_SKEW, logged_event, offset_of, read_log
+from bridge.eventlog import IDLE_END_S, SINCE_SKEW, logged_event, offset_of
 from bridge.stream.hub import Hub, LogEntry, Subscriber, entry_of
 from bridge.stream.positions import BadPosition, Position, position_of
+from bridge.stream.reads import LogReads
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,12 @@ class Feed:
     def __init__(
         self,
         hub: Hub,
-        reads: RecycledConnection,
-        exchange: str,
+        reads: LogReads,
         wanted: Callable[[str], bool],
         limit: int,
     ) -> None:
         self._hub = hub
         self._reads = reads
-        self._exchange = exchange
         self.subscriber = Subscriber(wanted, limit)
         self.last_read: int | None = None
         """The newest offset this client is past (sent, or not wanted)."""
@@ -239,22 +237,20 @@ class Feed:
     async def _read(
         self, start: int | datetime, held: bool
     ) -> AsyncGenerator[AbstractIncomingMessage]:
-        """A read of the log from ``start``, on a channel of its own. One of what the log is
-        known to hold (``held``) waits HELD_WAIT_S, first and between messages: its callers
-        stop it when far enough, and ending it at a busy broker's pause would only open
-        another (a channel, a consumer, a seek: what makes the broker slower still)."""
-        async with self._reads.lease() as connection:
-            messages = read_log(
-                connection,
-                self._exchange,
-                start,
-                first_wait_s=HELD_WAIT_S if held else FIRST_WAIT_S,
-                idle_end_s=HELD_WAIT_S if held else IDLE_END_S,
-                prefetch=HISTORY_PREFETCH,
-            )
-            async with contextlib.aclosing(messages):
-                async for message in messages:
-                    yield message
+        """A read of the log from ``start``, shared with other clients reading the same
+        stretch (bridge/stream/reads.py). One of what the log is known to hold (``held``)
+        waits HELD_WAIT_S, first and between messages: its callers stop it when far enough,
+        and ending it at a busy broker's pause would only open another (a channel, a
+        consumer, a seek: what makes the broker slower still)."""
+        messages = self._reads.read(
+            start,
+            first_wait_s=HELD_WAIT_S if held else FIRST_WAIT_S,
+            idle_end_s=HELD_WAIT_S if held else IDLE_END_S,
+            prefetch=HISTORY_PREFETCH,
+        )
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                yield message
 
     async def close(self) -> None:
         self._hub.unsubscribe(self.subscriber)

@@ -25,13 +25,6 @@ from bridge.waiting import Ticker
 log = logging.getLogger(__name__)
 
 
-HISTORY_READS_AT_ONCE = 16
-"""Clients reading the log (catching up) at the same time at most; the others wait their
-turn. 200 clients resuming a day-old position at once (bench/stream.py --resume) kept the
-history connection so busy that its heartbeat lapsed and every one of their streams
-ended; they came back together and it began again."""
-
-
 class StreamRole:
     name = "stream"
 
@@ -50,9 +43,7 @@ class StreamRole:
         if self._connection is None:
             return
         hub = self._hub = Hub(self._connection, self.settings.exchange)
-        reads = RecycledConnection(
-            self.settings, f"{self.name} history", at_once=HISTORY_READS_AT_ONCE
-        )
+        reads = RecycledConnection(self.settings, f"{self.name} history")
         patchwork = PatchworkChecks(self.settings) if self.settings.patchwork_url else None
         server = self._server = StreamServer(
             self.settings, self.metrics, self.consumers, hub, self._connection, reads, patchwork

@@ -42,6 +42,7 @@ from bridge.stream.query import (
     parse_request,
     refuse_token_in_query,
 )
+from bridge.stream.reads import LogReads
 from bridge.topics import TopicMatcher, covers
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,8 @@ class StreamServer:
         self._consumers = consumers
         self._hub = hub
         self._connection = connection
-        self._reads = reads
-        """Where clients catching up read the log, each on a channel of its own."""
+        self._reads = LogReads(reads, settings.exchange)
+        """Where clients catching up read the log, sharing what they read."""
         self.closing = asyncio.Event()
         self._results: tuple[AbstractChannel, AbstractExchange] | None = None
         """The confirming channel results are published on, and the exchange on it."""
@@ -163,7 +164,6 @@ class StreamServer:
         feed = Feed(
             self._hub,
             self._reads,
-            self._settings.exchange,
             TopicMatcher(asked.patterns),
             self._settings.stream_client_buffer,
         )
