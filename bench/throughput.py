@@ -58,6 +58,7 @@ from spy import py_spy, py_spy_summary
 
 from bridge.delivery.queues import subscription_queues
 from bridge.demo.patchwork_double import FakePatchwork
+from bridge.events import Event
 from bridge.metrics import Metrics
 from bridge.producer.role import Producer
 from bridge.runtime import InProcess
@@ -199,14 +200,7 @@ async def deliver_case(args: argparse.Namespace) -> AsyncIterator[Case]:
         idle_url = await idle.start()
 
         def drained(run: Callable[[], Awaitable[Measure]]) -> Side:
-            async def side(_: int) -> Measure:
-                await receiver.reset()
-                await preload(exchange, events)
-                measure = await run()
-                await expect_empty([queue])
-                return measure
-
-            return side
+            return preloaded(receiver, exchange, events, [queue], run)
 
         async def bridge() -> Measure:
             settings = bridge_settings(
@@ -357,14 +351,7 @@ async def fanout_case(args: argparse.Namespace) -> AsyncIterator[Case]:
         await declare(exchange, subscriptions)
 
         def drained(run: Callable[[], Awaitable[Measure]]) -> Side:
-            async def side(_: int) -> Measure:
-                await receiver.reset()
-                await preload(exchange, events)
-                measure = await run()
-                await expect_empty(queues)
-                return measure
-
-            return side
+            return preloaded(receiver, exchange, events, queues, run)
 
         async def webhook() -> Measure:
             # The webhook role alone. Not `run`: its producer, started without a cursor,
@@ -385,7 +372,7 @@ async def fanout_case(args: argparse.Namespace) -> AsyncIterator[Case]:
                         queue = await channel.get_queue(queue_name)
                         http = await sessions.enter_async_context(http_session(args.concurrency))
                         await post_each(queue, http, url, bare_headers)
-                    rate = await fanout_rate(receiver, segments, args.events)
+                    rate = await delivery_rate(receiver, segments, args.events)
                     cpu_s = time.process_time() - cpu_started
             finally:
                 await connection.close()
@@ -415,22 +402,40 @@ async def run_bridge(
     started, cpu_started = time.monotonic(), time.process_time()
     bridge.start()
     try:
-        rate = await fanout_rate(receiver, segments, n, check=bridge.check)
+        rate = await delivery_rate(receiver, segments, n, check=bridge.check)
         cpu_s = time.process_time() - cpu_started
     finally:
         await bridge.close()
     return Measure(rate, 1000 * cpu_s / (n * len(segments))), started
 
 
-async def fanout_rate(
+def preloaded(
+    receiver: Receiver,
+    exchange: str,
+    events: list[Event],
+    queues: list[str],
+    run: Callable[[], Awaitable[Measure]],
+) -> Side:
+    """A side that drains ``events``, pre-loaded through ``exchange``, from ``queues``: each
+    round starts from a reset receiver and must leave the queues empty."""
+
+    async def side(_: int) -> Measure:
+        await receiver.reset()
+        await preload(exchange, events)
+        measure = await run()
+        await expect_empty(queues)
+        return measure
+
+    return side
+
+
+async def delivery_rate(
     receiver: Receiver, segments: list[str], n: int, check: Callable[[], None] | None = None
 ) -> float:
     """Deliveries/s over all ``segments``, once each has ``n``: first arrival to last."""
     deadline = time.monotonic() + TIMEOUT_S
     for segment in segments:
         await receiver.wait_for(segment, n, max(1.0, deadline - time.monotonic()), check=check)
-    if len(segments) == 1:
-        return (await receiver.stats(segments[0])).rate()
     lanes = [await receiver.stats(segment) for segment in segments]
     first = min(lane.first_s for lane in lanes if lane.first_s is not None)
     last = max(lane.last_new_s for lane in lanes if lane.last_new_s is not None)

@@ -74,10 +74,10 @@ class LogReads:
         self._arrivals: dict[int, asyncio.Event] = {}
         """Offset -> set when a read brings it, or the read about to bring it ends."""
         self._readers = 0
+        """Clients reading by offset now; the kept messages go with the last."""
         self._ends: set[int] = set()
         """Where reads found the log's end (no message within their idle end): a client
         that followed one there ends too, instead of asking the broker again."""
-        """Clients reading by offset now; the kept messages go with the last."""
         self.broker_reads = 0
         """Reads opened on the broker (for tests and the bench)."""
 
@@ -151,16 +151,14 @@ class LogReads:
         if not self._slots.locked():
             await self._slots.acquire()
             return True
-        arrival = self._arrivals.setdefault(offset, asyncio.Event())
         acquiring = asyncio.ensure_future(self._slots.acquire())
-        waiting = asyncio.ensure_future(arrival.wait())
+        waiting = asyncio.ensure_future(self._arrival_of(offset).wait())
         try:
             await asyncio.wait((acquiring, waiting), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             await self._drop(acquiring, waiting)  # cancelled: a slot it got is given back
             raise
-        held = await self._drop(acquiring, waiting, keep=True)
-        return held
+        return await self._drop(acquiring, waiting, keep=True)
 
     async def _drop(
         self, acquiring: asyncio.Future[Any], waiting: asyncio.Future[Any], keep: bool = False
@@ -222,9 +220,15 @@ class LogReads:
 
     async def _arrival(self, offset: int, within_s: float) -> None:
         """Until a read brings ``offset`` or the read about to ends, or ``within_s``."""
-        arrival = self._arrivals.setdefault(offset, asyncio.Event())
         try:
             async with asyncio.timeout(within_s):
-                await arrival.wait()
+                await self._arrival_of(offset).wait()
         except TimeoutError:
             pass
+
+    def _arrival_of(self, offset: int) -> asyncio.Event:
+        """The event set when ``offset`` is brought (``_advance`` sets and forgets it)."""
+        arrival = self._arrivals.get(offset)
+        if arrival is None:
+            arrival = self._arrivals[offset] = asyncio.Event()
+        return arrival
